@@ -1,0 +1,25 @@
+//! Test support for Projectionist: real servers, started per test, stopped on drop.
+//!
+//! - [`nats`]: a real `nats-server` with JetStream on a free loopback port and its own store dir; it can be stopped
+//!   and started again on the same port and store to simulate an outage.
+//! - [`postgres`]: a throwaway PostgreSQL cluster (`initdb`), handing out a fresh database per call.
+//! - [`mariadb`]: a throwaway MariaDB server, handing out a fresh database per call.
+//! - [`sqlite`]: SQLite files in a temporary directory.
+//! - [`crd_validation`]: validation of objects against the generated CRDs' `openAPIV3Schema` and CEL rules, the way
+//!   the API server does it (defaults first, then schema, then CEL).
+//! - [`process`]: the spawned-process handle the servers share (kill by PID on drop, a watchdog that stops the
+//!   server if the test process dies first).
+//! - [`tools`]: where the server binaries are found (`scripts/setup.sh` installs them).
+//! - [`repo`]: paths inside the repository (examples, CRDs).
+
+pub mod crd_validation;
+pub mod mariadb;
+pub mod nats;
+pub mod postgres;
+pub mod process;
+pub mod repo;
+pub mod sqlite;
+pub mod tools;
+
+/// Result type of the test support: errors carry the server's log tail where one exists.
+pub type Result<T, E = anyhow::Error> = std::result::Result<T, E>;

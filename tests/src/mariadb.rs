@@ -1,0 +1,164 @@
+//! A throwaway MariaDB server: `mariadb-install-db` into a temporary datadir, started on a free 127.0.0.1 port.
+//!
+//! The server runs with `--skip-grant-tables` (any client is root; tests need no accounts) and relaxed flushing
+//! (`innodb_flush_log_at_trx_commit=2`, which survives a process crash but not power loss).
+
+use std::process::Command;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use sqlx::Connection;
+use tempfile::TempDir;
+
+use crate::process::{ServerProcess, free_port, running_as_root, wait_for_port};
+use crate::tools;
+
+/// A running (or deliberately stopped) MariaDB server.
+#[derive(Debug)]
+pub struct MariaDb {
+    /// Port on 127.0.0.1; kept across restarts.
+    port: u16,
+    /// Datadir, socket and log; kept across restarts.
+    dir: TempDir,
+    /// The process while it runs.
+    process: Option<ServerProcess>,
+    /// Numbers the databases handed out.
+    next_db: AtomicU32,
+}
+
+const INNODB_LOG_FILE_SIZE: &str = "--innodb-log-file-size=16M";
+
+impl MariaDb {
+    /// Installs a fresh datadir, starts the server and waits until it accepts connections.
+    pub async fn start() -> crate::Result<Self> {
+        let (_, install) = tools::mariadb()?;
+        let dir = tempfile::Builder::new().prefix("projectionist-mariadb-").tempdir()?;
+        let mut cmd = Command::new(install);
+        cmd.arg("--no-defaults")
+            .arg(format!("--datadir={}", dir.path().join("data").display()))
+            .args(["--auth-root-authentication-method=normal", "--skip-test-db", "--skip-name-resolve"])
+            .arg(INNODB_LOG_FILE_SIZE);
+        if running_as_root() {
+            cmd.arg("--user=root");
+        }
+        let output = tokio::task::spawn_blocking(move || cmd.output())
+            .await?
+            .context("running mariadb-install-db")?;
+        if !output.status.success() {
+            bail!(
+                "mariadb-install-db failed: {}{}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        let mut db = Self {
+            port: free_port()?,
+            dir,
+            process: None,
+            next_db: AtomicU32::new(1),
+        };
+        let mut attempts = 0;
+        loop {
+            match db.start_again().await {
+                Ok(()) => return Ok(db),
+                Err(e) if attempts >= 4 => return Err(e),
+                Err(_) => {
+                    attempts += 1;
+                    db.port = free_port()?;
+                }
+            }
+        }
+    }
+
+    /// The port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// URL of a database on this server.
+    pub fn url_for(&self, database: &str) -> String {
+        format!("mysql://root@127.0.0.1:{}/{database}", self.port)
+    }
+
+    /// URL of the server without a default database.
+    pub fn admin_url(&self) -> String {
+        format!("mysql://root@127.0.0.1:{}", self.port)
+    }
+
+    /// Creates a new, empty database and returns its URL.
+    pub async fn fresh_database(&self) -> crate::Result<String> {
+        let name = format!("test_{}", self.next_db.fetch_add(1, Ordering::Relaxed));
+        let mut conn = sqlx::MySqlConnection::connect(&self.admin_url()).await?;
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name} CHARACTER SET utf8mb4 COLLATE utf8mb4_bin")))
+            .execute(&mut conn)
+            .await?;
+        conn.close().await?;
+        Ok(self.url_for(&name))
+    }
+
+    /// Stops the server gracefully; [`Self::start_again`] brings it back.
+    pub fn stop(&mut self) {
+        if let Some(mut p) = self.process.take() {
+            p.stop();
+        }
+    }
+
+    /// Kills the server (a crash; InnoDB recovers at the next start).
+    pub fn kill(&mut self) {
+        if let Some(mut p) = self.process.take() {
+            p.kill();
+        }
+    }
+
+    /// Starts the server again on the same port and datadir, and waits until it accepts connections.
+    pub async fn start_again(&mut self) -> crate::Result<()> {
+        if self.process.is_some() {
+            return Ok(());
+        }
+        let (server, _) = tools::mariadb()?;
+        let dir = self.dir.path();
+        let mut cmd = Command::new(server);
+        cmd.arg("--no-defaults")
+            .arg(format!("--datadir={}", dir.join("data").display()))
+            .arg(format!("--port={}", self.port))
+            .arg("--bind-address=127.0.0.1")
+            .arg(format!("--socket={}", dir.join("mariadb.sock").display()))
+            .arg(format!("--pid-file={}", dir.join("mariadb.pid").display()))
+            .args(["--skip-grant-tables", "--skip-name-resolve", "--skip-log-bin"])
+            .args(["--innodb-buffer-pool-size=64M", "--innodb-flush-log-at-trx-commit=2", "--max-connections=300"])
+            .arg(INNODB_LOG_FILE_SIZE);
+        if running_as_root() {
+            cmd.arg("--user=root");
+        }
+        let log = dir.join("mariadb.log");
+        let mut process = ServerProcess::spawn("mariadbd", cmd, &log)?;
+        let port = self.port;
+        let up = tokio::task::spawn_blocking(move || wait_for_port(port, Duration::from_secs(30))).await?;
+        if !up {
+            process.ensure_running()?;
+            bail!("mariadbd did not listen on {port}; log tail:\n{}", process.log_tail());
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match sqlx::MySqlConnection::connect(&self.admin_url()).await {
+                Ok(conn) => {
+                    let _ = conn.close().await;
+                    break;
+                }
+                Err(e) if Instant::now() >= deadline => {
+                    bail!("mariadbd does not accept connections: {e}; log tail:\n{}", process.log_tail())
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+        self.process = Some(process);
+        Ok(())
+    }
+}
+
+impl Drop for MariaDb {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}

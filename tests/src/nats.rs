@@ -1,0 +1,136 @@
+//! A real `nats-server` with JetStream, on a free 127.0.0.1 port with its own store directory.
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use tempfile::TempDir;
+
+use crate::process::{ServerProcess, free_port, wait_for_port};
+use crate::tools;
+
+/// A running (or deliberately stopped) nats-server. Stopped and its store removed on drop.
+#[derive(Debug)]
+pub struct NatsServer {
+    /// Client port on 127.0.0.1; kept across restarts.
+    port: u16,
+    /// Holds the JetStream store and the log; kept across restarts.
+    dir: TempDir,
+    /// The process while it runs.
+    process: Option<ServerProcess>,
+}
+
+impl NatsServer {
+    /// Starts a server and waits until JetStream answers.
+    pub async fn start() -> crate::Result<Self> {
+        let mut server = Self {
+            port: free_port()?,
+            dir: tempfile::Builder::new().prefix("projectionist-nats-").tempdir()?,
+            process: None,
+        };
+        // The port is free when picked but could be taken before the server binds it: try a few.
+        let mut attempts = 0;
+        loop {
+            match server.start_again().await {
+                Ok(()) => return Ok(server),
+                Err(e) if attempts >= 4 => return Err(e),
+                Err(_) => {
+                    attempts += 1;
+                    server.port = free_port()?;
+                }
+            }
+        }
+    }
+
+    /// The client URL, `nats://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.port)
+    }
+
+    /// The client port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The JetStream store directory.
+    pub fn store_dir(&self) -> PathBuf {
+        self.dir.path().join("jetstream")
+    }
+
+    /// Connects a client.
+    pub async fn connect(&self) -> crate::Result<async_nats::Client> {
+        async_nats::connect(self.url())
+            .await
+            .with_context(|| format!("connecting to {}", self.url()))
+    }
+
+    /// Connects a client and returns its JetStream context.
+    pub async fn jetstream(&self) -> crate::Result<async_nats::jetstream::Context> {
+        Ok(async_nats::jetstream::new(self.connect().await?))
+    }
+
+    /// Stops the server gracefully (an outage); [`Self::start_again`] brings it back on the same port and store.
+    pub fn stop(&mut self) {
+        if let Some(mut p) = self.process.take() {
+            p.stop();
+        }
+    }
+
+    /// Kills the server (a crash).
+    pub fn kill(&mut self) {
+        if let Some(mut p) = self.process.take() {
+            p.kill();
+        }
+    }
+
+    /// Whether it is running.
+    pub fn is_running(&self) -> bool {
+        self.process.is_some()
+    }
+
+    /// Starts the server again on the same port and store, and waits until JetStream answers.
+    pub async fn start_again(&mut self) -> crate::Result<()> {
+        if self.process.is_some() {
+            return Ok(());
+        }
+        let bin = tools::nats_server()?;
+        let mut cmd = Command::new(bin);
+        cmd.arg("--addr")
+            .arg("127.0.0.1")
+            .arg("--port")
+            .arg(self.port.to_string())
+            .arg("--jetstream")
+            .arg("--store_dir")
+            .arg(self.store_dir())
+            .arg("--server_name")
+            .arg(format!("test-{}", self.port));
+        let log = self.dir.path().join("nats-server.log");
+        let mut process = ServerProcess::spawn("nats-server", cmd, &log)?;
+        let port = self.port;
+        let up = tokio::task::spawn_blocking(move || wait_for_port(port, Duration::from_secs(15))).await?;
+        if !up {
+            process.ensure_running()?;
+            bail!("nats-server did not listen on {port}; log tail:\n{}", process.log_tail());
+        }
+        self.process = Some(process);
+        self.wait_for_jetstream().await
+    }
+
+    async fn wait_for_jetstream(&mut self) -> crate::Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        let mut last = String::new();
+        while Instant::now() < deadline {
+            match self.jetstream().await {
+                Ok(js) => match js.query_account().await {
+                    Ok(_) => return Ok(()),
+                    Err(e) => last = e.to_string(),
+                },
+                Err(e) => last = e.to_string(),
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let tail = self.process.as_ref().map(|p| p.log_tail()).unwrap_or_default();
+        bail!("JetStream did not become ready: {last}; log tail:\n{tail}")
+    }
+}

@@ -1,0 +1,154 @@
+//! A spawned server process: stopped by PID when the handle drops, and watched by a small shell loop that stops it
+//! if the test process itself dies first (a test killed by a timeout must not leave servers behind).
+
+use std::fs::File;
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+/// A free TCP port on 127.0.0.1 (bound and released; the caller binds it right away).
+pub fn free_port() -> crate::Result<u16> {
+    let listener = TcpListener::bind("127.0.0.1:0").context("binding 127.0.0.1:0")?;
+    Ok(listener.local_addr()?.port())
+}
+
+/// Waits until something accepts connections on `127.0.0.1:port`, at most `timeout`.
+pub fn wait_for_port(port: u16, timeout: Duration) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_millis(200)).is_ok() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+    false
+}
+
+/// Whether this process runs as root (servers that refuse root are then run as another user).
+pub fn running_as_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// A running server.
+#[derive(Debug)]
+pub struct ServerProcess {
+    /// What it is, for messages.
+    name: String,
+    /// The child; `None` once stopped.
+    child: Option<Child>,
+    /// The watchdog shell loop; killed together with the server.
+    watchdog: Option<Child>,
+    /// Where stdout and stderr go.
+    log: PathBuf,
+}
+
+impl ServerProcess {
+    /// Spawns `command` with output to `log` and a watchdog.
+    pub fn spawn(name: &str, mut command: Command, log: &Path) -> crate::Result<Self> {
+        let out = File::create(log).with_context(|| format!("creating {}", log.display()))?;
+        let err = out.try_clone()?;
+        let child = command
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err)
+            .spawn()
+            .with_context(|| format!("spawning {name}: {command:?}"))?;
+        let watchdog = spawn_watchdog(child.id()).ok();
+        Ok(Self {
+            name: name.to_string(),
+            child: Some(child),
+            watchdog,
+            log: log.to_path_buf(),
+        })
+    }
+
+    /// The server's PID while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        match self.child.as_mut() {
+            Some(c) => matches!(c.try_wait(), Ok(None)),
+            None => false,
+        }
+    }
+
+    /// Fails with the log's tail if the process has exited.
+    pub fn ensure_running(&mut self) -> crate::Result<()> {
+        if self.is_running() {
+            Ok(())
+        } else {
+            bail!("{} exited; log tail:\n{}", self.name, self.log_tail())
+        }
+    }
+
+    /// The last lines of the server's log.
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(30)..].join("\n")
+    }
+
+    /// Sends `signal` and waits up to `grace` for the process to exit, then kills it.
+    pub fn stop_with(&mut self, signal: Signal, grace: Duration) {
+        if let Some(mut child) = self.child.take() {
+            let pid = Pid::from_raw(child.id() as i32);
+            let _ = kill(pid, signal);
+            let deadline = Instant::now() + grace;
+            loop {
+                match child.try_wait() {
+                    Ok(Some(_)) | Err(_) => break,
+                    Ok(None) if Instant::now() >= deadline => {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        break;
+                    }
+                    Ok(None) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        }
+        if let Some(mut w) = self.watchdog.take() {
+            let _ = w.kill();
+            let _ = w.wait();
+        }
+    }
+
+    /// Graceful stop (SIGTERM, then SIGKILL after 10 s).
+    pub fn stop(&mut self) {
+        self.stop_with(Signal::SIGTERM, Duration::from_secs(10));
+    }
+
+    /// Abrupt stop (SIGKILL), as a crash.
+    pub fn kill(&mut self) {
+        self.stop_with(Signal::SIGKILL, Duration::from_secs(5));
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+/// A shell loop that exits when either the test process or the server exits, and kills the server in the first case.
+fn spawn_watchdog(server_pid: u32) -> std::io::Result<Child> {
+    let me = std::process::id();
+    let script = format!(
+        "while kill -0 {me} 2>/dev/null && kill -0 {server_pid} 2>/dev/null; do sleep 1; done; \
+         if kill -0 {server_pid} 2>/dev/null; then kill -TERM {server_pid}; sleep 5; kill -KILL {server_pid} 2>/dev/null; fi"
+    );
+    Command::new("sh")
+        .arg("-c")
+        .arg(script)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+}
