@@ -107,8 +107,8 @@ pub fn diff_stream(desired: &stream::Config, actual: &stream::Config) -> ConfigD
     d.compare("name", &desired.name, &actual.name, Immutable);
     d.compare("storage", &desired.storage, &actual.storage, Immutable);
     d.compare("retention", &desired.retention, &actual.retention, Immutable);
-    d.compare("max_consumers", &desired.max_consumers, &actual.max_consumers, Immutable);
     d.compare("subjects", &sorted(&desired.subjects), &sorted(&actual.subjects), InPlace);
+    d.compare("max_consumers", &desired.max_consumers, &actual.max_consumers, InPlace);
     d.compare("num_replicas", &desired.num_replicas, &actual.num_replicas, InPlace);
     d.compare("discard", &desired.discard, &actual.discard, InPlace);
     d.compare(
@@ -176,7 +176,7 @@ pub fn diff_consumer(desired: &consumer::pull::Config, actual: &consumer::Config
     d.compare("ack_policy", &desired.ack_policy, &actual.ack_policy, Immutable);
     d.compare("replay_policy", &desired.replay_policy, &actual.replay_policy, Immutable);
     d.compare("max_waiting", &desired.max_waiting, &actual.max_waiting, Immutable);
-    d.compare("priority_policy", &desired.priority_policy, &actual.priority_policy, Immutable);
+    d.compare("priority_policy", &desired.priority_policy, &actual.priority_policy, InPlace);
     d.compare("priority_groups", &desired.priority_groups, &actual.priority_groups, InPlace);
     d.compare("priority_timeout", &desired.priority_timeout, &actual.priority_timeout, InPlace);
     d.compare(
