@@ -75,6 +75,11 @@ if [ -z "$pg_bin" ]; then
   fi
 fi
 log "postgres: $("$pg_bin/postgres" --version)"
+# PostgreSQL refuses to run as root; tests started as root run it as the `postgres` system user.
+if [ "$(id -u)" = 0 ] && ! id postgres >/dev/null 2>&1; then
+  log "creating the postgres system user"
+  useradd --system --user-group --no-create-home --shell /usr/sbin/nologin postgres
+fi
 printf '%s\n' "$pg_bin" > "$tools/pg_bin"
 
 log "ready"

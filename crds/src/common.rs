@@ -9,11 +9,16 @@ pub use k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition;
 
 /// A reference to one key of a Secret in the resource's own namespace. Credentials are only ever named this way,
 /// never written inline.
-#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, KubeSchema)]
+#[derive(
+    Deserialize, Serialize, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, KubeSchema,
+)]
 #[serde(rename_all = "camelCase")]
 pub struct SecretKeyRef {
     /// Name of the Secret, in the same namespace as the resource that refers to it.
-    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"))]
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    )]
     pub name: String,
     /// Key within the Secret's `data` whose value is used.
     #[schemars(length(min = 1, max = 253), regex(pattern = r"^[-._a-zA-Z0-9]+$"))]
@@ -25,7 +30,13 @@ pub struct SecretKeyRef {
 #[serde(rename_all = "camelCase")]
 pub struct NatsConnection {
     /// NATS server URLs, e.g. `nats://nats.nats.svc:4222`. Several URLs name the members of one cluster.
-    #[schemars(length(min = 1, max = 16), inner(length(min = 1, max = 512), regex(pattern = r"^(nats|tls|ws|wss)://\S+$")))]
+    #[schemars(
+        length(min = 1, max = 16),
+        inner(
+            length(min = 1, max = 512),
+            regex(pattern = r"^(nats|tls|ws|wss)://\S+$")
+        )
+    )]
     pub servers: Vec<String>,
     /// Credentials, by reference to Secrets. Omit for a server without authentication.
     #[serde(default, skip_serializing_if = "Option::is_none")]

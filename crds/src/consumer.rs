@@ -10,7 +10,9 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use async_nats::jetstream::consumer::{AckPolicy, DeliverPolicy, PriorityPolicy, ReplayPolicy, pull};
+use async_nats::jetstream::consumer::{
+    AckPolicy, DeliverPolicy, PriorityPolicy, ReplayPolicy, pull,
+};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
@@ -41,7 +43,9 @@ pub enum ConsumerSpecError {
     #[error("spec.events.subjects: {0}")]
     Subject(#[source] subject::SubjectError),
     /// A subject filter lies outside the EventStore's subjects, so it could never match.
-    #[error("spec.events.subjects: {filter:?} is not within the EventStore's subjects {stream_subjects:?}")]
+    #[error(
+        "spec.events.subjects: {filter:?} is not within the EventStore's subjects {stream_subjects:?}"
+    )]
     FilterOutsideStream {
         /// The filter.
         filter: String,
@@ -54,15 +58,23 @@ pub enum ConsumerSpecError {
 }
 
 /// The durable pull consumer config for a Projection reading `store`.
-pub fn consumer_config(projection: &Projection, store: &EventStore) -> Result<pull::Config, ConsumerSpecError> {
+pub fn consumer_config(
+    projection: &Projection,
+    store: &EventStore,
+) -> Result<pull::Config, ConsumerSpecError> {
     let spec = &projection.spec;
-    let ack_wait = duration::parse(&spec.ack_wait).map_err(|source| ConsumerSpecError::Duration {
-        field: "ackWait",
-        source,
-    })?;
+    let ack_wait =
+        duration::parse(&spec.ack_wait).map_err(|source| ConsumerSpecError::Duration {
+            field: "ackWait",
+            source,
+        })?;
 
     let stream_subjects = store.subjects();
-    let filters = spec.events.as_ref().map(|e| e.subjects.clone()).unwrap_or_default();
+    let filters = spec
+        .events
+        .as_ref()
+        .map(|e| e.subjects.clone())
+        .unwrap_or_default();
     for filter in &filters {
         subject::validate(filter).map_err(ConsumerSpecError::Subject)?;
         if !subject::is_covered(filter, &stream_subjects) {
@@ -82,27 +94,34 @@ pub fn consumer_config(projection: &Projection, store: &EventStore) -> Result<pu
         StartPolicy::Beginning => DeliverPolicy::All,
         StartPolicy::New => DeliverPolicy::New,
         StartPolicy::Sequence => DeliverPolicy::ByStartSequence {
-            start_sequence: start
-                .sequence
-                .ok_or_else(|| ConsumerSpecError::StartAt("policy Sequence needs sequence".into()))?,
+            start_sequence: start.sequence.ok_or_else(|| {
+                ConsumerSpecError::StartAt("policy Sequence needs sequence".into())
+            })?,
         },
         StartPolicy::Time => {
             let text = start
                 .time
                 .as_deref()
                 .ok_or_else(|| ConsumerSpecError::StartAt("policy Time needs time".into()))?;
-            let start_time = OffsetDateTime::parse(text, &Rfc3339)
-                .map_err(|e| ConsumerSpecError::StartAt(format!("time {text:?} is not RFC 3339: {e}")))?;
+            let start_time = OffsetDateTime::parse(text, &Rfc3339).map_err(|e| {
+                ConsumerSpecError::StartAt(format!("time {text:?} is not RFC 3339: {e}"))
+            })?;
             DeliverPolicy::ByStartTime { start_time }
         }
     };
 
     let max_events = i64::from(spec.batch.max_events);
-    let namespace = projection.metadata.namespace.as_deref().unwrap_or("default");
+    let namespace = projection
+        .metadata
+        .namespace
+        .as_deref()
+        .unwrap_or("default");
     let name = projection.metadata.name.as_deref().unwrap_or("");
     Ok(pull::Config {
         durable_name: Some(projection.consumer_name()),
-        description: Some(format!("Projection {namespace}/{name} (managed by projectionist)")),
+        description: Some(format!(
+            "Projection {namespace}/{name} (managed by projectionist)"
+        )),
         deliver_policy,
         ack_policy: AckPolicy::Explicit,
         ack_wait,
@@ -118,7 +137,10 @@ pub fn consumer_config(projection: &Projection, store: &EventStore) -> Result<pu
         priority_policy: PriorityPolicy::PinnedClient,
         priority_groups: vec![PRIORITY_GROUP.to_string()],
         priority_timeout: ack_wait,
-        metadata: HashMap::from([(METADATA_PROJECTION.to_string(), format!("{namespace}/{name}"))]),
+        metadata: HashMap::from([(
+            METADATA_PROJECTION.to_string(),
+            format!("{namespace}/{name}"),
+        )]),
         ..pull::Config::default()
     })
 }
@@ -229,7 +251,10 @@ mod tests {
             time: None,
         });
         let c = consumer_config(&p, &store()).expect("config");
-        assert_eq!(c.deliver_policy, DeliverPolicy::ByStartSequence { start_sequence: 42 });
+        assert_eq!(
+            c.deliver_policy,
+            DeliverPolicy::ByStartSequence { start_sequence: 42 }
+        );
 
         p.spec.start_at = Some(StartAt {
             policy: StartPolicy::Time,
@@ -237,7 +262,10 @@ mod tests {
             time: Some("2026-01-02T03:04:05Z".into()),
         });
         let c = consumer_config(&p, &store()).expect("config");
-        assert!(matches!(c.deliver_policy, DeliverPolicy::ByStartTime { .. }));
+        assert!(matches!(
+            c.deliver_policy,
+            DeliverPolicy::ByStartTime { .. }
+        ));
 
         p.spec.start_at = Some(StartAt {
             policy: StartPolicy::Time,

@@ -49,7 +49,9 @@ impl ConfigDiff {
 
     /// The changes the server would refuse.
     pub fn immutable(&self) -> impl Iterator<Item = &FieldChange> {
-        self.changes.iter().filter(|c| c.mutability == Mutability::Immutable)
+        self.changes
+            .iter()
+            .filter(|c| c.mutability == Mutability::Immutable)
     }
 
     /// Whether any change needs recreating the object.
@@ -62,14 +64,24 @@ impl ConfigDiff {
         self.changes
             .iter()
             .map(|c| {
-                let tag = if c.mutability == Mutability::Immutable { " (immutable)" } else { "" };
+                let tag = if c.mutability == Mutability::Immutable {
+                    " (immutable)"
+                } else {
+                    ""
+                };
                 format!("{}: {} → {}{tag}", c.field, c.actual, c.desired)
             })
             .collect::<Vec<_>>()
             .join("; ")
     }
 
-    fn compare<T: PartialEq + Debug>(&mut self, field: &'static str, desired: &T, actual: &T, mutability: Mutability) {
+    fn compare<T: PartialEq + Debug>(
+        &mut self,
+        field: &'static str,
+        desired: &T,
+        actual: &T,
+        mutability: Mutability,
+    ) {
         if desired != actual {
             self.changes.push(FieldChange {
                 field,
@@ -97,7 +109,11 @@ fn user_metadata(m: &std::collections::HashMap<String, String>) -> BTreeMap<Stri
 
 /// A guard flag the server lets you set but never clear (`deny_delete`, `deny_purge`).
 fn one_way_flag(desired: bool, actual: bool) -> Mutability {
-    if actual && !desired { Mutability::Immutable } else { Mutability::InPlace }
+    if actual && !desired {
+        Mutability::Immutable
+    } else {
+        Mutability::InPlace
+    }
 }
 
 /// Differences between the stream config a resource asks for and the one on the server.
@@ -106,10 +122,30 @@ pub fn diff_stream(desired: &stream::Config, actual: &stream::Config) -> ConfigD
     let mut d = ConfigDiff::default();
     d.compare("name", &desired.name, &actual.name, Immutable);
     d.compare("storage", &desired.storage, &actual.storage, Immutable);
-    d.compare("retention", &desired.retention, &actual.retention, Immutable);
-    d.compare("subjects", &sorted(&desired.subjects), &sorted(&actual.subjects), InPlace);
-    d.compare("max_consumers", &desired.max_consumers, &actual.max_consumers, InPlace);
-    d.compare("num_replicas", &desired.num_replicas, &actual.num_replicas, InPlace);
+    d.compare(
+        "retention",
+        &desired.retention,
+        &actual.retention,
+        Immutable,
+    );
+    d.compare(
+        "subjects",
+        &sorted(&desired.subjects),
+        &sorted(&actual.subjects),
+        InPlace,
+    );
+    d.compare(
+        "max_consumers",
+        &desired.max_consumers,
+        &actual.max_consumers,
+        InPlace,
+    );
+    d.compare(
+        "num_replicas",
+        &desired.num_replicas,
+        &actual.num_replicas,
+        InPlace,
+    );
     d.compare("discard", &desired.discard, &actual.discard, InPlace);
     d.compare(
         "discard_new_per_subject",
@@ -119,26 +155,62 @@ pub fn diff_stream(desired: &stream::Config, actual: &stream::Config) -> ConfigD
     );
     d.compare("max_age", &desired.max_age, &actual.max_age, InPlace);
     d.compare("max_bytes", &desired.max_bytes, &actual.max_bytes, InPlace);
-    d.compare("max_msgs", &desired.max_messages, &actual.max_messages, InPlace);
+    d.compare(
+        "max_msgs",
+        &desired.max_messages,
+        &actual.max_messages,
+        InPlace,
+    );
     d.compare(
         "max_msgs_per_subject",
         &desired.max_messages_per_subject,
         &actual.max_messages_per_subject,
         InPlace,
     );
-    d.compare("max_msg_size", &desired.max_message_size, &actual.max_message_size, InPlace);
-    d.compare("duplicate_window", &desired.duplicate_window, &actual.duplicate_window, InPlace);
-    let compression = |c: &Option<stream::Compression>| c.clone().unwrap_or(stream::Compression::None);
-    d.compare("compression", &compression(&desired.compression), &compression(&actual.compression), InPlace);
+    d.compare(
+        "max_msg_size",
+        &desired.max_message_size,
+        &actual.max_message_size,
+        InPlace,
+    );
+    d.compare(
+        "duplicate_window",
+        &desired.duplicate_window,
+        &actual.duplicate_window,
+        InPlace,
+    );
+    let compression =
+        |c: &Option<stream::Compression>| c.clone().unwrap_or(stream::Compression::None);
+    d.compare(
+        "compression",
+        &compression(&desired.compression),
+        &compression(&actual.compression),
+        InPlace,
+    );
     let placement = |p: &Option<stream::Placement>| {
         p.as_ref()
             .map(|p| (p.cluster.clone().filter(|c| !c.is_empty()), sorted(&p.tags)))
             .filter(|(c, t)| c.is_some() || !t.is_empty())
     };
-    d.compare("placement", &placement(&desired.placement), &placement(&actual.placement), InPlace);
+    d.compare(
+        "placement",
+        &placement(&desired.placement),
+        &placement(&actual.placement),
+        InPlace,
+    );
     let description = |s: &Option<String>| s.clone().filter(|s| !s.is_empty());
-    d.compare("description", &description(&desired.description), &description(&actual.description), InPlace);
-    d.compare("metadata", &user_metadata(&desired.metadata), &user_metadata(&actual.metadata), InPlace);
+    d.compare(
+        "description",
+        &description(&desired.description),
+        &description(&actual.description),
+        InPlace,
+    );
+    d.compare(
+        "metadata",
+        &user_metadata(&desired.metadata),
+        &user_metadata(&actual.metadata),
+        InPlace,
+    );
     d.compare(
         "deny_delete",
         &desired.deny_delete,
@@ -151,8 +223,18 @@ pub fn diff_stream(desired: &stream::Config, actual: &stream::Config) -> ConfigD
         &actual.deny_purge,
         one_way_flag(desired.deny_purge, actual.deny_purge),
     );
-    d.compare("allow_rollup_hdrs", &desired.allow_rollup, &actual.allow_rollup, InPlace);
-    d.compare("allow_direct", &desired.allow_direct, &actual.allow_direct, InPlace);
+    d.compare(
+        "allow_rollup_hdrs",
+        &desired.allow_rollup,
+        &actual.allow_rollup,
+        InPlace,
+    );
+    d.compare(
+        "allow_direct",
+        &desired.allow_direct,
+        &actual.allow_direct,
+        InPlace,
+    );
     d
 }
 
@@ -171,14 +253,54 @@ fn filters(filter_subject: &str, filter_subjects: &[String]) -> Vec<String> {
 pub fn diff_consumer(desired: &consumer::pull::Config, actual: &consumer::Config) -> ConfigDiff {
     use Mutability::{Immutable, InPlace};
     let mut d = ConfigDiff::default();
-    d.compare("durable_name", &desired.durable_name, &actual.durable_name, Immutable);
-    d.compare("deliver_policy", &desired.deliver_policy, &actual.deliver_policy, Immutable);
-    d.compare("ack_policy", &desired.ack_policy, &actual.ack_policy, Immutable);
-    d.compare("replay_policy", &desired.replay_policy, &actual.replay_policy, Immutable);
-    d.compare("max_waiting", &desired.max_waiting, &actual.max_waiting, Immutable);
-    d.compare("priority_policy", &desired.priority_policy, &actual.priority_policy, InPlace);
-    d.compare("priority_groups", &desired.priority_groups, &actual.priority_groups, InPlace);
-    d.compare("priority_timeout", &desired.priority_timeout, &actual.priority_timeout, InPlace);
+    d.compare(
+        "durable_name",
+        &desired.durable_name,
+        &actual.durable_name,
+        Immutable,
+    );
+    d.compare(
+        "deliver_policy",
+        &desired.deliver_policy,
+        &actual.deliver_policy,
+        Immutable,
+    );
+    d.compare(
+        "ack_policy",
+        &desired.ack_policy,
+        &actual.ack_policy,
+        Immutable,
+    );
+    d.compare(
+        "replay_policy",
+        &desired.replay_policy,
+        &actual.replay_policy,
+        Immutable,
+    );
+    d.compare(
+        "max_waiting",
+        &desired.max_waiting,
+        &actual.max_waiting,
+        Immutable,
+    );
+    d.compare(
+        "priority_policy",
+        &desired.priority_policy,
+        &actual.priority_policy,
+        InPlace,
+    );
+    d.compare(
+        "priority_groups",
+        &desired.priority_groups,
+        &actual.priority_groups,
+        InPlace,
+    );
+    d.compare(
+        "priority_timeout",
+        &desired.priority_timeout,
+        &actual.priority_timeout,
+        InPlace,
+    );
     d.compare(
         "filter_subjects",
         &filters(&desired.filter_subject, &desired.filter_subjects),
@@ -186,14 +308,39 @@ pub fn diff_consumer(desired: &consumer::pull::Config, actual: &consumer::Config
         InPlace,
     );
     d.compare("ack_wait", &desired.ack_wait, &actual.ack_wait, InPlace);
-    d.compare("max_deliver", &desired.max_deliver, &actual.max_deliver, InPlace);
+    d.compare(
+        "max_deliver",
+        &desired.max_deliver,
+        &actual.max_deliver,
+        InPlace,
+    );
     d.compare("backoff", &desired.backoff, &actual.backoff, InPlace);
-    d.compare("max_ack_pending", &desired.max_ack_pending, &actual.max_ack_pending, InPlace);
+    d.compare(
+        "max_ack_pending",
+        &desired.max_ack_pending,
+        &actual.max_ack_pending,
+        InPlace,
+    );
     d.compare("max_batch", &desired.max_batch, &actual.max_batch, InPlace);
-    d.compare("inactive_threshold", &desired.inactive_threshold, &actual.inactive_threshold, InPlace);
+    d.compare(
+        "inactive_threshold",
+        &desired.inactive_threshold,
+        &actual.inactive_threshold,
+        InPlace,
+    );
     let description = |s: &Option<String>| s.clone().filter(|s| !s.is_empty());
-    d.compare("description", &description(&desired.description), &description(&actual.description), InPlace);
-    d.compare("metadata", &user_metadata(&desired.metadata), &user_metadata(&actual.metadata), InPlace);
+    d.compare(
+        "description",
+        &description(&desired.description),
+        &description(&actual.description),
+        InPlace,
+    );
+    d.compare(
+        "metadata",
+        &user_metadata(&desired.metadata),
+        &user_metadata(&actual.metadata),
+        InPlace,
+    );
     d
 }
 
@@ -228,9 +375,19 @@ mod tests {
         desired.max_age = Duration::from_secs(3600);
         let d = diff_stream(&desired, &stream_cfg());
         let fields: Vec<_> = d.changes.iter().map(|c| (c.field, c.mutability)).collect();
-        assert_eq!(fields, vec![("storage", Mutability::Immutable), ("max_age", Mutability::InPlace)]);
+        assert_eq!(
+            fields,
+            vec![
+                ("storage", Mutability::Immutable),
+                ("max_age", Mutability::InPlace)
+            ]
+        );
         assert!(d.has_immutable());
-        assert!(d.describe().contains("storage: File → Memory (immutable)"), "{}", d.describe());
+        assert!(
+            d.describe().contains("storage: File → Memory (immutable)"),
+            "{}",
+            d.describe()
+        );
     }
 
     #[test]
@@ -253,7 +410,10 @@ mod tests {
         let mut actual = desired.clone().into_consumer_config();
         actual.filter_subjects = Vec::new();
         actual.filter_subject = "a.b".into();
-        assert!(diff_consumer(&desired, &actual).is_empty(), "one filter may come back as filter_subject");
+        assert!(
+            diff_consumer(&desired, &actual).is_empty(),
+            "one filter may come back as filter_subject"
+        );
 
         actual.ack_wait = Duration::from_secs(10);
         actual.deliver_policy = DeliverPolicy::New;
@@ -261,7 +421,10 @@ mod tests {
         let fields: Vec<_> = d.changes.iter().map(|c| (c.field, c.mutability)).collect();
         assert_eq!(
             fields,
-            vec![("deliver_policy", Mutability::Immutable), ("ack_wait", Mutability::InPlace)]
+            vec![
+                ("deliver_policy", Mutability::Immutable),
+                ("ack_wait", Mutability::InPlace)
+            ]
         );
     }
 }

@@ -83,7 +83,7 @@ pub fn format(d: Duration) -> String {
         return "0s".to_string();
     }
     let total_ms = d.as_millis();
-    if d.subsec_nanos() % 1_000_000 != 0 {
+    if !d.subsec_nanos().is_multiple_of(1_000_000) {
         return format!("{}ns", d.as_nanos());
     }
     if total_ms < 1000 || d.subsec_millis() != 0 {

@@ -67,7 +67,10 @@ pub struct StreamSpec {
     /// Subjects the stream captures. Defaults to `<namespace>.<name>.>`; events are appended as
     /// `<prefix>.<aggregate type>.<aggregate id>`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 64), inner(length(min = 1, max = 255), regex(pattern = r"^[^\s]+$")))]
+    #[schemars(
+        length(max = 64),
+        inner(length(min = 1, max = 255), regex(pattern = r"^[^\s]+$"))
+    )]
     pub subjects: Vec<String>,
     /// Number of replicas of the stream in a NATS cluster (1, 3 or 5 are usual; 3 for production).
     #[serde(default = "default_replicas")]
@@ -177,7 +180,9 @@ pub struct Placement {
 }
 
 /// Where the stream keeps its events.
-#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
+#[derive(
+    Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema,
+)]
 pub enum Storage {
     /// On disk (default): survives restarts.
     #[default]
@@ -187,7 +192,9 @@ pub enum Storage {
 }
 
 /// What a full stream does.
-#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
+#[derive(
+    Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema,
+)]
 pub enum Discard {
     /// Reject the new append (default): no event is ever dropped.
     #[default]
@@ -197,7 +204,9 @@ pub enum Discard {
 }
 
 /// On-disk compression of the stream.
-#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
+#[derive(
+    Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema,
+)]
 pub enum Compression {
     /// No compression (default).
     #[default]
@@ -207,7 +216,9 @@ pub enum Compression {
 }
 
 /// What deleting the EventStore does to the stream.
-#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
+#[derive(
+    Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema,
+)]
 pub enum DeletionPolicy {
     /// Keep the stream and its events (default).
     #[default]

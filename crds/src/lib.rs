@@ -34,3 +34,5 @@ pub use sidecar_config::SidecarConfig;
 pub const GROUP: &str = "projectionist.dev";
 /// The API version of both custom resources.
 pub const VERSION: &str = "v1alpha1";
+
+pub mod manifest;

@@ -37,7 +37,10 @@ pub const MAX_BATCH_EVENTS: u32 = 10_000;
 )]
 pub struct ProjectionSpec {
     /// Name of the EventStore (same namespace) whose events this projection reads.
-    #[schemars(length(min = 1, max = 253), regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$"))]
+    #[schemars(
+        length(min = 1, max = 253),
+        regex(pattern = r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")
+    )]
     pub event_store: String,
     /// Which events reach the projection. Defaults to every event of the store; events whose type has no handler
     /// are acknowledged and counted as ignored.
@@ -85,7 +88,10 @@ pub struct EventSelection {
     /// Subject filters within the store's subjects, e.g. `default.users.user.>`. Filtering happens on the server,
     /// so unwanted events are never delivered. Empty means every subject of the store.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    #[schemars(length(max = 64), inner(length(min = 1, max = 255), regex(pattern = r"^[^\s]+$")))]
+    #[schemars(
+        length(max = 64),
+        inner(length(min = 1, max = 255), regex(pattern = r"^[^\s]+$"))
+    )]
     pub subjects: Vec<String>,
 }
 
@@ -108,12 +114,16 @@ pub struct StartAt {
     pub sequence: Option<u64>,
     /// RFC 3339 time of the first event to deliver, with `policy: Time`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(regex(pattern = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:\d{2})$"))]
+    #[schemars(regex(
+        pattern = r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}(\.\d+)?(Z|[+-]\d{2}:\d{2})$"
+    ))]
     pub time: Option<String>,
 }
 
 /// The start policies.
-#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema)]
+#[derive(
+    Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, schemars::JsonSchema,
+)]
 pub enum StartPolicy {
     /// From the first event in the store (default).
     #[default]
@@ -235,7 +245,9 @@ impl Default for OnError {
 }
 
 /// The error policies.
-#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash, schemars::JsonSchema)]
+#[derive(
+    Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, Hash, schemars::JsonSchema,
+)]
 #[serde(rename_all = "camelCase")]
 pub enum ErrorPolicy {
     /// Stop the projection at the failing event and report why (default).
@@ -354,6 +366,9 @@ impl Projection {
         }
         let namespace = self.metadata.namespace.as_deref().unwrap_or("default");
         let name = self.metadata.name.as_deref().unwrap_or("");
-        format!("projectionist.deadletter.{namespace}.{}", name.replace('.', "-"))
+        format!(
+            "projectionist.deadletter.{namespace}.{}",
+            name.replace('.', "-")
+        )
     }
 }

@@ -236,7 +236,13 @@ pub enum ResolveError {
 pub fn secret_env_name(secret: &SecretKeyRef) -> String {
     let sanitize = |s: &str| -> String {
         s.chars()
-            .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_uppercase() } else { '_' })
+            .map(|c| {
+                if c.is_ascii_alphanumeric() {
+                    c.to_ascii_uppercase()
+                } else {
+                    '_'
+                }
+            })
             .collect()
     };
     // FNV-1a: stable across builds and platforms, unlike the std hasher.
@@ -245,12 +251,18 @@ pub fn secret_env_name(secret: &SecretKeyRef) -> String {
         hash ^= u32::from(byte);
         hash = hash.wrapping_mul(0x0100_0193);
     }
-    format!("PROJECTIONIST_SECRET_{}_{}_{hash:08X}", sanitize(&secret.name), sanitize(&secret.key))
+    format!(
+        "PROJECTIONIST_SECRET_{}_{}_{hash:08X}",
+        sanitize(&secret.name),
+        sanitize(&secret.key)
+    )
 }
 
 /// The path a Secret key is mounted at when it is needed as a file.
 pub fn secret_file_path(secret: &SecretKeyRef) -> PathBuf {
-    PathBuf::from(SECRET_FILES_DIR).join(&secret.name).join(&secret.key)
+    PathBuf::from(SECRET_FILES_DIR)
+        .join(&secret.name)
+        .join(&secret.key)
 }
 
 fn parse_duration(field: &'static str, text: &str) -> Result<Duration, ResolveError> {
@@ -267,7 +279,11 @@ pub fn resolve(store: &EventStore, projection: &Projection) -> Result<Resolved, 
             given: store_name,
         });
     }
-    let namespace = projection.metadata.namespace.clone().unwrap_or_else(|| "default".into());
+    let namespace = projection
+        .metadata
+        .namespace
+        .clone()
+        .unwrap_or_else(|| "default".into());
     if store.metadata.namespace.as_deref().unwrap_or("default") != namespace {
         return Err(ResolveError::Namespace(namespace));
     }
@@ -307,7 +323,9 @@ pub fn resolve(store: &EventStore, projection: &Projection) -> Result<Resolved, 
         } else if let Some(s) = &a.nkey_seed {
             Some(NatsAuthConfig::NkeySeed(env(s)))
         } else {
-            a.creds_file.as_ref().map(|c| NatsAuthConfig::CredsFile(file(c)))
+            a.creds_file
+                .as_ref()
+                .map(|c| NatsAuthConfig::CredsFile(file(c)))
         }
     });
     let tls = nats_spec.tls.as_ref();
@@ -325,7 +343,8 @@ pub fn resolve(store: &EventStore, projection: &Projection) -> Result<Resolved, 
     };
     secrets.extend(file_mounts);
 
-    let backoff_initial = parse_duration("onError.backoff.initial", &spec.on_error.backoff.initial)?;
+    let backoff_initial =
+        parse_duration("onError.backoff.initial", &spec.on_error.backoff.initial)?;
     let backoff_max = parse_duration("onError.backoff.max", &spec.on_error.backoff.max)?;
     if backoff_initial > backoff_max {
         return Err(ResolveError::Backoff {
@@ -385,7 +404,9 @@ pub enum ConfigFileError {
         source: serde_yaml::Error,
     },
     /// The file is of another kind or version.
-    #[error("{path}: expected apiVersion {API_VERSION} and kind {KIND}, found {api_version} {kind}")]
+    #[error(
+        "{path}: expected apiVersion {API_VERSION} and kind {KIND}, found {api_version} {kind}"
+    )]
     Version {
         /// The file.
         path: String,
@@ -401,22 +422,27 @@ pub enum ConfigFileError {
         path: String,
         /// The parse error.
         #[source]
-        source: HandlerError,
+        source: Box<HandlerError>,
     },
 }
 
 impl SidecarConfig {
-    /// Renders the file.
+    /// Renders the file. Secret sources and NATS credentials are written as one-key maps (`url: {env: NAME}`).
     pub fn to_yaml(&self) -> Result<String, serde_yaml::Error> {
-        serde_yaml::to_string(self)
+        let mut out = Vec::new();
+        let mut ser = serde_yaml::Serializer::new(&mut out);
+        serde_yaml::with::singleton_map_recursive::serialize(self, &mut ser)?;
+        Ok(String::from_utf8_lossy(&out).into_owned())
     }
 
     /// Parses a file's content; `path` is only used in errors.
     pub fn from_yaml(path: &str, text: &str) -> Result<Self, ConfigFileError> {
-        let config: SidecarConfig = serde_yaml::from_str(text).map_err(|source| ConfigFileError::Parse {
-            path: path.to_string(),
-            source,
-        })?;
+        let de = serde_yaml::Deserializer::from_str(text);
+        let config: SidecarConfig = serde_yaml::with::singleton_map_recursive::deserialize(de)
+            .map_err(|source| ConfigFileError::Parse {
+                path: path.to_string(),
+                source,
+            })?;
         if config.api_version != API_VERSION || config.kind != KIND {
             return Err(ConfigFileError::Version {
                 path: path.to_string(),
@@ -427,7 +453,7 @@ impl SidecarConfig {
         template::parse_handlers(&config.handlers, config.database.driver).map_err(|source| {
             ConfigFileError::Handler {
                 path: path.to_string(),
-                source,
+                source: Box::new(source),
             }
         })?;
         Ok(config)
@@ -527,24 +553,44 @@ mod tests {
         let c = &resolved.config;
         assert_eq!(c.stream, "shop_users");
         assert_eq!(c.consumer, "shop_users-view");
-        assert_eq!(c.on_error.dead_letter_subject, "projectionist.deadletter.shop.users-view");
+        assert_eq!(
+            c.on_error.dead_letter_subject,
+            "projectionist.deadletter.shop.users-view"
+        );
         let db_env = secret_env_name(&secret("users-db", "url"));
-        assert!(db_env.starts_with("PROJECTIONIST_SECRET_USERS_DB_URL_"), "{db_env}");
+        assert!(
+            db_env.starts_with("PROJECTIONIST_SECRET_USERS_DB_URL_"),
+            "{db_env}"
+        );
         assert_eq!(c.database.url, SecretSource::Env(db_env));
         assert_eq!(
             c.nats.tls_ca,
-            Some(SecretSource::File("/var/run/secrets/projectionist/nats-ca/ca.crt".into()))
+            Some(SecretSource::File(
+                "/var/run/secrets/projectionist/nats-ca/ca.crt".into()
+            ))
         );
         assert_eq!(resolved.secrets.len(), 4);
         let yaml = c.to_yaml().expect("renders");
-        assert!(yaml.starts_with("apiVersion: projectionist.dev/v1alpha1\nkind: SidecarConfig\n"), "{yaml}");
-        assert_eq!(SidecarConfig::from_yaml("x.yaml", &yaml).expect("round trip"), *c);
+        assert!(
+            yaml.starts_with("apiVersion: projectionist.dev/v1alpha1\nkind: SidecarConfig\n"),
+            "{yaml}"
+        );
+        assert_eq!(
+            SidecarConfig::from_yaml("x.yaml", &yaml).expect("round trip"),
+            *c
+        );
     }
 
     #[test]
     fn env_names_do_not_collide_after_sanitising() {
-        assert_ne!(secret_env_name(&secret("a-b", "c")), secret_env_name(&secret("a", "b-c")));
-        assert_ne!(secret_env_name(&secret("a.b", "c")), secret_env_name(&secret("a-b", "c")));
+        assert_ne!(
+            secret_env_name(&secret("a-b", "c")),
+            secret_env_name(&secret("a", "b-c"))
+        );
+        assert_ne!(
+            secret_env_name(&secret("a.b", "c")),
+            secret_env_name(&secret("a-b", "c"))
+        );
     }
 
     #[test]
@@ -552,23 +598,38 @@ mod tests {
         let mut p = projection();
         p.spec.handlers[0].sql[0] = "INSERT INTO users VALUES (:dta.id)".into();
         let e = resolve(&store(), &p).expect_err("bad template");
-        assert!(e.to_string().contains("spec.handlers: handler for \"UserCreated\", statement 1"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("spec.handlers: handler for \"UserCreated\", statement 1"),
+            "{e}"
+        );
 
         let mut p = projection();
         p.spec.event_store = "orders".into();
-        assert!(matches!(resolve(&store(), &p), Err(ResolveError::WrongStore { .. })));
+        assert!(matches!(
+            resolve(&store(), &p),
+            Err(ResolveError::WrongStore { .. })
+        ));
     }
 
     #[test]
     fn malformed_file_names_file_and_field() {
-        let e = SidecarConfig::from_yaml("/etc/p/users.yaml", "apiVersion: projectionist.dev/v1alpha1\nkind: SidecarConfig\nprojection: 3\n")
-            .expect_err("bad");
+        let e = SidecarConfig::from_yaml(
+            "/etc/p/users.yaml",
+            "apiVersion: projectionist.dev/v1alpha1\nkind: SidecarConfig\nprojection: 3\n",
+        )
+        .expect_err("bad");
         let text = e.to_string();
         assert!(text.starts_with("/etc/p/users.yaml: projection"), "{text}");
 
-        let yaml = resolve(&store(), &projection()).expect("ok").config.to_yaml().expect("yaml");
-        let e = SidecarConfig::from_yaml("f.yaml", &yaml.replace("maxEvents: 500", "maxEvents: many"))
-            .expect_err("bad");
+        let yaml = resolve(&store(), &projection())
+            .expect("ok")
+            .config
+            .to_yaml()
+            .expect("yaml");
+        let e =
+            SidecarConfig::from_yaml("f.yaml", &yaml.replace("maxEvents: 500", "maxEvents: many"))
+                .expect_err("bad");
         assert!(e.to_string().contains("batch.maxEvents"), "{e}");
     }
 }

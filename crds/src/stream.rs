@@ -106,7 +106,8 @@ pub fn stream_config(store: &EventStore) -> Result<Config, StreamSpecError> {
         },
         num_replicas: usize::from(spec.replicas),
         discard,
-        discard_new_per_subject: discard == DiscardPolicy::New && spec.max_msgs_per_subject.is_some(),
+        discard_new_per_subject: discard == DiscardPolicy::New
+            && spec.max_msgs_per_subject.is_some(),
         max_age,
         max_bytes: spec.max_bytes.unwrap_or(-1),
         max_messages: spec.max_msgs.unwrap_or(-1),
@@ -122,7 +123,11 @@ pub fn stream_config(store: &EventStore) -> Result<Config, StreamSpecError> {
             cluster: p.cluster.clone(),
             tags: p.tags.clone(),
         }),
-        metadata: spec.metadata.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
+        metadata: spec
+            .metadata
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect(),
         deny_delete: !guardrails.allow_message_delete,
         deny_purge: !guardrails.allow_purge,
         allow_rollup: false,
@@ -134,8 +139,8 @@ pub fn stream_config(store: &EventStore) -> Result<Config, StreamSpecError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::event_store::{EventStoreSpec, Guardrails, StreamSpec};
     use crate::common::NatsConnection;
+    use crate::event_store::{EventStoreSpec, Guardrails, StreamSpec};
 
     fn store(stream: StreamSpec) -> EventStore {
         let mut s = EventStore::new(
@@ -164,7 +169,14 @@ mod tests {
         assert_eq!(config.discard, DiscardPolicy::New);
         assert!(config.deny_delete && config.deny_purge && !config.allow_rollup);
         assert_eq!(config.max_age, std::time::Duration::ZERO);
-        assert_eq!((config.max_bytes, config.max_messages, config.max_messages_per_subject), (-1, -1, -1));
+        assert_eq!(
+            (
+                config.max_bytes,
+                config.max_messages,
+                config.max_messages_per_subject
+            ),
+            (-1, -1, -1)
+        );
         assert_eq!(config.duplicate_window, std::time::Duration::from_secs(120));
         assert_eq!(config.num_replicas, 1);
     }
@@ -231,6 +243,9 @@ mod tests {
             ..StreamSpec::default()
         }))
         .expect_err("refused");
-        assert!(err.to_string().starts_with("spec.stream.duplicateWindow"), "{err}");
+        assert!(
+            err.to_string().starts_with("spec.stream.duplicateWindow"),
+            "{err}"
+        );
     }
 }

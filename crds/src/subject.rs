@@ -70,7 +70,15 @@ mod tests {
 
     #[test]
     fn accepts_well_formed_subjects_and_wildcards() {
-        for s in ["a", "a.b.c", "a.*.c", "a.>", ">", "*", "default.users.user.42"] {
+        for s in [
+            "a",
+            "a.b.c",
+            "a.*.c",
+            "a.>",
+            ">",
+            "*",
+            "default.users.user.42",
+        ] {
             assert_eq!(validate(s), Ok(()), "{s}");
         }
     }

@@ -45,7 +45,11 @@ impl EventField {
 
     /// The field's name in templates.
     pub fn name(self) -> &'static str {
-        Self::ALL.iter().find(|(_, f)| *f == self).map(|(n, _)| *n).unwrap_or("?")
+        Self::ALL
+            .iter()
+            .find(|(_, f)| *f == self)
+            .map(|(n, _)| *n)
+            .unwrap_or("?")
     }
 }
 
@@ -107,7 +111,10 @@ pub struct HandlerError {
 }
 
 /// Parses every statement of every handler, stopping at the first bad one.
-pub fn parse_handlers(handlers: &[Handler], driver: Driver) -> Result<Vec<(String, Vec<Statement>)>, HandlerError> {
+pub fn parse_handlers(
+    handlers: &[Handler],
+    driver: Driver,
+) -> Result<Vec<(String, Vec<Statement>)>, HandlerError> {
     handlers
         .iter()
         .map(|h| {
@@ -158,7 +165,12 @@ impl<'a> Scanner<'a> {
         let offset = self.offset(at);
         let before = &self.src[..offset];
         let line = before.matches('\n').count() + 1;
-        let column = before.rsplit('\n').next().map(|l| l.chars().count()).unwrap_or(0) + 1;
+        let column = before
+            .rsplit('\n')
+            .next()
+            .map(|l| l.chars().count())
+            .unwrap_or(0)
+            + 1;
         TemplateError {
             statement: self.src.to_string(),
             offset,
@@ -169,7 +181,13 @@ impl<'a> Scanner<'a> {
     }
 
     /// Copies characters from the current position through the end of a quoted run.
-    fn copy_quoted(&mut self, close: char, doubled_escapes: bool, backslash_escapes: bool, what: &str) -> Result<(), TemplateError> {
+    fn copy_quoted(
+        &mut self,
+        close: char,
+        doubled_escapes: bool,
+        backslash_escapes: bool,
+        what: &str,
+    ) -> Result<(), TemplateError> {
         let start = self.i;
         self.push_next();
         loop {
@@ -239,7 +257,10 @@ impl<'a> Scanner<'a> {
     fn dollar(&mut self) -> Result<(), TemplateError> {
         let start = self.i;
         if self.peek(1).is_some_and(|c| c.is_ascii_digit()) {
-            return Err(self.error(start, "positional placeholder not allowed; use a named parameter such as :data.id"));
+            return Err(self.error(
+                start,
+                "positional placeholder not allowed; use a named parameter such as :data.id",
+            ));
         }
         let mut j = self.i + 1;
         while self.chars.get(j).is_some_and(|(_, c)| is_ident_char(*c)) {
@@ -258,7 +279,10 @@ impl<'a> Scanner<'a> {
             if self.peek(0).is_none() {
                 return Err(self.error(start, format!("unterminated dollar-quoted string {tag}")));
             }
-            let matches = tag_chars.iter().enumerate().all(|(k, tc)| self.peek(k) == Some(*tc));
+            let matches = tag_chars
+                .iter()
+                .enumerate()
+                .all(|(k, tc)| self.peek(k) == Some(*tc));
             if matches {
                 for _ in 0..tag_chars.len() {
                     self.push_next();
@@ -335,20 +359,35 @@ impl<'a> Scanner<'a> {
         let mysql = self.driver == Driver::Mysql;
         let sqlite = self.driver == Driver::Sqlite;
         while let Some(c) = self.peek(0) {
-            let prev = if self.i > 0 { Some(self.chars[self.i - 1].1) } else { None };
+            let prev = if self.i > 0 {
+                Some(self.chars[self.i - 1].1)
+            } else {
+                None
+            };
             match c {
                 '\'' => {
                     let backslashes = mysql || (pg && matches!(prev, Some('E' | 'e')));
                     self.copy_quoted('\'', true, backslashes, "string literal")?;
                 }
-                '"' => self.copy_quoted('"', true, mysql, if mysql { "string literal" } else { "quoted identifier" })?,
-                '`' if mysql || sqlite => self.copy_quoted('`', true, false, "quoted identifier")?,
+                '"' => self.copy_quoted(
+                    '"',
+                    true,
+                    mysql,
+                    if mysql {
+                        "string literal"
+                    } else {
+                        "quoted identifier"
+                    },
+                )?,
+                '`' if mysql || sqlite => {
+                    self.copy_quoted('`', true, false, "quoted identifier")?
+                }
                 '[' if sqlite => self.copy_quoted(']', false, false, "quoted identifier")?,
                 '-' if self.peek(1) == Some('-') => self.copy_line_comment(),
                 '#' if mysql => self.copy_line_comment(),
                 '/' if self.peek(1) == Some('*') => self.copy_block_comment()?,
                 '$' if pg && !prev.is_some_and(is_ident_char) => self.dollar()?,
-                '$' | '@' if sqlite && self.peek(1).is_some_and(|c| is_ident_char(c)) => {
+                '$' | '@' if sqlite && self.peek(1).is_some_and(is_ident_char) => {
                     return Err(self.error(self.i, "SQLite parameter syntax not allowed; use a named parameter such as :data.id"));
                 }
                 '?' if mysql || sqlite => {
@@ -407,16 +446,27 @@ mod tests {
         );
         assert_eq!(
             s.params,
-            vec![data(&["user", "id"]), data(&["email"]), ParamPath::Event(EventField::Sequence)]
+            vec![
+                data(&["user", "id"]),
+                data(&["email"]),
+                ParamPath::Event(EventField::Sequence)
+            ]
         );
     }
 
     #[test]
     fn mysql_and_sqlite_get_question_marks_in_order() {
         for driver in [Driver::Mysql, Driver::Sqlite] {
-            let s = parse("UPDATE t SET a = :data.a, b = :data.a WHERE id = :event.id", driver).expect("parses");
+            let s = parse(
+                "UPDATE t SET a = :data.a, b = :data.a WHERE id = :event.id",
+                driver,
+            )
+            .expect("parses");
             assert_eq!(s.sql, "UPDATE t SET a = ?, b = ? WHERE id = ?");
-            assert_eq!(s.params, vec![data(&["a"]), data(&["a"]), ParamPath::Event(EventField::Id)]);
+            assert_eq!(
+                s.params,
+                vec![data(&["a"]), data(&["a"]), ParamPath::Event(EventField::Id)]
+            );
         }
     }
 
@@ -433,15 +483,26 @@ mod tests {
 
     #[test]
     fn postgres_dollar_quotes_and_escape_strings_are_skipped() {
-        let s = parse("SELECT $fn$ :data.x $fn$, E'\\' :data.y', :data.z", Driver::Postgres).expect("parses");
+        let s = parse(
+            "SELECT $fn$ :data.x $fn$, E'\\' :data.y', :data.z",
+            Driver::Postgres,
+        )
+        .expect("parses");
         assert_eq!(s.sql, "SELECT $fn$ :data.x $fn$, E'\\' :data.y', $1");
         assert_eq!(s.params, vec![data(&["z"])]);
     }
 
     #[test]
     fn mysql_backslash_strings_backticks_and_hash_comments_are_skipped() {
-        let s = parse("SELECT 'a\\' :data.x', `:data.y`, \":data.w\" # :data.c\n, :data.z", Driver::Mysql).expect("parses");
-        assert_eq!(s.sql, "SELECT 'a\\' :data.x', `:data.y`, \":data.w\" # :data.c\n, ?");
+        let s = parse(
+            "SELECT 'a\\' :data.x', `:data.y`, \":data.w\" # :data.c\n, :data.z",
+            Driver::Mysql,
+        )
+        .expect("parses");
+        assert_eq!(
+            s.sql,
+            "SELECT 'a\\' :data.x', `:data.y`, \":data.w\" # :data.c\n, ?"
+        );
         assert_eq!(s.params, vec![data(&["z"])]);
     }
 
@@ -461,7 +522,11 @@ mod tests {
 
     #[test]
     fn errors_name_the_position_and_the_statement() {
-        let e = parse("INSERT INTO t VALUES (:data.id,\n  :user.id)", Driver::Postgres).expect_err("bad root");
+        let e = parse(
+            "INSERT INTO t VALUES (:data.id,\n  :user.id)",
+            Driver::Postgres,
+        )
+        .expect_err("bad root");
         assert_eq!((e.line, e.column), (2, 3));
         assert!(e.message.contains(":user"), "{e}");
         assert!(e.to_string().contains("INSERT INTO t"), "{e}");
@@ -486,7 +551,11 @@ mod tests {
 
     #[test]
     fn postgres_operators_that_look_like_placeholders_stay() {
-        let s = parse("SELECT doc ? 'k', a$b FROM t WHERE x = :data.x", Driver::Postgres).expect("parses");
+        let s = parse(
+            "SELECT doc ? 'k', a$b FROM t WHERE x = :data.x",
+            Driver::Postgres,
+        )
+        .expect("parses");
         assert_eq!(s.sql, "SELECT doc ? 'k', a$b FROM t WHERE x = $1");
     }
 
@@ -504,6 +573,10 @@ mod tests {
         }];
         let e = parse_handlers(&handlers, Driver::Postgres).expect_err("bad");
         assert_eq!((e.event.as_str(), e.index), ("UserCreated", 2));
-        assert!(e.to_string().starts_with("handler for \"UserCreated\", statement 2:"), "{e}");
+        assert!(
+            e.to_string()
+                .starts_with("handler for \"UserCreated\", statement 2:"),
+            "{e}"
+        );
     }
 }

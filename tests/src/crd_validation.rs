@@ -99,7 +99,11 @@ impl CrdValidator {
                 let message = match e.kind() {
                     jsonschema::error::ValidationErrorKind::Required { property } => {
                         let name = property.as_str().unwrap_or_default();
-                        field = if field.is_empty() { name.to_string() } else { format!("{field}.{name}") };
+                        field = if field.is_empty() {
+                            name.to_string()
+                        } else {
+                            format!("{field}.{name}")
+                        };
                         "Required value".to_string()
                     }
                     jsonschema::error::ValidationErrorKind::AdditionalProperties { unexpected } => {
@@ -114,14 +118,21 @@ impl CrdValidator {
         // The API server only evaluates CEL on objects that pass the structural checks.
         if violations.is_empty() {
             let defaulted_old = old.map(|o| self.defaulted(o));
-            if let Err(errors) = self.cel.validate(&self.schema, &defaulted, defaulted_old.as_ref()) {
+            if let Err(errors) = self
+                .cel
+                .validate(&self.schema, &defaulted, defaulted_old.as_ref())
+            {
                 violations.extend(errors.iter().map(|e| Violation {
                     field: e.field_path.trim_start_matches('.').to_string(),
                     message: e.message.clone(),
                 }));
             }
         }
-        if violations.is_empty() { Ok(defaulted) } else { Err(violations) }
+        if violations.is_empty() {
+            Ok(defaulted)
+        } else {
+            Err(violations)
+        }
     }
 }
 
@@ -155,7 +166,9 @@ pub fn to_json_schema(schema: &Value, strict: bool) -> Value {
             },
             "items" | "additionalProperties" | "not" => to_json_schema(value, strict),
             "allOf" | "anyOf" | "oneOf" => match value {
-                Value::Array(list) => Value::Array(list.iter().map(|v| to_json_schema(v, strict)).collect()),
+                Value::Array(list) => {
+                    Value::Array(list.iter().map(|v| to_json_schema(v, strict)).collect())
+                }
                 other => other.clone(),
             },
             // Extensions and OpenAPI-only keywords are not JSON Schema.
@@ -167,13 +180,20 @@ pub fn to_json_schema(schema: &Value, strict: bool) -> Value {
     if map.get("nullable") == Some(&Value::Bool(true))
         && let Some(Value::String(t)) = map.get("type")
     {
-        out.insert("type".into(), Value::Array(vec![Value::String(t.clone()), Value::String("null".into())]));
+        out.insert(
+            "type".into(),
+            Value::Array(vec![Value::String(t.clone()), Value::String("null".into())]),
+        );
         if let Some(Value::Array(values)) = out.get_mut("enum") {
             values.push(Value::Null);
         }
     }
     let preserves = map.get("x-kubernetes-preserve-unknown-fields") == Some(&Value::Bool(true));
-    if strict && map.contains_key("properties") && !map.contains_key("additionalProperties") && !preserves {
+    if strict
+        && map.contains_key("properties")
+        && !map.contains_key("additionalProperties")
+        && !preserves
+    {
         out.insert("additionalProperties".into(), Value::Bool(false));
     }
     Value::Object(out)
@@ -186,7 +206,8 @@ mod tests {
 
     #[test]
     fn nullable_becomes_a_null_type_and_strict_closes_objects() {
-        let s = json!({"type": "object", "properties": {"a": {"type": "string", "nullable": true}}});
+        let s =
+            json!({"type": "object", "properties": {"a": {"type": "string", "nullable": true}}});
         let t = to_json_schema(&s, true);
         assert_eq!(t["properties"]["a"]["type"], json!(["string", "null"]));
         assert_eq!(t["additionalProperties"], json!(false));
@@ -194,7 +215,10 @@ mod tests {
 
     #[test]
     fn pointers_become_dotted_paths() {
-        assert_eq!(pointer_to_dotted("/spec/handlers/0/sql"), "spec.handlers.0.sql");
+        assert_eq!(
+            pointer_to_dotted("/spec/handlers/0/sql"),
+            "spec.handlers.0.sql"
+        );
         assert_eq!(pointer_to_dotted(""), "");
     }
 }

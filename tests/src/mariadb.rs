@@ -33,11 +33,17 @@ impl MariaDb {
     /// Installs a fresh datadir, starts the server and waits until it accepts connections.
     pub async fn start() -> crate::Result<Self> {
         let (_, install) = tools::mariadb()?;
-        let dir = tempfile::Builder::new().prefix("projectionist-mariadb-").tempdir()?;
+        let dir = tempfile::Builder::new()
+            .prefix("projectionist-mariadb-")
+            .tempdir()?;
         let mut cmd = Command::new(install);
         cmd.arg("--no-defaults")
             .arg(format!("--datadir={}", dir.path().join("data").display()))
-            .args(["--auth-root-authentication-method=normal", "--skip-test-db", "--skip-name-resolve"])
+            .args([
+                "--auth-root-authentication-method=normal",
+                "--skip-test-db",
+                "--skip-name-resolve",
+            ])
             .arg(INNODB_LOG_FILE_SIZE);
         if running_as_root() {
             cmd.arg("--user=root");
@@ -90,9 +96,11 @@ impl MariaDb {
     pub async fn fresh_database(&self) -> crate::Result<String> {
         let name = format!("test_{}", self.next_db.fetch_add(1, Ordering::Relaxed));
         let mut conn = sqlx::MySqlConnection::connect(&self.admin_url()).await?;
-        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name} CHARACTER SET utf8mb4 COLLATE utf8mb4_bin")))
-            .execute(&mut conn)
-            .await?;
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "CREATE DATABASE {name} CHARACTER SET utf8mb4 COLLATE utf8mb4_bin"
+        )))
+        .execute(&mut conn)
+        .await?;
         conn.close().await?;
         Ok(self.url_for(&name))
     }
@@ -125,8 +133,16 @@ impl MariaDb {
             .arg("--bind-address=127.0.0.1")
             .arg(format!("--socket={}", dir.join("mariadb.sock").display()))
             .arg(format!("--pid-file={}", dir.join("mariadb.pid").display()))
-            .args(["--skip-grant-tables", "--skip-name-resolve", "--skip-log-bin"])
-            .args(["--innodb-buffer-pool-size=64M", "--innodb-flush-log-at-trx-commit=2", "--max-connections=300"])
+            .args([
+                "--skip-grant-tables",
+                "--skip-name-resolve",
+                "--skip-log-bin",
+            ])
+            .args([
+                "--innodb-buffer-pool-size=64M",
+                "--innodb-flush-log-at-trx-commit=2",
+                "--max-connections=300",
+            ])
             .arg(INNODB_LOG_FILE_SIZE);
         if running_as_root() {
             cmd.arg("--user=root");
@@ -134,10 +150,14 @@ impl MariaDb {
         let log = dir.join("mariadb.log");
         let mut process = ServerProcess::spawn("mariadbd", cmd, &log)?;
         let port = self.port;
-        let up = tokio::task::spawn_blocking(move || wait_for_port(port, Duration::from_secs(30))).await?;
+        let up = tokio::task::spawn_blocking(move || wait_for_port(port, Duration::from_secs(30)))
+            .await?;
         if !up {
             process.ensure_running()?;
-            bail!("mariadbd did not listen on {port}; log tail:\n{}", process.log_tail());
+            bail!(
+                "mariadbd did not listen on {port}; log tail:\n{}",
+                process.log_tail()
+            );
         }
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -147,7 +167,10 @@ impl MariaDb {
                     break;
                 }
                 Err(e) if Instant::now() >= deadline => {
-                    bail!("mariadbd does not accept connections: {e}; log tail:\n{}", process.log_tail())
+                    bail!(
+                        "mariadbd does not accept connections: {e}; log tail:\n{}",
+                        process.log_tail()
+                    )
                 }
                 Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
             }

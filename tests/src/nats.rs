@@ -26,7 +26,9 @@ impl NatsServer {
     pub async fn start() -> crate::Result<Self> {
         let mut server = Self {
             port: free_port()?,
-            dir: tempfile::Builder::new().prefix("projectionist-nats-").tempdir()?,
+            dir: tempfile::Builder::new()
+                .prefix("projectionist-nats-")
+                .tempdir()?,
             process: None,
         };
         // The port is free when picked but could be taken before the server binds it: try a few.
@@ -108,10 +110,14 @@ impl NatsServer {
         let log = self.dir.path().join("nats-server.log");
         let mut process = ServerProcess::spawn("nats-server", cmd, &log)?;
         let port = self.port;
-        let up = tokio::task::spawn_blocking(move || wait_for_port(port, Duration::from_secs(15))).await?;
+        let up = tokio::task::spawn_blocking(move || wait_for_port(port, Duration::from_secs(15)))
+            .await?;
         if !up {
             process.ensure_running()?;
-            bail!("nats-server did not listen on {port}; log tail:\n{}", process.log_tail());
+            bail!(
+                "nats-server did not listen on {port}; log tail:\n{}",
+                process.log_tail()
+            );
         }
         self.process = Some(process);
         self.wait_for_jetstream().await
@@ -130,7 +136,11 @@ impl NatsServer {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        let tail = self.process.as_ref().map(|p| p.log_tail()).unwrap_or_default();
+        let tail = self
+            .process
+            .as_ref()
+            .map(|p| p.log_tail())
+            .unwrap_or_default();
         bail!("JetStream did not become ready: {last}; log tail:\n{tail}")
     }
 }

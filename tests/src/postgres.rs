@@ -85,13 +85,22 @@ fn template() -> crate::Result<PathBuf> {
         return Ok(data);
     }
     std::fs::create_dir_all(&root)?;
-    let staging = tempfile::Builder::new().prefix("postgres-staging-").tempdir_in(&root)?;
+    let staging = tempfile::Builder::new()
+        .prefix("postgres-staging-")
+        .tempdir_in(&root)?;
     chown_tree(staging.path())?;
     let staging_data = staging.path().join("data");
     let output = as_server_user(&bin.join("initdb"))?
         .arg("-D")
         .arg(&staging_data)
-        .args(["-U", "postgres", "--auth=trust", "--encoding=UTF8", "--locale=C", "--no-sync"])
+        .args([
+            "-U",
+            "postgres",
+            "--auth=trust",
+            "--encoding=UTF8",
+            "--locale=C",
+            "--no-sync",
+        ])
         .output()
         .context("running initdb")?;
     if !output.status.success() {
@@ -99,7 +108,10 @@ fn template() -> crate::Result<PathBuf> {
     }
     // Another test may have won the race; either way a complete template is in place afterwards.
     if std::fs::rename(&staging_data, &data).is_err() && !data.join("PG_VERSION").exists() {
-        bail!("cannot move the PostgreSQL template into {}", data.display());
+        bail!(
+            "cannot move the PostgreSQL template into {}",
+            data.display()
+        );
     }
     Ok(data)
 }
@@ -108,8 +120,14 @@ impl Postgres {
     /// Starts a fresh cluster and waits until it accepts connections.
     pub async fn start() -> crate::Result<Self> {
         let template = tokio::task::spawn_blocking(template).await??;
-        let dir = tempfile::Builder::new().prefix("projectionist-pg-").tempdir()?;
-        let status = Command::new("cp").arg("-a").arg(&template).arg(dir.path().join("data")).status()?;
+        let dir = tempfile::Builder::new()
+            .prefix("projectionist-pg-")
+            .tempdir()?;
+        let status = Command::new("cp")
+            .arg("-a")
+            .arg(&template)
+            .arg(dir.path().join("data"))
+            .status()?;
         if !status.success() {
             bail!("copying the PostgreSQL template failed");
         }
@@ -153,7 +171,9 @@ impl Postgres {
     pub async fn fresh_database(&self) -> crate::Result<String> {
         let name = format!("test_{}", self.next_db.fetch_add(1, Ordering::Relaxed));
         let mut conn = sqlx::PgConnection::connect(&self.admin_url()).await?;
-        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}"))).execute(&mut conn).await?;
+        sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&mut conn)
+            .await?;
         conn.close().await?;
         Ok(self.url_for(&name))
     }
@@ -185,16 +205,30 @@ impl Postgres {
             .arg(self.port.to_string())
             .args(["-c", "listen_addresses=127.0.0.1"])
             .arg("-c")
-            .arg(format!("unix_socket_directories={}", self.dir.path().display()))
-            .args(["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off"])
+            .arg(format!(
+                "unix_socket_directories={}",
+                self.dir.path().display()
+            ))
+            .args([
+                "-c",
+                "fsync=off",
+                "-c",
+                "synchronous_commit=off",
+                "-c",
+                "full_page_writes=off",
+            ])
             .args(["-c", "max_connections=200", "-c", "shared_buffers=32MB"]);
         let log = self.dir.path().join("postgres.log");
         let mut process = ServerProcess::spawn("postgres", cmd, &log)?;
         let port = self.port;
-        let up = tokio::task::spawn_blocking(move || wait_for_port(port, Duration::from_secs(30))).await?;
+        let up = tokio::task::spawn_blocking(move || wait_for_port(port, Duration::from_secs(30)))
+            .await?;
         if !up {
             process.ensure_running()?;
-            bail!("postgres did not listen on {port}; log tail:\n{}", process.log_tail());
+            bail!(
+                "postgres did not listen on {port}; log tail:\n{}",
+                process.log_tail()
+            );
         }
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
@@ -204,7 +238,10 @@ impl Postgres {
                     break;
                 }
                 Err(e) if Instant::now() >= deadline => {
-                    bail!("postgres does not accept connections: {e}; log tail:\n{}", process.log_tail())
+                    bail!(
+                        "postgres does not accept connections: {e}; log tail:\n{}",
+                        process.log_tail()
+                    )
                 }
                 Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
             }

@@ -28,13 +28,16 @@ pub fn user_management_example() -> PathBuf {
 /// Reads a YAML file (the first document) into `T`.
 pub fn read_yaml<T: serde::de::DeserializeOwned>(path: &std::path::Path) -> crate::Result<T> {
     use anyhow::Context;
-    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     serde_yaml::from_str(&text).with_context(|| format!("parsing {}", path.display()))
 }
 
 /// The example's EventStore and Projection.
-pub fn user_management_resources()
--> crate::Result<(projectionist_crds::EventStore, projectionist_crds::Projection)> {
+pub fn user_management_resources() -> crate::Result<(
+    projectionist_crds::EventStore,
+    projectionist_crds::Projection,
+)> {
     let dir = user_management_example();
     Ok((
         read_yaml(&dir.join("eventstore.yaml"))?,

@@ -18,7 +18,9 @@ impl Sqlite {
     /// A new, empty directory.
     pub fn new() -> crate::Result<Self> {
         Ok(Self {
-            dir: tempfile::Builder::new().prefix("projectionist-sqlite-").tempdir()?,
+            dir: tempfile::Builder::new()
+                .prefix("projectionist-sqlite-")
+                .tempdir()?,
             next_db: AtomicU32::new(1),
         })
     }

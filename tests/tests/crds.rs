@@ -22,7 +22,8 @@ fn projections() -> CrdValidator {
 }
 
 fn example(file: &str) -> Value {
-    let text = std::fs::read_to_string(repo::user_management_example().join(file)).expect("example");
+    let text =
+        std::fs::read_to_string(repo::user_management_example().join(file)).expect("example");
     serde_yaml::from_str(&text).expect("example YAML")
 }
 
@@ -52,14 +53,24 @@ fn checked_in_crds_match_the_types() {
 #[test]
 fn crds_pass_kubernetes_validate_strict() {
     let bin = repo::root().join(".tools/bin/kubernetes-validate");
-    assert!(bin.exists(), "kubernetes-validate missing: run scripts/setup.sh");
-    let files: Vec<_> = crd::files().iter().map(|f| repo::crds().join(&f.file_name)).collect();
+    assert!(
+        bin.exists(),
+        "kubernetes-validate missing: run scripts/setup.sh"
+    );
+    let files: Vec<_> = crd::files()
+        .iter()
+        .map(|f| repo::crds().join(&f.file_name))
+        .collect();
     let out = Command::new(bin)
         .args(["--strict", "--kubernetes-version", "1.37.0"])
         .args(&files)
         .output()
         .expect("runs kubernetes-validate");
-    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(out.status.success(), "{text}");
     assert_eq!(text.matches("passed").count(), 2, "{text}");
 }
@@ -70,10 +81,15 @@ fn every_user_settable_field_is_documented() {
         if let Some(props) = schema.get("properties").and_then(Value::as_object) {
             for (name, prop) in props {
                 let p = format!("{path}.{name}");
-                let described = prop.get("description").and_then(Value::as_str).is_some_and(|d| !d.trim().is_empty());
+                let described = prop
+                    .get("description")
+                    .and_then(Value::as_str)
+                    .is_some_and(|d| !d.trim().is_empty());
                 // apiVersion/kind/metadata are Kubernetes' own; status is not set by users.
-                let exempt = matches!(p.as_str(), ".apiVersion" | ".kind" | ".metadata" | ".status")
-                    || p.starts_with(".status.");
+                let exempt = matches!(
+                    p.as_str(),
+                    ".apiVersion" | ".kind" | ".metadata" | ".status"
+                ) || p.starts_with(".status.");
                 if !described && !exempt {
                     missing.push(p.clone());
                 }
@@ -91,7 +107,11 @@ fn every_user_settable_field_is_documented() {
         let mut missing = Vec::new();
         walk("", &schema["openAPIV3Schema"], &mut missing);
         // LabelSelector's inner fields come documented from Kubernetes' own types.
-        assert!(missing.is_empty(), "{}: undocumented fields {missing:?}", file.file_name);
+        assert!(
+            missing.is_empty(),
+            "{}: undocumented fields {missing:?}",
+            file.file_name
+        );
     }
 }
 
@@ -106,21 +126,37 @@ fn printer_columns_are_as_designed() {
     };
     let crds = crd::crds();
     assert_eq!(cols(&crds[1]), ["STORE", "READY", "LAG", "LAST-SEQ", "AGE"]);
-    assert_eq!(crds[0].spec.names.short_names, Some(vec!["evs".to_string()]));
-    assert_eq!(crds[1].spec.names.short_names, Some(vec!["proj".to_string()]));
+    assert_eq!(
+        crds[0].spec.names.short_names,
+        Some(vec!["evs".to_string()])
+    );
+    assert_eq!(
+        crds[1].spec.names.short_names,
+        Some(vec!["proj".to_string()])
+    );
     for c in &crds {
         let v = &c.spec.versions[0];
-        assert!(v.subresources.as_ref().and_then(|s| s.status.as_ref()).is_some(), "status subresource");
+        assert!(
+            v.subresources
+                .as_ref()
+                .and_then(|s| s.status.as_ref())
+                .is_some(),
+            "status subresource"
+        );
         assert_eq!(c.spec.scope, "Namespaced");
     }
 }
 
 #[test]
 fn examples_are_accepted_and_defaulted() {
-    let store = eventstores().validate_create(&example("eventstore.yaml")).expect("EventStore example");
+    let store = eventstores()
+        .validate_create(&example("eventstore.yaml"))
+        .expect("EventStore example");
     assert_eq!(store["spec"]["stream"]["storage"], json!("File"));
     assert_eq!(store["spec"]["stream"]["discard"], json!("New"));
-    let projection = projections().validate_create(&example("projection.yaml")).expect("Projection example");
+    let projection = projections()
+        .validate_create(&example("projection.yaml"))
+        .expect("Projection example");
     assert_eq!(projection["spec"]["batch"]["maxEvents"], json!(500));
     // A minimal EventStore is valid too: every stream setting has a safe default.
     let minimal = json!({
@@ -128,7 +164,9 @@ fn examples_are_accepted_and_defaulted() {
         "metadata": {"name": "orders", "namespace": "shop"},
         "spec": {"nats": {"servers": ["nats://nats:4222"]}}
     });
-    let defaulted = eventstores().validate_create(&minimal).expect("minimal EventStore");
+    let defaulted = eventstores()
+        .validate_create(&minimal)
+        .expect("minimal EventStore");
     assert_eq!(defaulted["spec"]["deletionPolicy"], json!("Retain"));
     assert_eq!(defaulted["spec"]["stream"]["replicas"], json!(1));
 }
@@ -136,7 +174,8 @@ fn examples_are_accepted_and_defaulted() {
 #[test]
 fn examples_deserialize_and_resolve() {
     let (store, projection) = repo::user_management_resources().expect("examples");
-    let resolved = projectionist_crds::sidecar_config::resolve(&store, &projection).expect("resolves");
+    let resolved =
+        projectionist_crds::sidecar_config::resolve(&store, &projection).expect("resolves");
     assert_eq!(resolved.config.stream, "user-management_users");
     assert_eq!(resolved.config.handlers.len(), 5);
     projectionist_crds::stream::stream_config(&store).expect("stream config");
@@ -147,24 +186,39 @@ fn examples_deserialize_and_resolve() {
 fn bad_enum_is_rejected_naming_the_field() {
     let mut p = example("projection.yaml");
     p["spec"]["database"]["driver"] = json!("oracle");
-    assert_names(&rejected(projections().validate_create(&p)), "spec.database.driver");
+    assert_names(
+        &rejected(projections().validate_create(&p)),
+        "spec.database.driver",
+    );
 
     let mut s = example("eventstore.yaml");
     s["spec"]["deletionPolicy"] = json!("Shred");
-    assert_names(&rejected(eventstores().validate_create(&s)), "spec.deletionPolicy");
+    assert_names(
+        &rejected(eventstores().validate_create(&s)),
+        "spec.deletionPolicy",
+    );
 }
 
 #[test]
 fn out_of_range_bounds_are_rejected_naming_the_field() {
     let mut p = example("projection.yaml");
     p["spec"]["batch"]["maxEvents"] = json!(10_001);
-    assert_names(&rejected(projections().validate_create(&p)), "spec.batch.maxEvents");
+    assert_names(
+        &rejected(projections().validate_create(&p)),
+        "spec.batch.maxEvents",
+    );
     p["spec"]["batch"]["maxEvents"] = json!(0);
-    assert_names(&rejected(projections().validate_create(&p)), "spec.batch.maxEvents");
+    assert_names(
+        &rejected(projections().validate_create(&p)),
+        "spec.batch.maxEvents",
+    );
 
     let mut s = example("eventstore.yaml");
     s["spec"]["stream"]["replicas"] = json!(7);
-    assert_names(&rejected(eventstores().validate_create(&s)), "spec.stream.replicas");
+    assert_names(
+        &rejected(eventstores().validate_create(&s)),
+        "spec.stream.replicas",
+    );
 }
 
 #[test]
@@ -175,14 +229,20 @@ fn malformed_durations_and_urls_are_rejected() {
 
     let mut s = example("eventstore.yaml");
     s["spec"]["nats"]["servers"] = json!(["http://nats:4222"]);
-    assert_names(&rejected(eventstores().validate_create(&s)), "spec.nats.servers.0");
+    assert_names(
+        &rejected(eventstores().validate_create(&s)),
+        "spec.nats.servers.0",
+    );
 }
 
 #[test]
 fn secret_reference_missing_its_key_is_rejected() {
     let mut p = example("projection.yaml");
     p["spec"]["database"]["urlSecret"] = json!({"name": "users-db"});
-    assert_names(&rejected(projections().validate_create(&p)), "spec.database.urlSecret.key");
+    assert_names(
+        &rejected(projections().validate_create(&p)),
+        "spec.database.urlSecret.key",
+    );
 
     let mut s = example("eventstore.yaml");
     s["spec"]["nats"]["auth"]["userPassword"]["password"] = json!({"key": "password"});
@@ -197,7 +257,11 @@ fn unknown_fields_are_rejected() {
     let mut p = example("projection.yaml");
     p["spec"]["handlers"][0]["sqll"] = json!(["SELECT 1"]);
     let v = rejected(projections().validate_create(&p));
-    assert!(v.iter().any(|v| v.field == "spec.handlers.0" && v.message.contains("sqll")), "{v:?}");
+    assert!(
+        v.iter()
+            .any(|v| v.field == "spec.handlers.0" && v.message.contains("sqll")),
+        "{v:?}"
+    );
 }
 
 #[test]
@@ -205,16 +269,27 @@ fn two_credential_methods_are_rejected() {
     let mut s = example("eventstore.yaml");
     s["spec"]["nats"]["auth"]["token"] = json!({"name": "nats-token", "key": "token"});
     let v = rejected(eventstores().validate_create(&s));
-    assert!(v.iter().any(|v| v.field == "spec.nats.auth" && v.message.contains("exactly one")), "{v:?}");
+    assert!(
+        v.iter()
+            .any(|v| v.field == "spec.nats.auth" && v.message.contains("exactly one")),
+        "{v:?}"
+    );
 }
 
 #[test]
 fn duplicate_handler_event_types_are_rejected() {
     let mut p = example("projection.yaml");
     let first = p["spec"]["handlers"][0].clone();
-    p["spec"]["handlers"].as_array_mut().expect("handlers").push(first);
+    p["spec"]["handlers"]
+        .as_array_mut()
+        .expect("handlers")
+        .push(first);
     let v = rejected(projections().validate_create(&p));
-    assert!(v.iter().any(|v| v.field == "spec.handlers" && v.message.contains("only one handler")), "{v:?}");
+    assert!(
+        v.iter()
+            .any(|v| v.field == "spec.handlers" && v.message.contains("only one handler")),
+        "{v:?}"
+    );
 }
 
 #[test]
@@ -222,18 +297,27 @@ fn loosening_a_guardrail_needs_an_explicit_opt_in() {
     let mut s = example("eventstore.yaml");
     s["spec"]["stream"]["storage"] = json!("Memory");
     let v = rejected(eventstores().validate_create(&s));
-    assert!(v.iter().any(|v| v.field == "spec.stream.storage" && v.message.contains("allowMemoryStorage")), "{v:?}");
+    assert!(
+        v.iter()
+            .any(|v| v.field == "spec.stream.storage" && v.message.contains("allowMemoryStorage")),
+        "{v:?}"
+    );
 
     let mut s = example("eventstore.yaml");
     s["spec"]["stream"]["maxAge"] = json!("720h");
     let v = rejected(eventstores().validate_create(&s));
     assert!(v.iter().any(|v| v.field == "spec.stream.maxAge"), "{v:?}");
     s["spec"]["stream"]["guardrails"] = json!({"allowExpiry": true});
-    eventstores().validate_create(&s).expect("explicit opt-in accepted");
+    eventstores()
+        .validate_create(&s)
+        .expect("explicit opt-in accepted");
 
     let mut s = example("eventstore.yaml");
     s["spec"]["stream"]["discard"] = json!("Old");
-    assert_names(&rejected(eventstores().validate_create(&s)), "spec.stream.discard");
+    assert_names(
+        &rejected(eventstores().validate_create(&s)),
+        "spec.stream.discard",
+    );
 }
 
 #[test]
@@ -241,9 +325,15 @@ fn start_at_fields_must_match_the_policy() {
     let mut p = example("projection.yaml");
     p["spec"]["startAt"] = json!({"policy": "Sequence"});
     let v = rejected(projections().validate_create(&p));
-    assert!(v.iter().any(|v| v.field == "spec.startAt" && v.message.contains("sequence")), "{v:?}");
+    assert!(
+        v.iter()
+            .any(|v| v.field == "spec.startAt" && v.message.contains("sequence")),
+        "{v:?}"
+    );
     p["spec"]["startAt"] = json!({"policy": "Sequence", "sequence": 10});
-    projections().validate_create(&p).expect("consistent startAt");
+    projections()
+        .validate_create(&p)
+        .expect("consistent startAt");
 }
 
 #[test]
@@ -253,7 +343,11 @@ fn changing_the_stream_name_or_storage_on_update_is_rejected() {
     let mut new = old.clone();
     new["spec"]["stream"]["name"] = json!("USERS_V2");
     let v = rejected(eventstores().validate_update(&new, &old));
-    assert!(v.iter().any(|v| v.field == "spec.stream.name" && v.message.contains("immutable")), "{v:?}");
+    assert!(
+        v.iter()
+            .any(|v| v.field == "spec.stream.name" && v.message.contains("immutable")),
+        "{v:?}"
+    );
 
     // Setting a name where the default was used also changes the stream.
     let unnamed = example("eventstore.yaml");
@@ -264,12 +358,18 @@ fn changing_the_stream_name_or_storage_on_update_is_rejected() {
     memory["spec"]["stream"]["storage"] = json!("Memory");
     memory["spec"]["stream"]["guardrails"] = json!({"allowMemoryStorage": true});
     let v = rejected(eventstores().validate_update(&memory, &old));
-    assert!(v.iter().any(|v| v.field == "spec.stream.storage" && v.message.contains("immutable")), "{v:?}");
+    assert!(
+        v.iter()
+            .any(|v| v.field == "spec.stream.storage" && v.message.contains("immutable")),
+        "{v:?}"
+    );
 
     // A mutable change passes.
     let mut bigger = old.clone();
     bigger["spec"]["stream"]["maxBytes"] = json!(1_000_000_000);
-    eventstores().validate_update(&bigger, &old).expect("mutable change accepted");
+    eventstores()
+        .validate_update(&bigger, &old)
+        .expect("mutable change accepted");
 }
 
 #[test]
@@ -277,5 +377,8 @@ fn changing_the_projection_event_store_on_update_is_rejected() {
     let old = example("projection.yaml");
     let mut new = old.clone();
     new["spec"]["eventStore"] = json!("orders");
-    assert_names(&rejected(projections().validate_update(&new, &old)), "spec.eventStore");
+    assert_names(
+        &rejected(projections().validate_update(&new, &old)),
+        "spec.eventStore",
+    );
 }

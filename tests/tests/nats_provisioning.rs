@@ -7,7 +7,9 @@ use async_nats::HeaderMap;
 use async_nats::jetstream::{self, consumer, stream};
 use projectionist_crds::diff::{Mutability, diff_consumer, diff_stream};
 use projectionist_crds::event_store::{Guardrails, Storage};
-use projectionist_crds::{EventStore, Projection, consumer::consumer_config, stream::stream_config};
+use projectionist_crds::{
+    EventStore, Projection, consumer::consumer_config, stream::stream_config,
+};
 use projectionist_tests::nats::NatsServer;
 use projectionist_tests::repo;
 
@@ -18,7 +20,9 @@ fn example_for(server: &NatsServer) -> (EventStore, Projection) {
 }
 
 async fn provision(js: &jetstream::Context, store: &EventStore) -> stream::Stream {
-    js.create_stream(stream_config(store).expect("stream config")).await.expect("stream created")
+    js.create_stream(stream_config(store).expect("stream config"))
+        .await
+        .expect("stream created")
 }
 
 #[tokio::test]
@@ -30,7 +34,11 @@ async fn example_event_store_creates_a_stream_whose_config_equals_the_mapping() 
     let mut stream = provision(&js, &store).await;
     let actual = stream.info().await.expect("info").config.clone();
     let diff = diff_stream(&desired, &actual);
-    assert!(diff.is_empty(), "server config differs: {}", diff.describe());
+    assert!(
+        diff.is_empty(),
+        "server config differs: {}",
+        diff.describe()
+    );
     assert_eq!(actual.name, "user-management_users");
     assert_eq!(actual.subjects, vec!["user-management.users.>".to_string()]);
     assert!(actual.deny_delete && actual.deny_purge);
@@ -61,10 +69,16 @@ async fn the_ledger_drops_duplicate_appends_and_refuses_deletes_and_purges() {
     };
     let first = append("evt-1").await;
     let again = append("evt-1").await;
-    assert!(!first.duplicate && again.duplicate, "a retried append is recognised");
+    assert!(
+        !first.duplicate && again.duplicate,
+        "a retried append is recognised"
+    );
     assert_eq!(first.sequence, again.sequence);
 
-    assert!(stream.delete_message(first.sequence).await.is_err(), "delete refused");
+    assert!(
+        stream.delete_message(first.sequence).await.is_err(),
+        "delete refused"
+    );
     assert!(stream.purge().await.is_err(), "purge refused");
     let mut stream = stream;
     assert_eq!(stream.info().await.expect("info").state.messages, 1);
@@ -77,13 +91,23 @@ async fn example_projection_creates_a_durable_consumer_whose_config_equals_the_m
     let (store, projection) = example_for(&server);
     let stream = provision(&js, &store).await;
     let desired = consumer_config(&projection, &store).expect("consumer config");
-    let mut created: consumer::PullConsumer = stream.create_consumer(desired.clone()).await.expect("consumer");
+    let mut created: consumer::PullConsumer = stream
+        .create_consumer(desired.clone())
+        .await
+        .expect("consumer");
     let info = created.info().await.expect("info").clone();
     let diff = diff_consumer(&desired, &info.config);
-    assert!(diff.is_empty(), "server config differs: {}", diff.describe());
+    assert!(
+        diff.is_empty(),
+        "server config differs: {}",
+        diff.describe()
+    );
     assert_eq!(info.name, "user-management_users-read-model");
     assert_eq!(info.config.ack_policy, consumer::AckPolicy::Explicit);
-    assert_eq!(info.config.priority_policy, consumer::PriorityPolicy::PinnedClient);
+    assert_eq!(
+        info.config.priority_policy,
+        consumer::PriorityPolicy::PinnedClient
+    );
     assert_eq!(info.config.filter_subject, "user-management.users.user.>");
 }
 
@@ -102,12 +126,28 @@ async fn mutable_stream_and_consumer_changes_apply_in_place() {
     store.spec.stream.duplicate_window = "10m".into();
     store.spec.stream.description = Some("Users, v2".into());
     let desired = stream_config(&store).expect("config");
-    let before = js.get_stream(&desired.name).await.expect("stream").info().await.expect("info").config.clone();
+    let before = js
+        .get_stream(&desired.name)
+        .await
+        .expect("stream")
+        .info()
+        .await
+        .expect("info")
+        .config
+        .clone();
     let diff = diff_stream(&desired, &before);
     assert_eq!(diff.changes.len(), 3, "{}", diff.describe());
     assert!(!diff.has_immutable());
     js.update_stream(desired.clone()).await.expect("updated");
-    let after = js.get_stream(&desired.name).await.expect("stream").info().await.expect("info").config.clone();
+    let after = js
+        .get_stream(&desired.name)
+        .await
+        .expect("stream")
+        .info()
+        .await
+        .expect("info")
+        .config
+        .clone();
     assert!(diff_stream(&desired, &after).is_empty());
 
     projection.spec.ack_wait = "45s".into();
@@ -115,12 +155,33 @@ async fn mutable_stream_and_consumer_changes_apply_in_place() {
     let desired = consumer_config(&projection, &store).expect("config");
     let stream = js.get_stream(&store.stream_name()).await.expect("stream");
     let name = projection.consumer_name();
-    let before = stream.consumer_info(&name).await.expect("info").config.clone();
+    let before = stream
+        .consumer_info(&name)
+        .await
+        .expect("info")
+        .config
+        .clone();
     let diff = diff_consumer(&desired, &before);
-    assert!(!diff.is_empty() && !diff.has_immutable(), "{}", diff.describe());
-    stream.update_consumer(desired.clone()).await.expect("consumer updated");
-    let after = stream.consumer_info(&name).await.expect("info").config.clone();
-    assert!(diff_consumer(&desired, &after).is_empty(), "{}", diff_consumer(&desired, &after).describe());
+    assert!(
+        !diff.is_empty() && !diff.has_immutable(),
+        "{}",
+        diff.describe()
+    );
+    stream
+        .update_consumer(desired.clone())
+        .await
+        .expect("consumer updated");
+    let after = stream
+        .consumer_info(&name)
+        .await
+        .expect("info")
+        .config
+        .clone();
+    assert!(
+        diff_consumer(&desired, &after).is_empty(),
+        "{}",
+        diff_consumer(&desired, &after).describe()
+    );
 }
 
 #[tokio::test]
@@ -141,7 +202,10 @@ async fn diff_flags_immutable_stream_changes_that_the_server_refuses() {
     let diff = diff_stream(&desired, &actual);
     let immutable: Vec<_> = diff.immutable().map(|c| c.field).collect();
     assert_eq!(immutable, vec!["storage"]);
-    assert!(js.update_stream(desired).await.is_err(), "the server refuses it too");
+    assert!(
+        js.update_stream(desired).await.is_err(),
+        "the server refuses it too"
+    );
 
     let mut loosened = store.clone();
     loosened.spec.stream.guardrails = Some(Guardrails {
@@ -150,13 +214,22 @@ async fn diff_flags_immutable_stream_changes_that_the_server_refuses() {
     });
     let desired = stream_config(&loosened).expect("config");
     let diff = diff_stream(&desired, &actual);
-    assert_eq!(diff.immutable().map(|c| c.field).collect::<Vec<_>>(), vec!["deny_purge"]);
-    assert!(js.update_stream(desired).await.is_err(), "deny_purge cannot be cleared on the server");
+    assert_eq!(
+        diff.immutable().map(|c| c.field).collect::<Vec<_>>(),
+        vec!["deny_purge"]
+    );
+    assert!(
+        js.update_stream(desired).await.is_err(),
+        "deny_purge cannot be cleared on the server"
+    );
 
     let mut raw = actual.clone();
     raw.retention = stream::RetentionPolicy::WorkQueue;
     assert!(diff_stream(&raw, &actual).has_immutable());
-    assert!(js.update_stream(raw).await.is_err(), "retention to work queue cannot change on the server");
+    assert!(
+        js.update_stream(raw).await.is_err(),
+        "retention to work queue cannot change on the server"
+    );
 
     // Nothing changed on the server.
     let after = stream.info().await.expect("info").config.clone();
@@ -168,8 +241,14 @@ async fn diff_flags_immutable_stream_changes_that_the_server_refuses() {
     raw.max_messages = 1_000_000;
     let diff = diff_stream(&raw, &actual);
     assert_eq!(diff.changes.len(), 2);
-    assert!(diff.changes.iter().all(|c| c.mutability == Mutability::InPlace));
-    js.update_stream(raw).await.expect("in-place change accepted");
+    assert!(
+        diff.changes
+            .iter()
+            .all(|c| c.mutability == Mutability::InPlace)
+    );
+    js.update_stream(raw)
+        .await
+        .expect("in-place change accepted");
 }
 
 #[tokio::test]
@@ -179,9 +258,17 @@ async fn diff_flags_immutable_consumer_changes_that_the_server_refuses() {
     let (store, projection) = example_for(&server);
     let stream = provision(&js, &store).await;
     let desired = consumer_config(&projection, &store).expect("config");
-    stream.create_consumer(desired.clone()).await.expect("consumer");
+    stream
+        .create_consumer(desired.clone())
+        .await
+        .expect("consumer");
     let name = projection.consumer_name();
-    let actual = stream.consumer_info(&name).await.expect("info").config.clone();
+    let actual = stream
+        .consumer_info(&name)
+        .await
+        .expect("info")
+        .config
+        .clone();
 
     let mut moved = projection.clone();
     moved.spec.start_at = Some(projectionist_crds::projection::StartAt {
@@ -191,19 +278,37 @@ async fn diff_flags_immutable_consumer_changes_that_the_server_refuses() {
     });
     let changed = consumer_config(&moved, &store).expect("config");
     let diff = diff_consumer(&changed, &actual);
-    assert_eq!(diff.immutable().map(|c| c.field).collect::<Vec<_>>(), vec!["deliver_policy"]);
-    assert!(stream.update_consumer(changed).await.is_err(), "the server refuses a new start position");
+    assert_eq!(
+        diff.immutable().map(|c| c.field).collect::<Vec<_>>(),
+        vec!["deliver_policy"]
+    );
+    assert!(
+        stream.update_consumer(changed).await.is_err(),
+        "the server refuses a new start position"
+    );
 
     for (field, change) in [
-        ("ack_policy", Box::new(|c: &mut consumer::pull::Config| c.ack_policy = consumer::AckPolicy::All)
-            as Box<dyn Fn(&mut consumer::pull::Config)>),
-        ("max_waiting", Box::new(|c: &mut consumer::pull::Config| c.max_waiting = 16)),
+        (
+            "ack_policy",
+            Box::new(|c: &mut consumer::pull::Config| c.ack_policy = consumer::AckPolicy::All)
+                as Box<dyn Fn(&mut consumer::pull::Config)>,
+        ),
+        (
+            "max_waiting",
+            Box::new(|c: &mut consumer::pull::Config| c.max_waiting = 16),
+        ),
     ] {
         let mut changed = desired.clone();
         change(&mut changed);
         let diff = diff_consumer(&changed, &actual);
-        assert_eq!(diff.immutable().map(|c| c.field).collect::<Vec<_>>(), vec![field]);
-        assert!(stream.update_consumer(changed).await.is_err(), "the server refuses a change of {field}");
+        assert_eq!(
+            diff.immutable().map(|c| c.field).collect::<Vec<_>>(),
+            vec![field]
+        );
+        assert!(
+            stream.update_consumer(changed).await.is_err(),
+            "the server refuses a change of {field}"
+        );
     }
 
     // What the diff calls in place, the server accepts.
@@ -215,5 +320,8 @@ async fn diff_flags_immutable_consumer_changes_that_the_server_refuses() {
     let diff = diff_consumer(&changed, &actual);
     assert_eq!(diff.changes.len(), 4);
     assert!(!diff.has_immutable());
-    stream.update_consumer(changed).await.expect("in-place change accepted");
+    stream
+        .update_consumer(changed)
+        .await
+        .expect("in-place change accepted");
 }

@@ -22,10 +22,17 @@ async fn nats_keeps_its_port_and_store_across_an_outage() {
     })
     .await
     .expect("stream");
-    js.publish("outage.a", "1".into()).await.expect("publish").await.expect("ack");
+    js.publish("outage.a", "1".into())
+        .await
+        .expect("publish")
+        .await
+        .expect("ack");
 
     server.stop();
-    assert!(!wait_for_port(server.port(), Duration::from_millis(300)), "stopped server still listens");
+    assert!(
+        !wait_for_port(server.port(), Duration::from_millis(300)),
+        "stopped server still listens"
+    );
     server.start_again().await.expect("restart");
     assert_eq!(server.url(), url);
     let js = server.jetstream().await.expect("jetstream");
@@ -35,12 +42,18 @@ async fn nats_keeps_its_port_and_store_across_an_outage() {
     server.kill();
     server.start_again().await.expect("restart after a crash");
     let js = server.jetstream().await.expect("jetstream");
-    let mut stream = js.get_stream("OUTAGE").await.expect("stream survived a crash");
+    let mut stream = js
+        .get_stream("OUTAGE")
+        .await
+        .expect("stream survived a crash");
     assert_eq!(stream.info().await.expect("info").state.messages, 1);
 
     let port = server.port();
     drop(server);
-    assert!(!wait_for_port(port, Duration::from_millis(300)), "dropped server still listens");
+    assert!(
+        !wait_for_port(port, Duration::from_millis(300)),
+        "dropped server still listens"
+    );
 }
 
 #[tokio::test]
@@ -50,24 +63,46 @@ async fn postgres_hands_out_fresh_databases_and_survives_a_restart() {
     let b = pg.fresh_database().await.expect("db b");
     assert_ne!(a, b);
     let mut conn = sqlx::PgConnection::connect(&a).await.expect("connect a");
-    sqlx::query("CREATE TABLE t (v INT)").execute(&mut conn).await.expect("create");
-    sqlx::query("INSERT INTO t VALUES (42)").execute(&mut conn).await.expect("insert");
+    sqlx::query("CREATE TABLE t (v INT)")
+        .execute(&mut conn)
+        .await
+        .expect("create");
+    sqlx::query("INSERT INTO t VALUES (42)")
+        .execute(&mut conn)
+        .await
+        .expect("insert");
     conn.close().await.expect("close");
     let mut other = sqlx::PgConnection::connect(&b).await.expect("connect b");
-    assert!(sqlx::query("SELECT v FROM t").fetch_one(&mut other).await.is_err(), "databases are separate");
+    assert!(
+        sqlx::query("SELECT v FROM t")
+            .fetch_one(&mut other)
+            .await
+            .is_err(),
+        "databases are separate"
+    );
     other.close().await.expect("close");
 
     pg.stop();
-    assert!(sqlx::PgConnection::connect(&a).await.is_err(), "stopped server refuses connections");
+    assert!(
+        sqlx::PgConnection::connect(&a).await.is_err(),
+        "stopped server refuses connections"
+    );
     pg.start_again().await.expect("restart");
     let mut conn = sqlx::PgConnection::connect(&a).await.expect("reconnect");
-    let v: i32 = sqlx::query("SELECT v FROM t").fetch_one(&mut conn).await.expect("select").get(0);
+    let v: i32 = sqlx::query("SELECT v FROM t")
+        .fetch_one(&mut conn)
+        .await
+        .expect("select")
+        .get(0);
     assert_eq!(v, 42);
     conn.close().await.expect("close");
 
     let port = pg.port();
     drop(pg);
-    assert!(!wait_for_port(port, Duration::from_millis(300)), "dropped server still listens");
+    assert!(
+        !wait_for_port(port, Duration::from_millis(300)),
+        "dropped server still listens"
+    );
 }
 
 #[tokio::test]
@@ -77,18 +112,34 @@ async fn mariadb_hands_out_fresh_databases_and_survives_a_restart() {
     let b = db.fresh_database().await.expect("db b");
     assert_ne!(a, b);
     let mut conn = sqlx::MySqlConnection::connect(&a).await.expect("connect a");
-    sqlx::query("CREATE TABLE t (v INT) ENGINE=InnoDB").execute(&mut conn).await.expect("create");
-    sqlx::query("INSERT INTO t VALUES (7)").execute(&mut conn).await.expect("insert");
+    sqlx::query("CREATE TABLE t (v INT) ENGINE=InnoDB")
+        .execute(&mut conn)
+        .await
+        .expect("create");
+    sqlx::query("INSERT INTO t VALUES (7)")
+        .execute(&mut conn)
+        .await
+        .expect("insert");
     conn.close().await.expect("close");
 
     db.kill();
     db.start_again().await.expect("restart after a crash");
     let mut conn = sqlx::MySqlConnection::connect(&a).await.expect("reconnect");
-    let v: i32 = sqlx::query("SELECT v FROM t").fetch_one(&mut conn).await.expect("select").get(0);
+    let v: i32 = sqlx::query("SELECT v FROM t")
+        .fetch_one(&mut conn)
+        .await
+        .expect("select")
+        .get(0);
     assert_eq!(v, 7);
     conn.close().await.expect("close");
     let mut other = sqlx::MySqlConnection::connect(&b).await.expect("connect b");
-    assert!(sqlx::query("SELECT v FROM t").fetch_one(&mut other).await.is_err(), "databases are separate");
+    assert!(
+        sqlx::query("SELECT v FROM t")
+            .fetch_one(&mut other)
+            .await
+            .is_err(),
+        "databases are separate"
+    );
     other.close().await.expect("close");
 }
 
@@ -98,13 +149,32 @@ async fn sqlite_files_are_separate_and_persistent() {
     let a = dir.fresh_database();
     let b = dir.fresh_database();
     assert_ne!(a, b);
-    let mut conn = sqlx::SqliteConnection::connect(&a).await.expect("connect a");
-    sqlx::query("CREATE TABLE t (v INTEGER)").execute(&mut conn).await.expect("create");
-    sqlx::query("INSERT INTO t VALUES (1)").execute(&mut conn).await.expect("insert");
+    let mut conn = sqlx::SqliteConnection::connect(&a)
+        .await
+        .expect("connect a");
+    sqlx::query("CREATE TABLE t (v INTEGER)")
+        .execute(&mut conn)
+        .await
+        .expect("create");
+    sqlx::query("INSERT INTO t VALUES (1)")
+        .execute(&mut conn)
+        .await
+        .expect("insert");
     conn.close().await.expect("close");
     let mut conn = sqlx::SqliteConnection::connect(&a).await.expect("reopen a");
-    let v: i64 = sqlx::query("SELECT v FROM t").fetch_one(&mut conn).await.expect("select").get(0);
+    let v: i64 = sqlx::query("SELECT v FROM t")
+        .fetch_one(&mut conn)
+        .await
+        .expect("select")
+        .get(0);
     assert_eq!(v, 1);
-    let mut other = sqlx::SqliteConnection::connect(&b).await.expect("connect b");
-    assert!(sqlx::query("SELECT v FROM t").fetch_one(&mut other).await.is_err());
+    let mut other = sqlx::SqliteConnection::connect(&b)
+        .await
+        .expect("connect b");
+    assert!(
+        sqlx::query("SELECT v FROM t")
+            .fetch_one(&mut other)
+            .await
+            .is_err()
+    );
 }

@@ -32,12 +32,20 @@ fn main() -> ExitCode {
         [flag, dir] if flag == "--check" => {
             let stale = crd::stale_files(&PathBuf::from(dir));
             for name in &stale {
-                eprintln!("crdgen: {name} is out of date; run `cargo run -p projectionist-crds --bin crdgen -- --out crds`");
+                eprintln!(
+                    "crdgen: {name} is out of date; run `cargo run -p projectionist-crds --bin crdgen -- --out crds`"
+                );
             }
-            if stale.is_empty() { ExitCode::SUCCESS } else { ExitCode::FAILURE }
+            if stale.is_empty() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
         }
         _ => {
-            eprintln!("usage: crdgen [--out DIR | --check DIR]\n\nWithout arguments, prints both CRDs as one YAML stream.");
+            eprintln!(
+                "usage: crdgen [--out DIR | --check DIR]\n\nWithout arguments, prints both CRDs as one YAML stream."
+            );
             ExitCode::from(2)
         }
     }
