@@ -1,0 +1,179 @@
+//! Provisioning on NATS from manifests: the stream of each EventStore and the durable consumer of each Projection,
+//! created or updated in place with the same mappings the operator uses. An immutable difference is refused with the
+//! fields named, never sent to fail on the server.
+
+use async_nats::jetstream::context::{ConsumerInfoErrorKind, GetStreamErrorKind};
+use async_nats::jetstream::{self, stream};
+use projectionist_crds::diff::{diff_consumer, diff_stream};
+use projectionist_crds::manifest::Manifests;
+use projectionist_crds::{consumer, stream as stream_mapping};
+
+/// Why provisioning failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ProvisionError {
+    /// A resource's spec cannot be mapped.
+    #[error("{kind} {name}: {message}")]
+    Spec {
+        /// `EventStore` or `Projection`.
+        kind: &'static str,
+        /// The resource's name.
+        name: String,
+        /// What is wrong.
+        message: String,
+    },
+    /// The server has a config that cannot be changed into the desired one.
+    #[error(
+        "{kind} {name}: cannot change {changes} on the server; delete it or restore the old spec"
+    )]
+    Immutable {
+        /// `stream` or `consumer`.
+        kind: &'static str,
+        /// Its name.
+        name: String,
+        /// The differences.
+        changes: String,
+    },
+    /// A JetStream API call failed.
+    #[error("{action}: {source}")]
+    Nats {
+        /// What was attempted.
+        action: String,
+        /// The client error.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+fn nats_err<E: std::error::Error + Send + Sync + 'static>(
+    action: String,
+) -> impl FnOnce(E) -> ProvisionError {
+    move |e| ProvisionError::Nats {
+        action,
+        source: Box::new(e),
+    }
+}
+
+/// What was done to one stream or consumer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// It did not exist and was created.
+    Created,
+    /// It differed and was updated in place; the differences.
+    Updated(String),
+    /// It already matched.
+    InSync,
+}
+
+/// Creates or updates every EventStore's stream and every Projection's consumer in `manifests`.
+pub async fn provision(
+    js: &jetstream::Context,
+    manifests: &Manifests,
+) -> Result<Vec<(String, Outcome)>, ProvisionError> {
+    let mut report = Vec::new();
+    for store in &manifests.event_stores {
+        let name = store.metadata.name.clone().unwrap_or_default();
+        let desired = stream_mapping::stream_config(store).map_err(|e| ProvisionError::Spec {
+            kind: "EventStore",
+            name: name.clone(),
+            message: e.to_string(),
+        })?;
+        let outcome = match js.get_stream(&desired.name).await {
+            Ok(mut existing) => {
+                let actual = existing
+                    .info()
+                    .await
+                    .map_err(nats_err(format!("reading stream {}", desired.name)))?
+                    .config
+                    .clone();
+                apply_stream(js, &desired, &actual).await?
+            }
+            Err(e)
+                if matches!(e.kind(), GetStreamErrorKind::JetStream(ref j)
+                    if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) =>
+            {
+                js.create_stream(desired.clone())
+                    .await
+                    .map_err(nats_err(format!("creating stream {}", desired.name)))?;
+                Outcome::Created
+            }
+            Err(e) => return Err(nats_err(format!("looking up stream {}", desired.name))(e)),
+        };
+        report.push((format!("stream {}", desired.name), outcome));
+    }
+    for projection in &manifests.projections {
+        let name = projection.metadata.name.clone().unwrap_or_default();
+        let spec_err = |message: String| ProvisionError::Spec {
+            kind: "Projection",
+            name: name.clone(),
+            message,
+        };
+        let store = manifests.store_of(projection).ok_or_else(|| {
+            spec_err(format!(
+                "EventStore {:?} not found",
+                projection.spec.event_store
+            ))
+        })?;
+        let desired =
+            consumer::consumer_config(projection, store).map_err(|e| spec_err(e.to_string()))?;
+        let consumer_name = projection.consumer_name();
+        let stream = js
+            .get_stream(store.stream_name())
+            .await
+            .map_err(nats_err(format!(
+                "looking up stream {}",
+                store.stream_name()
+            )))?;
+        let outcome = match stream.consumer_info(&consumer_name).await {
+            Ok(info) => {
+                let diff = diff_consumer(&desired, &info.config);
+                if diff.is_empty() {
+                    Outcome::InSync
+                } else if diff.has_immutable() {
+                    return Err(ProvisionError::Immutable {
+                        kind: "consumer",
+                        name: consumer_name,
+                        changes: diff.describe(),
+                    });
+                } else {
+                    stream
+                        .update_consumer(desired)
+                        .await
+                        .map_err(nats_err(format!("updating consumer {consumer_name}")))?;
+                    Outcome::Updated(diff.describe())
+                }
+            }
+            Err(e) if e.kind() == ConsumerInfoErrorKind::NotFound => {
+                stream
+                    .create_consumer(desired)
+                    .await
+                    .map_err(nats_err(format!("creating consumer {consumer_name}")))?;
+                Outcome::Created
+            }
+            Err(e) => return Err(nats_err(format!("reading consumer {consumer_name}"))(e)),
+        };
+        report.push((format!("consumer {consumer_name}"), outcome));
+    }
+    Ok(report)
+}
+
+async fn apply_stream(
+    js: &jetstream::Context,
+    desired: &stream::Config,
+    actual: &stream::Config,
+) -> Result<Outcome, ProvisionError> {
+    let diff = diff_stream(desired, actual);
+    if diff.is_empty() {
+        return Ok(Outcome::InSync);
+    }
+    if diff.has_immutable() {
+        return Err(ProvisionError::Immutable {
+            kind: "stream",
+            name: desired.name.clone(),
+            changes: diff.describe(),
+        });
+    }
+    js.update_stream(desired.clone())
+        .await
+        .map_err(nats_err(format!("updating stream {}", desired.name)))?;
+    Ok(Outcome::Updated(diff.describe()))
+}
