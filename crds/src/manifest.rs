@@ -39,6 +39,14 @@ pub enum ManifestError {
         #[source]
         source: serde_yaml::Error,
     },
+    /// A Projection's EventStore is not among the manifests.
+    #[error("Projection {projection}: EventStore {store:?} not found in the given files")]
+    MissingStore {
+        /// The Projection's name.
+        projection: String,
+        /// The EventStore it names.
+        store: String,
+    },
 }
 
 #[derive(Deserialize)]
@@ -95,11 +103,17 @@ impl Manifests {
     }
 
     /// The EventStore a Projection reads (same namespace and name).
-    pub fn store_of(&self, projection: &Projection) -> Option<&EventStore> {
-        self.event_stores.iter().find(|s| {
-            s.metadata.name.as_deref() == Some(projection.spec.event_store.as_str())
-                && s.metadata.namespace == projection.metadata.namespace
-        })
+    pub fn store_of(&self, projection: &Projection) -> Result<&EventStore, ManifestError> {
+        self.event_stores
+            .iter()
+            .find(|s| {
+                s.metadata.name.as_deref() == Some(projection.spec.event_store.as_str())
+                    && s.metadata.namespace == projection.metadata.namespace
+            })
+            .ok_or_else(|| ManifestError::MissingStore {
+                projection: projection.metadata.name.clone().unwrap_or_default(),
+                store: projection.spec.event_store.clone(),
+            })
     }
 }
 

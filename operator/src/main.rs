@@ -82,12 +82,7 @@ fn plan(files: &[PathBuf]) -> anyhow::Result<()> {
     }
     for projection in &manifests.projections {
         let name = projection.metadata.name.clone().unwrap_or_default();
-        let store = manifests.store_of(projection).ok_or_else(|| {
-            anyhow::anyhow!(
-                "Projection {name}: EventStore {:?} not found in the given files",
-                projection.spec.event_store
-            )
-        })?;
+        let store = manifests.store_of(projection)?;
         let config = consumer::consumer_config(projection, store)
             .map_err(|e| anyhow::anyhow!("Projection {name}: {e}"))?;
         let resolved =

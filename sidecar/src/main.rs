@@ -161,12 +161,7 @@ fn resolve_manifests(files: &[PathBuf]) -> anyhow::Result<()> {
     }
     for projection in &manifests.projections {
         let name = projection.metadata.name.clone().unwrap_or_default();
-        let store = manifests.store_of(projection).ok_or_else(|| {
-            anyhow::anyhow!(
-                "Projection {name}: EventStore {:?} not found in the given files",
-                projection.spec.event_store
-            )
-        })?;
+        let store = manifests.store_of(projection)?;
         let resolved =
             resolve(store, projection).map_err(|e| anyhow::anyhow!("Projection {name}: {e}"))?;
         print!("---\n{}", resolved.config.to_yaml()?);
@@ -249,9 +244,7 @@ async fn status_cmd(local: &Local) -> anyhow::Result<()> {
         );
     }
     for projection in &manifests.projections {
-        let Some(store) = manifests.store_of(projection) else {
-            continue;
-        };
+        let store = manifests.store_of(projection)?;
         let stream = js.get_stream(store.stream_name()).await?;
         let name = projection.consumer_name();
         let info = stream

@@ -21,6 +21,9 @@ pub enum ProvisionError {
         /// What is wrong.
         message: String,
     },
+    /// The manifests are incomplete (a Projection without its EventStore).
+    #[error(transparent)]
+    Manifest(#[from] projectionist_crds::manifest::ManifestError),
     /// The server has a config that cannot be changed into the desired one.
     #[error(
         "{kind} {name}: cannot change {changes} on the server; delete it or restore the old spec"
@@ -107,12 +110,7 @@ pub async fn provision(
             name: name.clone(),
             message,
         };
-        let store = manifests.store_of(projection).ok_or_else(|| {
-            spec_err(format!(
-                "EventStore {:?} not found",
-                projection.spec.event_store
-            ))
-        })?;
+        let store = manifests.store_of(projection)?;
         let desired =
             consumer::consumer_config(projection, store).map_err(|e| spec_err(e.to_string()))?;
         let consumer_name = projection.consumer_name();

@@ -5,13 +5,13 @@
 
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use sqlx::Connection;
 use tempfile::TempDir;
 
-use crate::process::{ServerProcess, free_port, running_as_root, wait_for_port};
+use crate::process::{ServerProcess, free_port, running_as_root};
 use crate::tools;
 
 /// A running (or deliberately stopped) MariaDB server.
@@ -149,32 +149,12 @@ impl MariaDb {
         }
         let log = dir.join("mariadb.log");
         let mut process = ServerProcess::spawn("mariadbd", cmd, &log)?;
-        let port = self.port;
-        let up = tokio::task::spawn_blocking(move || wait_for_port(port, Duration::from_secs(30)))
+        let url = self.admin_url();
+        process
+            .wait_ready(self.port, Duration::from_secs(30), || async {
+                sqlx::MySqlConnection::connect(&url).await?.close().await
+            })
             .await?;
-        if !up {
-            process.ensure_running()?;
-            bail!(
-                "mariadbd did not listen on {port}; log tail:\n{}",
-                process.log_tail()
-            );
-        }
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            match sqlx::MySqlConnection::connect(&self.admin_url()).await {
-                Ok(conn) => {
-                    let _ = conn.close().await;
-                    break;
-                }
-                Err(e) if Instant::now() >= deadline => {
-                    bail!(
-                        "mariadbd does not accept connections: {e}; log tail:\n{}",
-                        process.log_tail()
-                    )
-                }
-                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-            }
-        }
         self.process = Some(process);
         Ok(())
     }

@@ -2,12 +2,12 @@
 
 use std::path::PathBuf;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use tempfile::TempDir;
 
-use crate::process::{ServerProcess, free_port, wait_for_port};
+use crate::process::{ServerProcess, free_port};
 use crate::tools;
 
 /// A running (or deliberately stopped) nats-server. Stopped and its store removed on drop.
@@ -109,38 +109,18 @@ impl NatsServer {
             .arg(format!("test-{}", self.port));
         let log = self.dir.path().join("nats-server.log");
         let mut process = ServerProcess::spawn("nats-server", cmd, &log)?;
-        let port = self.port;
-        let up = tokio::task::spawn_blocking(move || wait_for_port(port, Duration::from_secs(15)))
+        let url = self.url();
+        process
+            .wait_ready(self.port, Duration::from_secs(15), || async {
+                let client = async_nats::connect(&url).await.map_err(|e| e.to_string())?;
+                let js = async_nats::jetstream::new(client);
+                js.query_account()
+                    .await
+                    .map(|_| ())
+                    .map_err(|e| e.to_string())
+            })
             .await?;
-        if !up {
-            process.ensure_running()?;
-            bail!(
-                "nats-server did not listen on {port}; log tail:\n{}",
-                process.log_tail()
-            );
-        }
         self.process = Some(process);
-        self.wait_for_jetstream().await
-    }
-
-    async fn wait_for_jetstream(&mut self) -> crate::Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(15);
-        let mut last = String::new();
-        while Instant::now() < deadline {
-            match self.jetstream().await {
-                Ok(js) => match js.query_account().await {
-                    Ok(_) => return Ok(()),
-                    Err(e) => last = e.to_string(),
-                },
-                Err(e) => last = e.to_string(),
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        let tail = self
-            .process
-            .as_ref()
-            .map(|p| p.log_tail())
-            .unwrap_or_default();
-        bail!("JetStream did not become ready: {last}; log tail:\n{tail}")
+        Ok(())
     }
 }

@@ -7,14 +7,14 @@ use std::os::unix::fs::chown;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{Context, bail};
 use nix::sys::signal::Signal;
 use sqlx::Connection;
 use tempfile::TempDir;
 
-use crate::process::{ServerProcess, free_port, running_as_root, wait_for_port};
+use crate::process::{ServerProcess, free_port, running_as_root};
 use crate::tools;
 
 /// A running (or deliberately stopped) PostgreSQL server.
@@ -220,32 +220,12 @@ impl Postgres {
             .args(["-c", "max_connections=200", "-c", "shared_buffers=32MB"]);
         let log = self.dir.path().join("postgres.log");
         let mut process = ServerProcess::spawn("postgres", cmd, &log)?;
-        let port = self.port;
-        let up = tokio::task::spawn_blocking(move || wait_for_port(port, Duration::from_secs(30)))
+        let url = self.admin_url();
+        process
+            .wait_ready(self.port, Duration::from_secs(30), || async {
+                sqlx::PgConnection::connect(&url).await?.close().await
+            })
             .await?;
-        if !up {
-            process.ensure_running()?;
-            bail!(
-                "postgres did not listen on {port}; log tail:\n{}",
-                process.log_tail()
-            );
-        }
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            match sqlx::PgConnection::connect(&self.admin_url()).await {
-                Ok(conn) => {
-                    let _ = conn.close().await;
-                    break;
-                }
-                Err(e) if Instant::now() >= deadline => {
-                    bail!(
-                        "postgres does not accept connections: {e}; log tail:\n{}",
-                        process.log_tail()
-                    )
-                }
-                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
-            }
-        }
         self.process = Some(process);
         Ok(())
     }

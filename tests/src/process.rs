@@ -91,6 +91,44 @@ impl ServerProcess {
         }
     }
 
+    /// Waits until the server listens on `port`, then until `ready` succeeds (each for at most `timeout`); fails
+    /// with the log's tail otherwise.
+    pub async fn wait_ready<F, Fut, E>(
+        &mut self,
+        port: u16,
+        timeout: Duration,
+        mut ready: F,
+    ) -> crate::Result<()>
+    where
+        F: FnMut() -> Fut,
+        Fut: std::future::Future<Output = Result<(), E>>,
+        E: std::fmt::Display,
+    {
+        let up = tokio::task::spawn_blocking(move || wait_for_port(port, timeout)).await?;
+        if !up {
+            self.ensure_running()?;
+            bail!(
+                "{} did not listen on {port}; log tail:\n{}",
+                self.name,
+                self.log_tail()
+            );
+        }
+        let deadline = Instant::now() + timeout;
+        loop {
+            match ready().await {
+                Ok(()) => return Ok(()),
+                Err(e) if Instant::now() >= deadline => {
+                    bail!(
+                        "{} is not ready: {e}; log tail:\n{}",
+                        self.name,
+                        self.log_tail()
+                    )
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    }
+
     /// The last lines of the server's log.
     pub fn log_tail(&self) -> String {
         let text = std::fs::read_to_string(&self.log).unwrap_or_default();
