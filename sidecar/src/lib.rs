@@ -1,8 +1,30 @@
-//! Projectionist's sidecar.
+//! Projectionist's sidecar: applies a Projection's events to the service's own database, exactly once.
 //!
-//! - [`provision`]: creates or updates a store's stream and a projection's consumer on NATS from the same
-//!   EventStore/Projection YAML a user applies (the local developer loop; in a cluster the operator does this).
-//! - [`append`]: appends CloudEvents from NDJSON with `Nats-Msg-Id` de-duplication.
+//! - [`runtime`]: runs every configured projection concurrently and independently, the admin HTTP server, and
+//!   graceful shutdown.
+//! - [`projector`]: one projection's loop (fetch → decode → handlers → checkpoint → commit → ack), catch-up from the
+//!   stream, error isolation and policies.
+//! - [`event`]: CloudEvents decoding from JetStream messages.
+//! - [`handler`]: parsed SQL handlers and the values they bind from an event.
+//! - [`database`]: the pool, the sidecar's own tables, error classification.
+//! - [`checkpoint`]: the checkpoint row and its compare-and-set.
+//! - [`dead_letter`]: the dead-letter table.
+//! - [`status`]: liveness, readiness and Prometheus metrics.
+//! - [`admin`]: `/healthz`, `/readyz`, `/metrics`.
+//! - [`secrets`]: reading credentials from the env vars and files the config names.
+//! - [`provision`] and [`append`]: the local developer tooling (stream/consumer provisioning, appending events).
+//! - [`dev`]: the local developer loop.
 
+pub mod admin;
 pub mod append;
+pub mod checkpoint;
+pub mod database;
+pub mod dead_letter;
+pub mod dev;
+pub mod event;
+pub mod handler;
+pub mod projector;
 pub mod provision;
+pub mod runtime;
+pub mod secrets;
+pub mod status;

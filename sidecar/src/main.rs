@@ -1,7 +1,6 @@
 //! `projectionist-sidecar`: applies a Projection's events to the service's own database, exactly once.
 //!
-//! This binary currently offers the config tooling and the local NATS tooling (provision, append, status) the
-//! sidecar is built around; see `--help`.
+//! `run` is what the injected container runs; `dev` is the local developer loop; the other commands are tooling.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -11,19 +10,84 @@ use clap::{Args, Parser, Subcommand};
 use projectionist_crds::SidecarConfig;
 use projectionist_crds::manifest::Manifests;
 use projectionist_crds::sidecar_config::resolve;
-use projectionist_sidecar::{append, provision};
+use projectionist_sidecar::{append, dev, provision, runtime};
 
 /// Projectionist's sidecar: consumes a Projection's durable JetStream consumer in order and applies each event to
 /// the service's database (Postgres, MySQL/MariaDB or SQLite) with the SQL handlers declared in the Projection.
 #[derive(Debug, Parser)]
 #[command(name = "projectionist-sidecar", version, about, long_about = None)]
 struct Cli {
+    /// Log format: `plain` or `json`. The level comes from RUST_LOG (default `info`).
+    #[arg(
+        long,
+        global = true,
+        env = "PROJECTIONIST_LOG_FORMAT",
+        default_value = "plain"
+    )]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
 }
 
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Plain,
+    Json,
+}
+
+/// Flags of the long-running commands.
+#[derive(Debug, Args)]
+struct Serve {
+    /// Address of the admin HTTP server (`/healthz`, `/readyz`, `/metrics`).
+    #[arg(long, env = "PROJECTIONIST_ADMIN_ADDR", default_value = "0.0.0.0:9464")]
+    admin_addr: String,
+    /// How long to wait, after SIGTERM/SIGINT, for batches in flight to commit or roll back before exiting.
+    #[arg(long, env = "PROJECTIONIST_GRACE_PERIOD", default_value = "25s", value_parser = parse_duration)]
+    grace_period: std::time::Duration,
+}
+
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    projectionist_crds::duration::parse(s).map_err(|e| e.to_string())
+}
+
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Runs every projection whose SidecarConfig is in the config directory (as mounted by the operator),
+    /// concurrently and independently, until SIGTERM/SIGINT.
+    Run {
+        /// Directory holding one SidecarConfig YAML file per projection.
+        #[arg(
+            long,
+            env = "PROJECTIONIST_CONFIG_DIR",
+            default_value = "/etc/projectionist"
+        )]
+        config_dir: PathBuf,
+        #[command(flatten)]
+        serve: Serve,
+    },
+    /// The local developer loop: provisions the stream and consumers of the given EventStore/Projection YAML on a
+    /// local NATS, then projects into SQLite files under --data-dir (or into --database).
+    Dev {
+        #[command(flatten)]
+        local: Local,
+        /// Database for every projection (postgres://, mysql:// or sqlite://). Default: one SQLite file per
+        /// projection under --data-dir.
+        #[arg(long, env = "PROJECTIONIST_DATABASE_URL")]
+        database: Option<String>,
+        /// Where the default SQLite files go.
+        #[arg(long, env = "PROJECTIONIST_DATA_DIR", default_value = ".projectionist")]
+        data_dir: PathBuf,
+        #[command(flatten)]
+        serve: Serve,
+    },
+    /// Runs one SQL query against a database and prints the rows (handy to look at a read model).
+    Query {
+        /// Database URL (postgres://, mysql:// or sqlite://).
+        #[arg(long, env = "PROJECTIONIST_DATABASE_URL")]
+        database: String,
+        /// The query.
+        sql: String,
+    },
     /// Checks the SidecarConfig files in a directory (as mounted by the operator) and prints what each runs.
     Check {
         /// Directory holding one SidecarConfig YAML file per projection.
@@ -103,10 +167,19 @@ impl Local {
     }
 }
 
-#[tokio::main(flavor = "current_thread")]
+#[tokio::main]
 async fn main() -> ExitCode {
     let cli = Cli::parse();
+    init_logging(cli.log_format);
     let result = match cli.command {
+        Command::Run { config_dir, serve } => run_cmd(&config_dir, &serve).await,
+        Command::Dev {
+            local,
+            database,
+            data_dir,
+            serve,
+        } => dev_cmd(&local, database.as_deref(), &data_dir, &serve).await,
+        Command::Query { database, sql } => query_cmd(&database, &sql).await,
         Command::Check { config_dir } => check(&config_dir),
         Command::Resolve { files } => resolve_manifests(&files),
         Command::Provision(local) => provision_cmd(&local).await,
@@ -124,6 +197,139 @@ async fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Plain => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+async fn run_cmd(config_dir: &std::path::Path, serve: &Serve) -> anyhow::Result<()> {
+    let configs = runtime::read_config_dir(config_dir)?;
+    let launches = configs
+        .into_iter()
+        .map(|config| runtime::Launch {
+            config,
+            database_url: None,
+            nats_url: None,
+        })
+        .collect();
+    let listener = tokio::net::TcpListener::bind(&serve.admin_addr)
+        .await
+        .with_context(|| format!("binding the admin address {}", serve.admin_addr))?;
+    runtime::run(
+        launches,
+        listener,
+        runtime::shutdown_signal(),
+        serve.grace_period,
+    )
+    .await
+}
+
+async fn dev_cmd(
+    local: &Local,
+    database: Option<&str>,
+    data_dir: &std::path::Path,
+    serve: &Serve,
+) -> anyhow::Result<()> {
+    let manifests = local.manifests()?;
+    let launches = dev::launches(&manifests, database, data_dir, &local.nats_url)?;
+    let js = local.jetstream().await?;
+    for (what, outcome) in provision::provision(&js, &manifests).await? {
+        tracing::info!(what = %what, outcome = ?outcome, "provisioned");
+    }
+    let listener = tokio::net::TcpListener::bind(&serve.admin_addr)
+        .await
+        .with_context(|| format!("binding the admin address {}", serve.admin_addr))?;
+    tracing::info!(admin = %listener.local_addr()?, "dev mode running; Ctrl-C to stop");
+    runtime::run(
+        launches,
+        listener,
+        runtime::shutdown_signal(),
+        serve.grace_period,
+    )
+    .await
+}
+
+async fn query_cmd(url: &str, sql: &str) -> anyhow::Result<()> {
+    use sqlx::{Column, Row};
+    sqlx::any::install_default_drivers();
+    let pool = sqlx::any::AnyPoolOptions::new()
+        .max_connections(1)
+        .connect(url)
+        .await?;
+    let rows = sqlx::query(sqlx::AssertSqlSafe(sql.to_string()))
+        .fetch_all(&pool)
+        .await?;
+    let Some(first) = rows.first() else {
+        println!("(no rows)");
+        return Ok(());
+    };
+    let header: Vec<String> = first
+        .columns()
+        .iter()
+        .map(|c| c.name().to_string())
+        .collect();
+    let cell = |row: &sqlx::any::AnyRow, i: usize| -> String {
+        if let Ok(v) = row.try_get::<Option<String>, _>(i) {
+            return v.unwrap_or_else(|| "NULL".into());
+        }
+        if let Ok(v) = row.try_get::<Option<i64>, _>(i) {
+            return v.map(|v| v.to_string()).unwrap_or_else(|| "NULL".into());
+        }
+        if let Ok(v) = row.try_get::<Option<f64>, _>(i) {
+            return v.map(|v| v.to_string()).unwrap_or_else(|| "NULL".into());
+        }
+        if let Ok(v) = row.try_get::<Option<bool>, _>(i) {
+            return v.map(|v| v.to_string()).unwrap_or_else(|| "NULL".into());
+        }
+        "?".into()
+    };
+    let table: Vec<Vec<String>> = rows
+        .iter()
+        .map(|r| (0..header.len()).map(|i| cell(r, i)).collect())
+        .collect();
+    let widths: Vec<usize> = (0..header.len())
+        .map(|i| {
+            table
+                .iter()
+                .map(|r| r[i].chars().count())
+                .chain([header[i].len()])
+                .max()
+                .unwrap_or(0)
+        })
+        .collect();
+    let line = |cells: &[String]| {
+        cells
+            .iter()
+            .zip(&widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_string()
+    };
+    println!("{}", line(&header));
+    println!(
+        "{}",
+        widths
+            .iter()
+            .map(|w| "-".repeat(*w))
+            .collect::<Vec<_>>()
+            .join("  ")
+    );
+    for r in &table {
+        println!("{}", line(r));
+    }
+    pool.close().await;
+    Ok(())
 }
 
 fn check(dir: &std::path::Path) -> anyhow::Result<()> {

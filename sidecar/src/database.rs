@@ -1,0 +1,193 @@
+//! The read model's database: one sqlx pool whatever the driver, the sidecar's own tables (checkpoints and dead
+//! letters), and the classification of database errors into transient (retry the batch) and permanent (the event is
+//! at fault).
+
+use projectionist_crds::projection::Driver;
+use sqlx::any::{AnyArguments, AnyPoolOptions};
+use sqlx::{Any, AnyPool, Arguments, Transaction};
+
+use crate::handler::Bound;
+
+/// Name of the checkpoint table.
+pub const CHECKPOINTS: &str = "projectionist_checkpoints";
+/// Name of the dead-letter table.
+pub const DEAD_LETTERS: &str = "projectionist_dead_letters";
+
+/// A connection pool to the read model's database.
+#[derive(Debug, Clone)]
+pub struct Database {
+    /// The pool.
+    pub pool: AnyPool,
+    /// Which SQL dialect to speak.
+    pub driver: Driver,
+}
+
+/// A transaction on it.
+pub type Tx = Transaction<'static, Any>;
+
+/// Whether a database error is worth retrying.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorClass {
+    /// Connection lost, timeout, serialization failure, deadlock, lock wait: retry the whole batch.
+    Transient,
+    /// The statement fails for this event's values (constraint, type, missing table...): the event is at fault.
+    Permanent,
+}
+
+impl Database {
+    /// Opens a pool (connections are made lazily, so this succeeds while the database is down).
+    pub fn connect_lazy(
+        url: &str,
+        driver: Driver,
+        max_connections: u32,
+    ) -> Result<Self, sqlx::Error> {
+        sqlx::any::install_default_drivers();
+        let pool = AnyPoolOptions::new()
+            .max_connections(max_connections.max(1))
+            .acquire_timeout(std::time::Duration::from_secs(10))
+            .connect_lazy(url)?;
+        Ok(Self { pool, driver })
+    }
+
+    /// Rewrites `?` placeholders in the sidecar's own SQL into the driver's.
+    pub fn sql(&self, text: &str) -> String {
+        match self.driver {
+            Driver::Postgres => {
+                let mut out = String::with_capacity(text.len() + 8);
+                let mut n = 0;
+                for c in text.chars() {
+                    if c == '?' {
+                        n += 1;
+                        out.push_str(&format!("${n}"));
+                    } else {
+                        out.push(c);
+                    }
+                }
+                out
+            }
+            Driver::Mysql | Driver::Sqlite => text.to_string(),
+        }
+    }
+
+    /// DDL of the sidecar's tables.
+    pub fn own_tables(&self) -> Vec<String> {
+        let long_text = match self.driver {
+            Driver::Mysql => "LONGTEXT",
+            Driver::Postgres | Driver::Sqlite => "TEXT",
+        };
+        vec![
+            format!(
+                "CREATE TABLE IF NOT EXISTS {CHECKPOINTS} (
+                   projection VARCHAR(255) NOT NULL PRIMARY KEY,
+                   stream VARCHAR(255) NOT NULL,
+                   last_sequence BIGINT NOT NULL,
+                   rebuild_token VARCHAR(255) NOT NULL,
+                   committed_at VARCHAR(64) NOT NULL
+                 )"
+            ),
+            format!(
+                "CREATE TABLE IF NOT EXISTS {DEAD_LETTERS} (
+                   projection VARCHAR(255) NOT NULL,
+                   stream_sequence BIGINT NOT NULL,
+                   event_id VARCHAR(255),
+                   event_type VARCHAR(255),
+                   subject VARCHAR(1024) NOT NULL,
+                   payload {long_text} NOT NULL,
+                   error {long_text} NOT NULL,
+                   policy VARCHAR(32) NOT NULL,
+                   attempts INTEGER NOT NULL,
+                   recorded_at VARCHAR(64) NOT NULL,
+                   PRIMARY KEY (projection, stream_sequence)
+                 )"
+            ),
+        ]
+    }
+
+    /// An INSERT that does nothing if the row exists.
+    pub fn insert_ignore(&self, table: &str, columns: &str, values: &str) -> String {
+        let text = match self.driver {
+            Driver::Mysql => format!("INSERT IGNORE INTO {table} ({columns}) VALUES ({values})"),
+            Driver::Postgres | Driver::Sqlite => {
+                format!("INSERT INTO {table} ({columns}) VALUES ({values}) ON CONFLICT DO NOTHING")
+            }
+        };
+        self.sql(&text)
+    }
+
+    /// Starts a transaction.
+    pub async fn begin(&self) -> Result<Tx, sqlx::Error> {
+        self.pool.begin().await
+    }
+}
+
+/// Builds the arguments of a statement.
+pub fn arguments(values: Vec<Bound>) -> Result<AnyArguments, sqlx::Error> {
+    let mut args = AnyArguments::default();
+    for v in values {
+        let r = match v {
+            Bound::Null => args.add(Option::<String>::None),
+            Bound::Bool(b) => args.add(b),
+            Bound::Int(i) => args.add(i),
+            Bound::Float(f) => args.add(f),
+            Bound::Text(s) => args.add(s),
+        };
+        r.map_err(sqlx::Error::Encode)?;
+    }
+    Ok(args)
+}
+
+/// Runs a statement with arguments; returns the rows affected.
+pub async fn execute(tx: &mut Tx, sql: &str, values: Vec<Bound>) -> Result<u64, sqlx::Error> {
+    let args = arguments(values)?;
+    let result = sqlx::query_with(sqlx::AssertSqlSafe(sql.to_string()), args)
+        .execute(&mut **tx)
+        .await?;
+    Ok(result.rows_affected())
+}
+
+/// Runs a statement without arguments.
+pub async fn execute_plain(tx: &mut Tx, sql: &str) -> Result<(), sqlx::Error> {
+    sqlx::raw_sql(sqlx::AssertSqlSafe(sql.to_string()))
+        .execute(&mut **tx)
+        .await?;
+    Ok(())
+}
+
+/// Sorts a database error into transient or permanent.
+pub fn classify(error: &sqlx::Error) -> ErrorClass {
+    match error {
+        sqlx::Error::Database(db) => {
+            let code = db.code().map(|c| c.into_owned()).unwrap_or_default();
+            let transient = matches!(
+                code.as_str(),
+                // Postgres and MySQL SQLSTATEs: serialization failure, deadlock, lock timeout, shutdown, too many
+                // connections, connection exceptions, insufficient resources.
+                "40001" | "40P01" | "55P03" | "57P01" | "57P02" | "57P03" | "53300" | "HY000"
+            ) || code.starts_with("08")
+                || code.starts_with("53")
+                // SQLite: busy, locked (plain and extended codes).
+                || matches!(code.as_str(), "5" | "6" | "261" | "262" | "517" | "773")
+                || db.message().contains("Lock wait timeout")
+                || db.message().contains("Deadlock found");
+            if code == "HY000"
+                && !db.message().contains("Lock wait")
+                && !db.message().contains("gone away")
+            {
+                // MySQL's generic state: most of its uses are not transient.
+                return ErrorClass::Permanent;
+            }
+            if transient {
+                ErrorClass::Transient
+            } else {
+                ErrorClass::Permanent
+            }
+        }
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed => ErrorClass::Transient,
+        _ => ErrorClass::Permanent,
+    }
+}
