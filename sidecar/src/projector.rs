@@ -62,6 +62,17 @@ enum Applied {
     Fenced,
 }
 
+/// What the loop does after a batch.
+#[derive(Debug)]
+enum Flow {
+    /// Next batch.
+    Continue,
+    /// Stop.
+    Exit(Exit),
+    /// The checkpoint went back: resubscribe, which catches up from the stream.
+    Resubscribe,
+}
+
 /// A failure worth retrying the batch for.
 #[derive(Debug)]
 struct Transient(String);
@@ -324,16 +335,28 @@ impl Projector {
             .set(i64::try_from(seq).unwrap_or(i64::MAX));
     }
 
-    async fn reload_checkpoint(&mut self) -> Result<(), sqlx::Error> {
+    /// Re-reads the checkpoint. `true` when it went back (the database lost commits, or was restored): the events
+    /// after it must then be read again from the stream, since the consumer has moved past them.
+    async fn reload_checkpoint(&mut self) -> Result<bool, sqlx::Error> {
         let token = self.checkpoint.rebuild_token.clone();
         let mut tx = self.db.begin().await?;
         let (cp, _) =
             checkpoint::load_or_init(&self.db, &mut tx, &self.key, &self.config.stream, &token)
                 .await?;
         tx.commit().await?;
+        let went_back =
+            cp.last_sequence < self.checkpoint.last_sequence || cp.rebuild_token != token;
+        if went_back {
+            warn!(
+                projection = %self.key,
+                from = self.checkpoint.last_sequence,
+                to = cp.last_sequence,
+                "the database's checkpoint went back; catching up from it"
+            );
+        }
         self.checkpoint = cp;
         self.publish_checkpoint();
-        Ok(())
+        Ok(went_back)
     }
 
     /// Catches up from the stream, then consumes the durable consumer until shutdown, a halt, or an interruption.
@@ -409,8 +432,12 @@ impl Projector {
                     }
                 }
             }
-            if let Some(exit) = self.process(Some(&batch)).await {
-                return Ok(exit);
+            match self.process(&batch).await {
+                Flow::Continue => {}
+                Flow::Exit(exit) => return Ok(exit),
+                Flow::Resubscribe => {
+                    return Err(Transient("the checkpoint went back; catching up".into()));
+                }
             }
             if let Some(pending) = batch.last().and_then(|m| m.info().ok()).map(|i| i.pending) {
                 self.state.lag.store(
@@ -512,8 +539,12 @@ impl Projector {
                 }
             }
             let replayed = batch.len();
-            if let Some(exit) = self.process_incoming(batch, None).await {
-                return Ok(Some(exit));
+            match self.process_incoming(batch, None).await {
+                Flow::Continue => {}
+                Flow::Exit(exit) => return Ok(Some(exit)),
+                Flow::Resubscribe => {
+                    return Err(Transient("the checkpoint went back; catching up".into()));
+                }
             }
             if self.state.rebuilding.load(Ordering::Relaxed) {
                 self.metrics
@@ -526,8 +557,7 @@ impl Projector {
     }
 
     /// Applies a batch of durable-consumer messages and acknowledges what was committed.
-    async fn process(&mut self, batch: Option<&Vec<jetstream::Message>>) -> Option<Exit> {
-        let batch = batch?;
+    async fn process(&mut self, batch: &Vec<jetstream::Message>) -> Flow {
         let items: Vec<Incoming> = batch
             .iter()
             .filter_map(|m| m.info().ok().map(|i| incoming(m, i.stream_sequence)))
@@ -539,7 +569,7 @@ impl Projector {
         &mut self,
         items: Vec<Incoming>,
         acks: Option<&Vec<jetstream::Message>>,
-    ) -> Option<Exit> {
+    ) -> Flow {
         loop {
             let started = Instant::now();
             match self.apply(&items).await {
@@ -550,17 +580,21 @@ impl Projector {
                         .get_or_create(&self.label)
                         .observe(started.elapsed().as_secs_f64());
                     ack_upto(acks, upto).await;
-                    return None;
+                    return Flow::Continue;
                 }
                 Ok(Applied::Halted(upto, reason)) => {
                     ack_upto(acks, upto).await;
-                    return Some(Exit::Halted(reason));
+                    return Flow::Exit(Exit::Halted(reason));
                 }
                 Ok(Applied::Fenced) => {
                     warn!(projection = %self.key, "checkpoint moved by another processor; re-reading it");
                     self.metrics.error(&self.key, "fenced");
-                    if let Err(e) = self.reload_checkpoint().await {
-                        warn!(projection = %self.key, error = %e, "cannot re-read the checkpoint");
+                    match self.reload_checkpoint().await {
+                        Ok(true) => return Flow::Resubscribe,
+                        Ok(false) => {}
+                        Err(e) => {
+                            warn!(projection = %self.key, error = %e, "cannot re-read the checkpoint")
+                        }
                     }
                 }
                 Err(Transient(reason)) => {
@@ -579,12 +613,14 @@ impl Projector {
                                 let _ = m.ack_with(AckKind::Nak(None)).await;
                             }
                         }
-                        return Some(Exit::Shutdown);
+                        return Flow::Exit(Exit::Shutdown);
                     }
-                    if let Err(e) = self.reload_checkpoint().await {
-                        debug!(projection = %self.key, error = %e, "checkpoint not readable yet");
-                    } else {
-                        self.state.set_waiting(None);
+                    match self.reload_checkpoint().await {
+                        Ok(true) => return Flow::Resubscribe,
+                        Ok(false) => self.state.set_waiting(None),
+                        Err(e) => {
+                            debug!(projection = %self.key, error = %e, "checkpoint not readable yet")
+                        }
                     }
                 }
             }

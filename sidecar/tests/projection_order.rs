@@ -25,7 +25,10 @@ async fn projects_in_order(driver: Driver, url: &str) {
     append_ticks(&js, &second, first.len()).await;
     let all: Vec<Tick> = first.iter().chain(second.iter()).cloned().collect();
     let expected = fold(&all);
-    let done = wait_until(Duration::from_secs(60), || async { read_checkpoint(url).await == Some(3000) }).await;
+    let done = wait_until(Duration::from_secs(60), || async {
+        read_checkpoint(url).await == Some(3000)
+    })
+    .await;
     assert!(done, "checkpoint reached {:?}", read_checkpoint(url).await);
     assert_eq!(read_ledger(url).await, expected);
 
@@ -35,7 +38,10 @@ async fn projects_in_order(driver: Driver, url: &str) {
     let (code, metrics) = sidecar.get("/metrics").await;
     assert_eq!(code, 200);
     assert_eq!(
-        metric(&metrics, "projectionist_sidecar_events_applied_total{projection=\"test/ledger\"}"),
+        metric(
+            &metrics,
+            "projectionist_sidecar_events_applied_total{projection=\"test/ledger\"}"
+        ),
         Some(3000.0),
         "{metrics}"
     );

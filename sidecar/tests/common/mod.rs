@@ -16,7 +16,9 @@ use async_nats::jetstream;
 use projectionist_crds::common::NatsConnection;
 use projectionist_crds::common::SecretKeyRef;
 use projectionist_crds::event_store::EventStoreSpec;
-use projectionist_crds::projection::{Batch, Database, Driver, ErrorPolicy, Handler, OnError, ProjectionSpec};
+use projectionist_crds::projection::{
+    Batch, Database, Driver, ErrorPolicy, Handler, OnError, ProjectionSpec,
+};
 use projectionist_crds::sidecar_config::{SecretSource, SidecarConfig, resolve};
 use projectionist_crds::{EventStore, Projection};
 use projectionist_sidecar::runtime::{self, Launch};
@@ -48,7 +50,12 @@ pub fn schema() -> Vec<String> {
 }
 
 /// The EventStore and Projection of the ledger fixture.
-pub fn ledger(nats_url: &str, driver: Driver, policy: ErrorPolicy, ack_wait: &str) -> (EventStore, Projection) {
+pub fn ledger(
+    nats_url: &str,
+    driver: Driver,
+    policy: ErrorPolicy,
+    ack_wait: &str,
+) -> (EventStore, Projection) {
     let mut store = EventStore::new(
         "bank",
         EventStoreSpec {
@@ -119,7 +126,9 @@ pub async fn provision(js: &jetstream::Context, store: &EventStore, projection: 
         event_stores: vec![store.clone()],
         projections: vec![projection.clone()],
     };
-    projectionist_sidecar::provision::provision(js, &manifests).await.expect("provisioned");
+    projectionist_sidecar::provision::provision(js, &manifests)
+        .await
+        .expect("provisioned");
 }
 
 /// A `Tick` for an account.
@@ -131,7 +140,9 @@ pub struct Tick {
 
 /// `count` ticks over `accounts` accounts, interleaved pseudo-randomly (deterministic per seed).
 pub fn ticks(count: usize, accounts: usize, seed: u64) -> Vec<Tick> {
-    let mut x = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let mut x = seed
+        .wrapping_mul(6364136223846793005)
+        .wrapping_add(1442695040888963407);
     (0..count)
         .map(|i| {
             x ^= x << 13;
@@ -151,9 +162,13 @@ pub async fn publish_raw(js: &jetstream::Context, messages: Vec<(String, HeaderM
         let mut acks = Vec::with_capacity(chunk.len());
         for (subject, headers, body) in chunk {
             acks.push(
-                js.publish_with_headers(format!("test.bank.{subject}"), headers.clone(), body.clone().into())
-                    .await
-                    .expect("publish"),
+                js.publish_with_headers(
+                    format!("test.bank.{subject}"),
+                    headers.clone(),
+                    body.clone().into(),
+                )
+                .await
+                .expect("publish"),
             );
         }
         for ack in acks {
@@ -179,8 +194,14 @@ pub async fn append_ticks(js: &jetstream::Context, ticks: &[Tick], offset: usize
         .enumerate()
         .map(|(i, t)| {
             let id = format!("tick-{}", offset + i);
-            let body = serde_json::json!({"account": t.account, "n": t.n}).to_string().into_bytes();
-            (format!("account.{}", t.account), event_headers(&id, "Tick"), body)
+            let body = serde_json::json!({"account": t.account, "n": t.n})
+                .to_string()
+                .into_bytes();
+            (
+                format!("account.{}", t.account),
+                event_headers(&id, "Tick"),
+                body,
+            )
         })
         .collect();
     publish_raw(js, messages).await;
@@ -202,13 +223,20 @@ pub fn fold(ticks: &[Tick]) -> BTreeMap<String, (i64, i64)> {
 
 async fn any_pool(url: &str) -> sqlx::AnyPool {
     sqlx::any::install_default_drivers();
-    sqlx::any::AnyPoolOptions::new().max_connections(1).connect(url).await.expect("connect")
+    sqlx::any::AnyPoolOptions::new()
+        .max_connections(1)
+        .connect(url)
+        .await
+        .expect("connect")
 }
 
 /// The ledger table as account → (hash, events).
 pub async fn read_ledger(url: &str) -> BTreeMap<String, (i64, i64)> {
     let pool = any_pool(url).await;
-    let rows = sqlx::query("SELECT account, hash, events FROM ledger").fetch_all(&pool).await.unwrap_or_default();
+    let rows = sqlx::query("SELECT account, hash, events FROM ledger")
+        .fetch_all(&pool)
+        .await
+        .unwrap_or_default();
     let out = rows
         .iter()
         .map(|r| {
@@ -225,11 +253,13 @@ pub async fn read_ledger(url: &str) -> BTreeMap<String, (i64, i64)> {
 /// The checkpoint of the ledger projection, if any.
 pub async fn read_checkpoint(url: &str) -> Option<i64> {
     let pool = any_pool(url).await;
-    let row = sqlx::query("SELECT last_sequence FROM projectionist_checkpoints WHERE projection = 'test/ledger'")
-        .fetch_optional(&pool)
-        .await
-        .ok()
-        .flatten();
+    let row = sqlx::query(
+        "SELECT last_sequence FROM projectionist_checkpoints WHERE projection = 'test/ledger'",
+    )
+    .fetch_optional(&pool)
+    .await
+    .ok()
+    .flatten();
     pool.close().await;
     row.map(|r| r.try_get::<i64, _>(0).expect("sequence"))
 }
@@ -237,7 +267,10 @@ pub async fn read_checkpoint(url: &str) -> Option<i64> {
 /// Runs a query and returns the rows as strings (`NULL` for nulls).
 pub async fn query_strings(url: &str, sql: &str) -> Vec<Vec<String>> {
     let pool = any_pool(url).await;
-    let rows = sqlx::query(sqlx::AssertSqlSafe(sql.to_string())).fetch_all(&pool).await.expect("query");
+    let rows = sqlx::query(sqlx::AssertSqlSafe(sql.to_string()))
+        .fetch_all(&pool)
+        .await
+        .expect("query");
     let out = rows
         .iter()
         .map(|r| {
@@ -245,7 +278,10 @@ pub async fn query_strings(url: &str, sql: &str) -> Vec<Vec<String>> {
                 .map(|i| {
                     r.try_get::<Option<String>, _>(i)
                         .map(|v| v.unwrap_or_else(|| "NULL".into()))
-                        .or_else(|_| r.try_get::<Option<i64>, _>(i).map(|v| v.map(|v| v.to_string()).unwrap_or_else(|| "NULL".into())))
+                        .or_else(|_| {
+                            r.try_get::<Option<i64>, _>(i)
+                                .map(|v| v.map(|v| v.to_string()).unwrap_or_else(|| "NULL".into()))
+                        })
                         .unwrap_or_else(|_| "?".into())
                 })
                 .collect()
@@ -280,7 +316,9 @@ pub struct InProcess {
 
 impl InProcess {
     pub async fn start(config: SidecarConfig, database_url: &str, nats_url: &str) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
         let admin = listener.local_addr().expect("addr");
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let launch = Launch {
@@ -330,8 +368,15 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
     let mut buf = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
     let text = String::from_utf8_lossy(&buf).into_owned();
-    let code = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
+    let code = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
     (code, body)
 }
 
