@@ -21,7 +21,7 @@ use async_nats::jetstream::consumer::{DeliverPolicy, pull};
 use async_nats::jetstream::{self, AckKind, stream::Stream as JsStream};
 use bytes::Bytes;
 use futures::StreamExt;
-use projectionist_crds::projection::ErrorPolicy;
+use projectionist_crds::projection::{Driver, ErrorPolicy};
 use projectionist_crds::sidecar_config::SidecarConfig;
 use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
@@ -374,10 +374,10 @@ impl Projector {
         let info = consumer.cached_info().clone();
 
         let delivered = info.delivered.stream_sequence;
-        if self.checkpoint.last_sequence < delivered {
-            if let Some(exit) = self.catch_up(&stream, &info, delivered).await? {
-                return Ok(exit);
-            }
+        if self.checkpoint.last_sequence < delivered
+            && let Some(exit) = self.catch_up(&stream, &info, delivered).await?
+        {
+            return Ok(exit);
         }
         if self.state.rebuilding.swap(false, Ordering::Relaxed) {
             self.metrics.rebuilding.get_or_create(&self.label).set(0);
@@ -468,7 +468,7 @@ impl Projector {
             match &durable.config.deliver_policy {
                 p @ (DeliverPolicy::All
                 | DeliverPolicy::ByStartSequence { .. }
-                | DeliverPolicy::ByStartTime { .. }) => p.clone(),
+                | DeliverPolicy::ByStartTime { .. }) => *p,
                 other => {
                     warn!(projection = %self.key, policy = ?other, "cannot replay before the consumer's start position; continuing from it");
                     return Ok(None);
@@ -672,9 +672,23 @@ impl Projector {
                 .map(|p| handler::bind(p, event))
                 .collect::<Result<Vec<_>, _>>()
                 .map_err(StepError::Bind)?;
-            database::execute(tx, &statement.sql, values)
-                .await
-                .map_err(StepError::Db)?;
+            if self.db.driver == Driver::Postgres {
+                // Postgres prepares a statement with fixed parameter types, and sqlx caches it by its text: a
+                // statement gets one prepared form per combination of value types, so a number and a string bound
+                // to the same parameter by different events never share (and corrupt) one.
+                let sql = format!(
+                    "{}\n/* projectionist:{} */",
+                    statement.sql,
+                    type_signature(&values)
+                );
+                database::execute(tx, &sql, values)
+                    .await
+                    .map_err(StepError::Db)?;
+            } else {
+                database::execute(tx, &statement.sql, values)
+                    .await
+                    .map_err(StepError::Db)?;
+            }
         }
         Ok(true)
     }
@@ -909,6 +923,20 @@ impl Projector {
             .await
             .map_err(db_err)
     }
+}
+
+/// One letter per bound value's type.
+fn type_signature(values: &[handler::Bound]) -> String {
+    values
+        .iter()
+        .map(|v| match v {
+            handler::Bound::Null => 'n',
+            handler::Bound::Bool(_) => 'b',
+            handler::Bound::Int(_) => 'i',
+            handler::Bound::Float(_) => 'f',
+            handler::Bound::Text(_) => 't',
+        })
+        .collect()
 }
 
 fn incoming(m: &jetstream::Message, seq: u64) -> Incoming {
