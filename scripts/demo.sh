@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
-# The local demo: installs what it needs, starts a real nats-server (JetStream, temporary store) on a free loopback
-# port, provisions the user-management example's stream and consumer exactly as the operator maps them, appends the
-# sample events (twice, to show de-duplication) and shows the stream and the projection's lag. The server is stopped
-# by PID when the demo ends.
+# The local demo: a real nats-server on a free loopback port, the sidecar in `dev` mode on the user-management
+# example (stream and consumer provisioned from the same YAML a cluster would get, read model in SQLite), the sample
+# events appended, then the resulting tables and the projection's lag. Everything started here is stopped by PID.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,27 +10,55 @@ cargo build --quiet --locked -p projectionist-sidecar
 sidecar=./target/debug/projectionist-sidecar
 example=examples/user-management
 
-store=$(mktemp -d)
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-.tools/bin/nats-server --addr 127.0.0.1 --port "$port" --jetstream --store_dir "$store" >"$store/nats.log" 2>&1 &
-nats_pid=$!
-cleanup() { kill "$nats_pid" 2>/dev/null || true; wait "$nats_pid" 2>/dev/null || true; rm -rf "$store"; }
+work=$(mktemp -d)
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
+nats_port=$(free_port)
+admin_port=$(free_port)
+pids=()
+cleanup() {
+  for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in "${pids[@]}"; do wait "$pid" 2>/dev/null || true; done
+  rm -rf "$work"
+}
 trap cleanup EXIT
-export PROJECTIONIST_NATS_URL="nats://127.0.0.1:$port"
-for _ in $(seq 1 100); do
-  (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break
-  sleep 0.1
-done
+
+.tools/bin/nats-server --addr 127.0.0.1 --port "$nats_port" --jetstream --store_dir "$work/nats" >"$work/nats.log" 2>&1 &
+pids+=($!)
+export PROJECTIONIST_NATS_URL="nats://127.0.0.1:$nats_port"
+for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$nats_port") 2>/dev/null && break; sleep 0.1; done
 
 step() { printf '\n== %s\n' "$*"; }
 step "nats-server $(.tools/bin/nats-server --version | awk '{print $2}') on $PROJECTIONIST_NATS_URL"
-step "provision the EventStore's stream and the Projection's consumer"
-"$sidecar" provision -f "$example"
+
+step "projectionist-sidecar dev -f $example   (read model: SQLite under $work/data)"
+"$sidecar" dev -f "$example" --data-dir "$work/data" --admin-addr "127.0.0.1:$admin_port" >"$work/dev.log" 2>&1 &
+pids+=($!)
+for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$admin_port") 2>/dev/null && break; sleep 0.1; done
+
 step "append $(wc -l < "$example/events.ndjson") sample events"
 "$sidecar" append -f "$example" --events "$example/events.ndjson"
 step "append them again: the stream drops every duplicate"
-"$sidecar" append -f "$example" --events "$example/events.ndjson" | tail -n 3
-step "provision again: nothing to change"
-"$sidecar" provision -f "$example"
-step "stream and projection lag"
+"$sidecar" append -f "$example" --events "$example/events.ndjson" | tail -n 2
+
+last=$(wc -l < "$example/events.ndjson")
+for _ in $(seq 1 100); do
+  ready=$(python3 -c "import urllib.request,sys
+try: print(urllib.request.urlopen('http://127.0.0.1:$admin_port/readyz', timeout=2).read().decode())
+except Exception as e: print(e)")
+  case "$ready" in *"checkpoint $last,"*) break ;; esac
+  sleep 0.2
+done
+step "/readyz"
+printf '%s\n' "$ready"
+
+db="sqlite://$work/data/user-management_users-read-model.db"
+step "users"
+"$sidecar" query --database "$db" "SELECT id, email, name, version FROM users ORDER BY id"
+step "user_roles"
+"$sidecar" query --database "$db" "SELECT user_id, role, assigned_at FROM user_roles ORDER BY user_id, role"
+step "stream and lag"
 "$sidecar" status -f "$example"
+step "metrics (excerpt)"
+python3 -c "import urllib.request
+for line in urllib.request.urlopen('http://127.0.0.1:$admin_port/metrics').read().decode().splitlines():
+    if line.startswith(('projectionist_sidecar_events_applied_total', 'projectionist_sidecar_checkpoint_sequence', 'projectionist_sidecar_dead_letters_total')): print(line)"
