@@ -33,7 +33,12 @@ async fn dev_mode_projects_the_example_into_sqlite() {
         .spawn()
         .expect("dev");
     let admin = ([127, 0, 0, 1], admin_port).into();
-    assert!(wait_until(Duration::from_secs(30), || async { http_get(admin, "/readyz").await.0 == 200 }).await);
+    assert!(
+        wait_until(Duration::from_secs(30), || async {
+            http_get(admin, "/readyz").await.0 == 200
+        })
+        .await
+    );
 
     let out = Command::new(env!("CARGO_BIN_EXE_projectionist-sidecar"))
         .arg("append")
@@ -44,16 +49,25 @@ async fn dev_mode_projects_the_example_into_sqlite() {
         .env("PROJECTIONIST_NATS_URL", nats.url())
         .output()
         .expect("append");
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let caught_up = wait_until(Duration::from_secs(30), || async {
-        http_get(admin, "/readyz").await.1.contains("checkpoint 14,")
+        http_get(admin, "/readyz")
+            .await
+            .1
+            .contains("checkpoint 14,")
     })
     .await;
     assert!(caught_up, "{:?}", http_get(admin, "/readyz").await);
 
     let url = format!(
         "sqlite://{}?mode=ro",
-        data.path().join("user-management_users-read-model.db").display()
+        data.path()
+            .join("user-management_users-read-model.db")
+            .display()
     );
     let users = query_strings(&url, "SELECT id, email, name FROM users ORDER BY id").await;
     assert_eq!(
@@ -64,7 +78,11 @@ async fn dev_mode_projects_the_example_into_sqlite() {
             vec!["u-grace", "grace.hopper@example.com", "Grace Hopper"],
         ]
     );
-    let roles = query_strings(&url, "SELECT user_id, role FROM user_roles ORDER BY user_id, role").await;
+    let roles = query_strings(
+        &url,
+        "SELECT user_id, role FROM user_roles ORDER BY user_id, role",
+    )
+    .await;
     assert_eq!(
         roles,
         vec![
@@ -74,9 +92,16 @@ async fn dev_mode_projects_the_example_into_sqlite() {
             vec!["u-grace", "developer"],
         ]
     );
-    assert!(query_strings(&url, "SELECT * FROM projectionist_dead_letters").await.is_empty());
+    assert!(
+        query_strings(&url, "SELECT * FROM projectionist_dead_letters")
+            .await
+            .is_empty()
+    );
 
     kill(Pid::from_raw(dev.id() as i32), Signal::SIGINT).expect("interrupt");
-    let status = tokio::task::spawn_blocking(move || dev.wait()).await.expect("join").expect("wait");
+    let status = tokio::task::spawn_blocking(move || dev.wait())
+        .await
+        .expect("join")
+        .expect("wait");
     assert!(status.success(), "{status:?}");
 }
