@@ -71,21 +71,13 @@ pub async fn load_or_init(
     ))
 }
 
-/// Moves the checkpoint from `from` to `to`. `false` means another processor moved it first: roll back.
-pub async fn advance(
-    db: &Database,
-    tx: &mut Tx,
-    projection: &str,
-    from: &Checkpoint,
-    to: u64,
-) -> Result<bool, sqlx::Error> {
-    let sql = db.sql(&format!(
-        "UPDATE {CHECKPOINTS} SET last_sequence = ?, committed_at = ? \
-         WHERE projection = ? AND last_sequence = ? AND rebuild_token = ?"
-    ));
-    let rows = execute(
-        tx,
-        &sql,
+/// The compare-and-set that moves the checkpoint from `from` to `to`: SQL (with `?` placeholders) and values.
+pub fn advance_statement(projection: &str, from: &Checkpoint, to: u64) -> (String, Vec<Bound>) {
+    (
+        format!(
+            "UPDATE {CHECKPOINTS} SET last_sequence = ?, committed_at = ? \
+             WHERE projection = ? AND last_sequence = ? AND rebuild_token = ?"
+        ),
         vec![
             seq(to),
             Bound::Text(now()),
@@ -94,8 +86,18 @@ pub async fn advance(
             Bound::Text(from.rebuild_token.clone()),
         ],
     )
-    .await?;
-    Ok(rows == 1)
+}
+
+/// Moves the checkpoint from `from` to `to`. `false` means another processor moved it first: roll back.
+pub async fn advance(
+    db: &Database,
+    tx: &mut Tx,
+    projection: &str,
+    from: &Checkpoint,
+    to: u64,
+) -> Result<bool, sqlx::Error> {
+    let (sql, values) = advance_statement(projection, from, to);
+    Ok(execute(tx, &db.sql(&sql), values).await? == 1)
 }
 
 /// Restarts the checkpoint at 0 under a new rebuild token. `false` means another processor changed it first.

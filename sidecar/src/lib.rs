@@ -7,6 +7,7 @@
 //! - [`event`]: CloudEvents decoding from JetStream messages.
 //! - [`handler`]: parsed SQL handlers and the values they bind from an event.
 //! - [`database`]: the pool, the sidecar's own tables, error classification.
+//! - [`pipeline`]: the Postgres fast path (a batch's statements pipelined in one transaction).
 //! - [`checkpoint`]: the checkpoint row and its compare-and-set.
 //! - [`dead_letter`]: the dead-letter table.
 //! - [`status`]: liveness, readiness and Prometheus metrics.
@@ -23,6 +24,7 @@ pub mod dead_letter;
 pub mod dev;
 pub mod event;
 pub mod handler;
+pub mod pipeline;
 pub mod projector;
 pub mod provision;
 pub mod runtime;

@@ -31,6 +31,7 @@ use crate::database::{self, Database, ErrorClass, Tx, classify};
 use crate::dead_letter::{self, DeadLetter};
 use crate::event::{self, DecodeError, Event};
 use crate::handler::{self, BindError, Handlers};
+use crate::pipeline::{self, Pipeline};
 use crate::status::{Metrics, PolicyLabel, ProjectionLabel, ProjectionState};
 
 /// How a projection's loop ended.
@@ -81,6 +82,8 @@ struct Transient(String);
 enum StepError {
     Db(sqlx::Error),
     Bind(BindError),
+    /// The pipelined fast path failed (`None`: it is not set up).
+    Pipeline(Option<tokio_postgres::Error>),
 }
 
 /// Exponential backoff between `initial` and `max`.
@@ -141,6 +144,8 @@ pub struct Projector {
     checkpoint: Checkpoint,
     /// Retry delays for transient failures.
     backoff: Backoff,
+    /// The pipelined fast path (Postgres over plain TCP).
+    pipeline: Option<Pipeline>,
 }
 
 impl Projector {
@@ -175,7 +180,14 @@ impl Projector {
             },
             backoff,
             config,
+            pipeline: None,
         }
+    }
+
+    /// Uses the pipelined fast path for batches (Postgres only).
+    pub fn with_pipeline(mut self, pipeline: Option<Pipeline>) -> Self {
+        self.pipeline = pipeline.filter(|_| self.db.driver == Driver::Postgres);
+        self
     }
 
     fn stopping(&self) -> bool {
@@ -656,6 +668,12 @@ impl Projector {
                 Err(StepError::Bind(e)) => {
                     debug!(projection = %self.key, error = %e, "batch failed; isolating events");
                 }
+                Err(StepError::Pipeline(Some(e))) if pipeline::is_transient(&e) => {
+                    return Err(Transient(format!("database: {e}")));
+                }
+                Err(StepError::Pipeline(e)) => {
+                    debug!(projection = %self.key, error = ?e, "batch failed; isolating events");
+                }
             }
         }
         self.apply_isolated(&decoded).await
@@ -698,6 +716,9 @@ impl Projector {
         &mut self,
         decoded: &[(&Incoming, Result<Event, DecodeError>)],
     ) -> Result<Applied, StepError> {
+        if self.pipeline.is_some() {
+            return self.apply_pipelined(decoded).await;
+        }
         let mut tx = self.db.begin().await.map_err(StepError::Db)?;
         let (mut applied, mut ignored) = (0u64, 0u64);
         let mut upto = self.checkpoint.last_sequence;
@@ -716,6 +737,49 @@ impl Projector {
             .map_err(StepError::Db)
     }
 
+    /// The fast path on Postgres: every statement of the batch pipelined in one transaction.
+    async fn apply_pipelined(
+        &mut self,
+        decoded: &[(&Incoming, Result<Event, DecodeError>)],
+    ) -> Result<Applied, StepError> {
+        let (mut applied, mut ignored) = (0u64, 0u64);
+        let mut upto = self.checkpoint.last_sequence;
+        let mut steps: Vec<(&str, Vec<handler::Bound>)> = Vec::new();
+        for (inc, ev) in decoded {
+            if let Ok(ev) = ev {
+                match self.handlers.for_type(&ev.type_) {
+                    None => ignored += 1,
+                    Some(statements) => {
+                        for statement in statements {
+                            let values = statement
+                                .params
+                                .iter()
+                                .map(|p| handler::bind(p, ev))
+                                .collect::<Result<Vec<_>, _>>()
+                                .map_err(StepError::Bind)?;
+                            steps.push((statement.sql.as_str(), values));
+                        }
+                        applied += 1;
+                    }
+                }
+            }
+            upto = inc.seq;
+        }
+        let (cas_sql, cas_values) =
+            checkpoint::advance_statement(&self.key, &self.checkpoint, upto);
+        let cas_sql = self.db.sql(&cas_sql);
+        let Some(pipeline) = self.pipeline.as_mut() else {
+            return Err(StepError::Pipeline(None));
+        };
+        match pipeline.run(&steps, (&cas_sql, cas_values)).await {
+            Ok(pipeline::Outcome::Committed) => {
+                Ok(self.committed(upto, applied, ignored, Vec::new()).await)
+            }
+            Ok(pipeline::Outcome::Fenced) => Ok(Applied::Fenced),
+            Err(e) => Err(StepError::Pipeline(Some(e))),
+        }
+    }
+
     async fn commit(
         &mut self,
         mut tx: Tx,
@@ -729,6 +793,17 @@ impl Projector {
             return Ok(Applied::Fenced);
         }
         tx.commit().await?;
+        Ok(self.committed(upto, applied, ignored, dead).await)
+    }
+
+    /// Bookkeeping after a commit: the checkpoint, metrics, dead-letter publishing.
+    async fn committed(
+        &mut self,
+        upto: u64,
+        applied: u64,
+        ignored: u64,
+        dead: Vec<DeadLetter>,
+    ) -> Applied {
         self.checkpoint.last_sequence = upto;
         self.publish_checkpoint();
         self.metrics
@@ -753,7 +828,7 @@ impl Projector {
             }
         }
         debug!(projection = %self.key, checkpoint = upto, applied, ignored, "batch committed");
-        Ok(Applied::Committed(upto))
+        Applied::Committed(upto)
     }
 
     async fn publish_dead_letter(&self, letter: &DeadLetter) {
@@ -845,6 +920,11 @@ impl Projector {
                                 .map_err(db_err)?;
                                 let (message, kind, deterministic) = match err {
                                     StepError::Bind(b) => (b.to_string(), "bind", true),
+                                    StepError::Pipeline(_) => (
+                                        "database: the pipelined path failed".to_string(),
+                                        "database_permanent",
+                                        false,
+                                    ),
                                     StepError::Db(d) => {
                                         (format!("database: {d}"), "database_permanent", false)
                                     }

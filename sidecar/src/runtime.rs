@@ -17,6 +17,7 @@ use tracing::{error, info, warn};
 use crate::admin::{self, AdminState};
 use crate::database::Database;
 use crate::handler::Handlers;
+use crate::pipeline::Pipeline;
 use crate::projector::{Exit, Projector};
 use crate::secrets;
 use crate::status::{Metrics, ProjectionState};
@@ -86,9 +87,11 @@ async fn start_projection(
                 .await?
         }
     };
-    Ok(Projector::new(
-        config, handlers, db, nats, state, metrics, shutdown,
-    ))
+    let pipeline = Pipeline::new(&url);
+    Ok(
+        Projector::new(config, handlers, db, nats, state, metrics, shutdown)
+            .with_pipeline(pipeline),
+    )
 }
 
 /// Runs `launches` until `shutdown` resolves, then waits up to `grace` for them to stop.
