@@ -440,10 +440,9 @@ async fn main() -> anyhow::Result<()> {
     let min_ceiling = js_ceiling.min(pg_ceiling);
     println!("## Results\n");
     println!(
-        "Events: {} over {} aggregates into PostgreSQL 15; nats-server {}; {} cores.\n",
+        "Events: {} over {} aggregates into PostgreSQL 15; nats-server 2.12.8; {} cores.\n",
         evs.len(),
         args.aggregates,
-        "2.12.8",
         std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1)
