@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use futures::future::join_all;
-use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::types::{IsNull, ToSql, Type, to_sql_checked};
 use tokio_postgres::{Client, NoTls, Statement};
 
 use crate::handler::Bound;
@@ -45,14 +45,29 @@ fn pg_type(v: &Bound) -> Type {
     }
 }
 
-fn boxed(v: &Bound) -> Box<dyn ToSql + Sync + Send> {
-    match v {
-        Bound::Null => Box::new(Option::<String>::None),
-        Bound::Bool(b) => Box::new(*b),
-        Bound::Int(i) => Box::new(*i),
-        Bound::Float(f) => Box::new(*f),
-        Bound::Text(s) => Box::new(s.clone()),
+impl ToSql for Bound {
+    fn to_sql(
+        &self,
+        ty: &Type,
+        out: &mut bytes::BytesMut,
+    ) -> Result<IsNull, Box<dyn std::error::Error + Sync + Send>> {
+        match self {
+            Bound::Null => Ok(IsNull::Yes),
+            Bound::Bool(b) => b.to_sql(ty, out),
+            Bound::Int(i) => i.to_sql(ty, out),
+            Bound::Float(f) => f.to_sql(ty, out),
+            Bound::Text(s) => s.to_sql(ty, out),
+        }
     }
+
+    fn accepts(ty: &Type) -> bool {
+        <String as ToSql>::accepts(ty)
+            || <i64 as ToSql>::accepts(ty)
+            || <f64 as ToSql>::accepts(ty)
+            || <bool as ToSql>::accepts(ty)
+    }
+
+    to_sql_checked!();
 }
 
 impl Pipeline {
@@ -126,15 +141,9 @@ impl Pipeline {
         }
 
         client.batch_execute("BEGIN").await?;
-        let params: Vec<Vec<Box<dyn ToSql + Sync + Send>>> = all
-            .iter()
-            .map(|(_, v)| v.iter().map(boxed).collect())
-            .collect();
-        let executions = keys.iter().zip(&params).map(|(key, values)| {
-            let refs: Vec<&(dyn ToSql + Sync)> = values
-                .iter()
-                .map(|b| b.as_ref() as &(dyn ToSql + Sync))
-                .collect();
+        let executions = keys.iter().zip(&all).map(|(key, (_, values))| {
+            let refs: Vec<&(dyn ToSql + Sync)> =
+                values.iter().map(|b| b as &(dyn ToSql + Sync)).collect();
             let statement = &self.prepared[key];
             let client = &client;
             async move { client.execute(statement, &refs).await }

@@ -19,7 +19,6 @@ use std::time::{Duration, Instant};
 use async_nats::HeaderMap;
 use async_nats::jetstream::consumer::{DeliverPolicy, pull};
 use async_nats::jetstream::{self, AckKind, stream::Stream as JsStream};
-use bytes::Bytes;
 use futures::StreamExt;
 use projectionist_crds::projection::{Driver, ErrorPolicy};
 use projectionist_crds::sidecar_config::SidecarConfig;
@@ -45,11 +44,11 @@ pub enum Exit {
 
 /// One message of a batch.
 #[derive(Debug, Clone)]
-struct Incoming {
+struct Incoming<'a> {
     seq: u64,
-    subject: String,
-    headers: Option<HeaderMap>,
-    payload: Bytes,
+    subject: &'a str,
+    headers: Option<&'a HeaderMap>,
+    payload: &'a [u8],
 }
 
 /// What applying a batch came to.
@@ -444,7 +443,7 @@ impl Projector {
                     }
                 }
             }
-            match self.process(&batch).await {
+            match self.process(&batch, true).await {
                 Flow::Continue => {}
                 Flow::Exit(exit) => return Ok(exit),
                 Flow::Resubscribe => {
@@ -544,14 +543,14 @@ impl Projector {
                 };
                 let info = m.info().map_err(|e| Transient(format!("catch-up: {e}")))?;
                 let (seq, remaining) = (info.stream_sequence, info.pending);
-                batch.push(incoming(&m, seq));
+                batch.push(m);
                 if seq >= upto || remaining == 0 {
                     done = true;
                     break;
                 }
             }
             let replayed = batch.len();
-            match self.process_incoming(batch, None).await {
+            match self.process(&batch, false).await {
                 Flow::Continue => {}
                 Flow::Exit(exit) => return Ok(Some(exit)),
                 Flow::Resubscribe => {
@@ -568,19 +567,25 @@ impl Projector {
         Ok(None)
     }
 
-    /// Applies a batch of durable-consumer messages and acknowledges what was committed.
-    async fn process(&mut self, batch: &Vec<jetstream::Message>) -> Flow {
-        let items: Vec<Incoming> = batch
+    /// Applies a batch of messages and, for the durable consumer (`ack`), acknowledges what was committed.
+    async fn process(&mut self, batch: &[jetstream::Message], ack: bool) -> Flow {
+        let sequenced: Vec<(u64, &jetstream::Message)> = batch
             .iter()
-            .filter_map(|m| m.info().ok().map(|i| incoming(m, i.stream_sequence)))
+            .filter_map(|m| m.info().ok().map(|i| (i.stream_sequence, m)))
             .collect();
-        self.process_incoming(items, Some(batch)).await
+        let items: Vec<Incoming<'_>> = sequenced.iter().map(|(seq, m)| incoming(m, *seq)).collect();
+        let acks = if ack {
+            Some(sequenced.as_slice())
+        } else {
+            None
+        };
+        self.process_incoming(items, acks).await
     }
 
     async fn process_incoming(
         &mut self,
-        items: Vec<Incoming>,
-        acks: Option<&Vec<jetstream::Message>>,
+        items: Vec<Incoming<'_>>,
+        acks: Option<&[(u64, &jetstream::Message)]>,
     ) -> Flow {
         loop {
             let started = Instant::now();
@@ -613,17 +618,13 @@ impl Projector {
                     warn!(projection = %self.key, reason = %reason, "batch rolled back; retrying");
                     self.metrics.error(&self.key, "database_transient");
                     self.state.set_waiting(Some(reason));
-                    if let Some(msgs) = acks {
-                        for m in msgs {
-                            let _ = m.ack_with(AckKind::Progress).await;
-                        }
+                    for (_, m) in acks.unwrap_or_default() {
+                        let _ = m.ack_with(AckKind::Progress).await;
                     }
                     let d = self.backoff.next_delay();
                     if self.pause(d).await {
-                        if let Some(msgs) = acks {
-                            for m in msgs {
-                                let _ = m.ack_with(AckKind::Nak(None)).await;
-                            }
+                        for (_, m) in acks.unwrap_or_default() {
+                            let _ = m.ack_with(AckKind::Nak(None)).await;
                         }
                         return Flow::Exit(Exit::Shutdown);
                     }
@@ -639,7 +640,7 @@ impl Projector {
         }
     }
 
-    async fn apply(&mut self, items: &[Incoming]) -> Result<Applied, Transient> {
+    async fn apply(&mut self, items: &[Incoming<'_>]) -> Result<Applied, Transient> {
         let todo: Vec<&Incoming> = items
             .iter()
             .filter(|i| i.seq > self.checkpoint.last_sequence)
@@ -647,14 +648,9 @@ impl Projector {
         if todo.is_empty() {
             return Ok(Applied::Committed(self.checkpoint.last_sequence));
         }
-        let decoded: Vec<(&Incoming, Result<Event, DecodeError>)> = todo
+        let decoded: Vec<(&Incoming<'_>, Result<Event, DecodeError>)> = todo
             .iter()
-            .map(|i| {
-                (
-                    *i,
-                    event::decode(i.seq, &i.subject, i.headers.as_ref(), &i.payload),
-                )
-            })
+            .map(|i| (*i, event::decode(i.seq, i.subject, i.headers, i.payload)))
             .collect();
         if decoded.iter().all(|(_, d)| d.is_ok()) {
             match self.apply_fast(&decoded).await {
@@ -714,7 +710,7 @@ impl Projector {
     /// The whole batch in one transaction, no savepoints.
     async fn apply_fast(
         &mut self,
-        decoded: &[(&Incoming, Result<Event, DecodeError>)],
+        decoded: &[(&Incoming<'_>, Result<Event, DecodeError>)],
     ) -> Result<Applied, StepError> {
         if self.pipeline.is_some() {
             return self.apply_pipelined(decoded).await;
@@ -740,7 +736,7 @@ impl Projector {
     /// The fast path on Postgres: every statement of the batch pipelined in one transaction.
     async fn apply_pipelined(
         &mut self,
-        decoded: &[(&Incoming, Result<Event, DecodeError>)],
+        decoded: &[(&Incoming<'_>, Result<Event, DecodeError>)],
     ) -> Result<Applied, StepError> {
         let (mut applied, mut ignored) = (0u64, 0u64);
         let mut upto = self.checkpoint.last_sequence;
@@ -865,7 +861,7 @@ impl Projector {
     /// One savepoint per event: a failing event is retried, then handled by the policy.
     async fn apply_isolated(
         &mut self,
-        decoded: &[(&Incoming, Result<Event, DecodeError>)],
+        decoded: &[(&Incoming<'_>, Result<Event, DecodeError>)],
     ) -> Result<Applied, Transient> {
         let db_err = |e: sqlx::Error| Transient(format!("database: {e}"));
         let mut tx = self.db.begin().await.map_err(db_err)?;
@@ -979,8 +975,8 @@ impl Projector {
                             sequence: inc.seq,
                             event_id,
                             event_type,
-                            subject: inc.subject.clone(),
-                            payload: String::from_utf8_lossy(&inc.payload).into_owned(),
+                            subject: inc.subject.to_string(),
+                            payload: String::from_utf8_lossy(inc.payload).into_owned(),
                             error: message,
                             policy: if policy == ErrorPolicy::DeadLetter {
                                 "deadLetter"
@@ -1019,21 +1015,19 @@ fn type_signature(values: &[handler::Bound]) -> String {
         .collect()
 }
 
-fn incoming(m: &jetstream::Message, seq: u64) -> Incoming {
+fn incoming(m: &jetstream::Message, seq: u64) -> Incoming<'_> {
     Incoming {
         seq,
-        subject: m.subject.to_string(),
-        headers: m.headers.clone(),
-        payload: m.payload.clone(),
+        subject: m.subject.as_str(),
+        headers: m.headers.as_ref(),
+        payload: &m.payload,
     }
 }
 
 /// Acknowledges the messages at or below `upto`.
-async fn ack_upto(acks: Option<&Vec<jetstream::Message>>, upto: u64) {
-    let Some(msgs) = acks else { return };
-    for m in msgs {
-        let committed = m.info().map(|i| i.stream_sequence <= upto).unwrap_or(false);
-        if committed {
+async fn ack_upto(acks: Option<&[(u64, &jetstream::Message)]>, upto: u64) {
+    for (seq, m) in acks.unwrap_or_default() {
+        if *seq <= upto {
             // A lost ack only causes a redelivery, which the checkpoint skips.
             let _ = m.ack().await;
         }
