@@ -91,6 +91,11 @@ pub fn bind(path: &ParamPath, event: &Event) -> Result<Bound, BindError> {
     }
 }
 
+/// The values of every parameter of `statement`, in binding order.
+pub fn bind_all(statement: &Statement, event: &Event) -> Result<Vec<Bound>, BindError> {
+    statement.params.iter().map(|p| bind(p, event)).collect()
+}
+
 fn json_to_bound(value: &Value) -> Bound {
     match value {
         Value::Null => Bound::Null,

@@ -7,7 +7,6 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
-use projectionist_crds::SidecarConfig;
 use projectionist_crds::manifest::Manifests;
 use projectionist_crds::sidecar_config::resolve;
 use projectionist_sidecar::{append, dev, provision, runtime};
@@ -215,15 +214,13 @@ async fn run_cmd(config_dir: &std::path::Path, serve: &Serve) -> anyhow::Result<
     let configs = runtime::read_config_dir(config_dir)?;
     let launches = configs
         .into_iter()
-        .map(|config| runtime::Launch {
+        .map(|(_, config)| runtime::Launch {
             config,
             database_url: None,
             nats_url: None,
         })
         .collect();
-    let listener = tokio::net::TcpListener::bind(&serve.admin_addr)
-        .await
-        .with_context(|| format!("binding the admin address {}", serve.admin_addr))?;
+    let listener = runtime::bind_admin(&serve.admin_addr).await?;
     runtime::run(
         launches,
         listener,
@@ -245,9 +242,7 @@ async fn dev_cmd(
     for (what, outcome) in provision::provision(&js, &manifests).await? {
         tracing::info!(what = %what, outcome = ?outcome, "provisioned");
     }
-    let listener = tokio::net::TcpListener::bind(&serve.admin_addr)
-        .await
-        .with_context(|| format!("binding the admin address {}", serve.admin_addr))?;
+    let listener = runtime::bind_admin(&serve.admin_addr).await?;
     tracing::info!(admin = %listener.local_addr()?, "dev mode running; Ctrl-C to stop");
     runtime::run(
         launches,
@@ -333,19 +328,7 @@ async fn query_cmd(url: &str, sql: &str) -> anyhow::Result<()> {
 }
 
 fn check(dir: &std::path::Path) -> anyhow::Result<()> {
-    let mut files: Vec<PathBuf> = std::fs::read_dir(dir)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", dir.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.extension().is_some_and(|e| e == "yaml" || e == "yml"))
-        .collect();
-    files.sort();
-    if files.is_empty() {
-        anyhow::bail!("{}: no SidecarConfig files (*.yaml)", dir.display());
-    }
-    for file in files {
-        let text = std::fs::read_to_string(&file)
-            .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
-        let config = SidecarConfig::from_yaml(&file.display().to_string(), &text)?;
+    for (file, config) in runtime::read_config_dir(dir)? {
         println!(
             "{}: projection {}/{} reads stream {} through consumer {} into {} ({} handlers)",
             file.display(),

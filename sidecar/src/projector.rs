@@ -680,12 +680,7 @@ impl Projector {
             return Ok(false);
         };
         for statement in statements {
-            let values = statement
-                .params
-                .iter()
-                .map(|p| handler::bind(p, event))
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(StepError::Bind)?;
+            let values = handler::bind_all(statement, event).map_err(StepError::Bind)?;
             if self.db.driver == Driver::Postgres {
                 // Postgres prepares a statement with fixed parameter types, and sqlx caches it by its text: a
                 // statement gets one prepared form per combination of value types, so a number and a string bound
@@ -747,12 +742,8 @@ impl Projector {
                     None => ignored += 1,
                     Some(statements) => {
                         for statement in statements {
-                            let values = statement
-                                .params
-                                .iter()
-                                .map(|p| handler::bind(p, ev))
-                                .collect::<Result<Vec<_>, _>>()
-                                .map_err(StepError::Bind)?;
+                            let values =
+                                handler::bind_all(statement, ev).map_err(StepError::Bind)?;
                             steps.push((statement.sql.as_str(), values));
                         }
                         applied += 1;

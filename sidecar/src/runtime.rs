@@ -3,7 +3,7 @@
 //! back its batch in flight and acknowledges only what was committed; whatever has not finished within the grace
 //! period is abandoned (its open transaction is rolled back by the database when the connection closes).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -33,9 +33,9 @@ pub struct Launch {
     pub nats_url: Option<String>,
 }
 
-/// Reads every `*.yaml`/`*.yml` SidecarConfig in `dir` (sorted by name). Any bad file fails the whole start, with
-/// the file and field named.
-pub fn read_config_dir(dir: &Path) -> anyhow::Result<Vec<SidecarConfig>> {
+/// Reads every `*.yaml`/`*.yml` SidecarConfig in `dir` (sorted by name), with the file it came from. Any bad file
+/// fails the whole start, with the file and field named.
+pub fn read_config_dir(dir: &Path) -> anyhow::Result<Vec<(PathBuf, SidecarConfig)>> {
     let mut files: Vec<_> = std::fs::read_dir(dir)
         .with_context(|| format!("reading config directory {}", dir.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -46,13 +46,21 @@ pub fn read_config_dir(dir: &Path) -> anyhow::Result<Vec<SidecarConfig>> {
         anyhow::bail!("{}: no SidecarConfig files (*.yaml)", dir.display());
     }
     files
-        .iter()
+        .into_iter()
         .map(|f| {
             let text =
-                std::fs::read_to_string(f).with_context(|| format!("reading {}", f.display()))?;
-            Ok(SidecarConfig::from_yaml(&f.display().to_string(), &text)?)
+                std::fs::read_to_string(&f).with_context(|| format!("reading {}", f.display()))?;
+            let config = SidecarConfig::from_yaml(&f.display().to_string(), &text)?;
+            Ok((f, config))
         })
         .collect()
+}
+
+/// Binds the admin server's address.
+pub async fn bind_admin(addr: &str) -> anyhow::Result<TcpListener> {
+    TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding the admin address {addr}"))
 }
 
 async fn start_projection(
