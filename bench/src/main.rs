@@ -290,6 +290,41 @@ fn peak_rss_kib(pid: u32) -> Option<u64> {
         .and_then(|v| v.parse().ok())
 }
 
+/// CPU seconds (user + system) used so far by every process whose command name is `name`, or by `pid`.
+fn cpu_seconds(select: impl Fn(u32, &str) -> bool) -> f64 {
+    let ticks_per_second = 100.0; // USER_HZ on Linux
+    let mut total = 0.0;
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
+            continue;
+        };
+        let comm = &stat[open + 1..close];
+        if !select(pid, comm) {
+            continue;
+        }
+        let fields: Vec<&str> = stat[close + 2..].split_whitespace().collect();
+        let utime: f64 = fields.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+        let stime: f64 = fields.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+        total += (utime + stime) / ticks_per_second;
+    }
+    total
+}
+
+/// CPU seconds of the sidecar, Postgres and nats-server.
+fn cpu_split(sidecar: u32) -> [f64; 3] {
+    [
+        cpu_seconds(|pid, _| pid == sidecar),
+        cpu_seconds(|_, comm| comm == "postgres"),
+        cpu_seconds(|_, comm| comm == "nats-server"),
+    ]
+}
+
 fn sidecar_binary() -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
     let bin = exe.with_file_name("projectionist-sidecar");
@@ -369,6 +404,7 @@ async fn main() -> anyhow::Result<()> {
     };
     let mut child = spawn_sidecar(&sidecar_binary()?, dir.path(), env, &url)?;
     let started = Instant::now();
+    let cpu_before = cpu_split(child.id());
     let mut conn = PgConnection::connect(&url).await?;
     while checkpoint(&mut conn).await < evs.len() as i64 {
         if started.elapsed() > Duration::from_secs(600) {
@@ -376,7 +412,14 @@ async fn main() -> anyhow::Result<()> {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let sidecar_rate = evs.len() as f64 / started.elapsed().as_secs_f64();
+    let sidecar_elapsed = started.elapsed().as_secs_f64();
+    let sidecar_rate = evs.len() as f64 / sidecar_elapsed;
+    let cpu_after = cpu_split(child.id());
+    let cpu: Vec<f64> = cpu_after
+        .iter()
+        .zip(cpu_before)
+        .map(|(a, b)| a - b)
+        .collect();
 
     eprintln!("freshness at {} events/s for {}s", args.rate, args.seconds);
     let mut listener = sqlx::postgres::PgListener::connect(&url).await?;
@@ -456,6 +499,10 @@ async fn main() -> anyhow::Result<()> {
     );
     println!("| naive projector (transaction + ack per event) | {naive_rate:.0} events/s |");
     println!("| **sidecar** (cold start to last commit) | **{sidecar_rate:.0} events/s** |");
+    println!(
+        "| CPU during the sidecar run ({sidecar_elapsed:.1} s wall) | sidecar {:.1} s, postgres {:.1} s, nats-server {:.1} s |",
+        cpu[0], cpu[1], cpu[2]
+    );
     println!(
         "| sidecar / min(ceilings) | {:.2} (target ≥ 0.8) |",
         sidecar_rate / min_ceiling
