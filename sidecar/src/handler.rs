@@ -50,6 +50,11 @@ impl Handlers {
         })
     }
 
+    /// Every event type with its statements.
+    pub fn iter(&self) -> impl Iterator<Item = (&str, &[Statement])> {
+        self.by_type.iter().map(|(t, s)| (t.as_str(), s.as_slice()))
+    }
+
     /// The statements for an event type, if it has a handler.
     pub fn for_type(&self, event_type: &str) -> Option<&[Statement]> {
         self.by_type.get(event_type).map(Vec::as_slice)

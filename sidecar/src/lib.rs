@@ -24,6 +24,7 @@ pub mod dead_letter;
 pub mod dev;
 pub mod event;
 pub mod handler;
+pub mod merge;
 pub mod pipeline;
 pub mod projector;
 pub mod provision;

@@ -12,6 +12,7 @@
 //! - Transient failures (database or NATS unavailable, deadlock, serialization failure) roll back and retry the
 //!   batch with capped backoff; nothing is acknowledged meanwhile (in-progress acknowledgements keep the batch).
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -30,6 +31,7 @@ use crate::database::{self, Database, ErrorClass, Tx, classify};
 use crate::dead_letter::{self, DeadLetter};
 use crate::event::{self, DecodeError, Event};
 use crate::handler::{self, BindError, Handlers};
+use crate::merge;
 use crate::pipeline::{self, Pipeline};
 use crate::status::{Metrics, PolicyLabel, ProjectionLabel, ProjectionState};
 
@@ -145,6 +147,8 @@ pub struct Projector {
     backoff: Backoff,
     /// The pipelined fast path (Postgres over plain TCP).
     pipeline: Option<Pipeline>,
+    /// Handlers whose events can be merged into multi-row statements on the fast path, by event type.
+    mergeable: HashMap<String, merge::Mergeable>,
 }
 
 impl Projector {
@@ -180,12 +184,24 @@ impl Projector {
             backoff,
             config,
             pipeline: None,
+            mergeable: HashMap::new(),
         }
     }
 
     /// Uses the pipelined fast path for batches (Postgres only).
     pub fn with_pipeline(mut self, pipeline: Option<Pipeline>) -> Self {
         self.pipeline = pipeline.filter(|_| self.db.driver == Driver::Postgres);
+        if self.pipeline.is_some() {
+            self.mergeable = self
+                .handlers
+                .iter()
+                .filter_map(|(event_type, statements)| match statements {
+                    [one] => merge::analyze(&one.sql, one.params.len())
+                        .map(|m| (event_type.to_string(), m)),
+                    _ => None,
+                })
+                .collect();
+        }
         self
     }
 
@@ -733,25 +749,97 @@ impl Projector {
         &mut self,
         decoded: &[(&Incoming<'_>, Result<Event, DecodeError>)],
     ) -> Result<Applied, StepError> {
+        /// One statement of the plan: a handler statement for one event, or a merged run of events.
+        enum Step<'s> {
+            Single(&'s str, Vec<handler::Bound>),
+            Merged(&'s merge::Mergeable, usize, Vec<handler::Bound>),
+        }
+        /// Consecutive events of one mergeable handler.
+        struct Run<'s> {
+            merge: &'s merge::Mergeable,
+            event_type: &'s str,
+            rows: Vec<Vec<handler::Bound>>,
+            keys: HashSet<String>,
+        }
+        fn flush<'s>(run: &mut Option<Run<'s>>, plan: &mut Vec<Step<'s>>) {
+            let Some(run) = run.take() else { return };
+            let mut rows = run.rows.into_iter();
+            for size in merge::chunks(rows.len()) {
+                let values: Vec<handler::Bound> = rows.by_ref().take(size).flatten().collect();
+                plan.push(Step::Merged(run.merge, size, values));
+            }
+        }
+
         let (mut applied, mut ignored) = (0u64, 0u64);
         let mut upto = self.checkpoint.last_sequence;
-        let mut steps: Vec<(&str, Vec<handler::Bound>)> = Vec::new();
+        let mut plan: Vec<Step> = Vec::new();
+        let mut run: Option<Run> = None;
         for (inc, ev) in decoded {
-            if let Ok(ev) = ev {
-                match self.handlers.for_type(&ev.type_) {
-                    None => ignored += 1,
-                    Some(statements) => {
-                        for statement in statements {
-                            let values =
-                                handler::bind_all(statement, ev).map_err(StepError::Bind)?;
-                            steps.push((statement.sql.as_str(), values));
-                        }
-                        applied += 1;
+            upto = inc.seq;
+            let Ok(ev) = ev else { continue };
+            let Some(statements) = self.handlers.for_type(&ev.type_) else {
+                ignored += 1;
+                continue;
+            };
+            applied += 1;
+            if let Some((event_type, merge)) = self.mergeable.get_key_value(ev.type_.as_str()) {
+                let values = handler::bind_all(&statements[0], ev).map_err(StepError::Bind)?;
+                let key = merge.key.as_ref().map(|k| {
+                    k.iter()
+                        .map(|i| format!("{:?}", values.get(*i)))
+                        .collect::<Vec<_>>()
+                        .join("\u{1f}")
+                });
+                let continues = run.as_ref().is_some_and(|r| {
+                    r.event_type == event_type && key.as_ref().is_none_or(|k| !r.keys.contains(k))
+                });
+                if !continues {
+                    flush(&mut run, &mut plan);
+                    run = Some(Run {
+                        merge,
+                        event_type,
+                        rows: Vec::new(),
+                        keys: HashSet::new(),
+                    });
+                }
+                if let Some(r) = run.as_mut() {
+                    r.rows.push(values);
+                    if let Some(k) = key {
+                        r.keys.insert(k);
                     }
                 }
+                continue;
             }
-            upto = inc.seq;
+            flush(&mut run, &mut plan);
+            for statement in statements {
+                let values = handler::bind_all(statement, ev).map_err(StepError::Bind)?;
+                plan.push(Step::Single(statement.sql.as_str(), values));
+            }
         }
+        flush(&mut run, &mut plan);
+
+        let merged: u64 = plan
+            .iter()
+            .map(|step| match step {
+                Step::Merged(_, rows, _) if *rows > 1 => *rows as u64,
+                _ => 0,
+            })
+            .sum();
+        let rendered: Vec<Option<String>> = plan
+            .iter()
+            .map(|step| match step {
+                Step::Merged(m, rows, _) => Some(m.render(*rows)),
+                Step::Single(..) => None,
+            })
+            .collect();
+        let steps: Vec<(&str, Vec<handler::Bound>)> = plan
+            .into_iter()
+            .zip(&rendered)
+            .map(|(step, sql)| match step {
+                Step::Single(text, values) => (text, values),
+                Step::Merged(_, _, values) => (sql.as_deref().unwrap_or_default(), values),
+            })
+            .collect();
         let (cas_sql, cas_values) =
             checkpoint::advance_statement(&self.key, &self.checkpoint, upto);
         let cas_sql = self.db.sql(&cas_sql);
@@ -760,6 +848,10 @@ impl Projector {
         };
         match pipeline.run(&steps, (&cas_sql, cas_values)).await {
             Ok(pipeline::Outcome::Committed) => {
+                self.metrics
+                    .events_merged
+                    .get_or_create(&self.label)
+                    .inc_by(merged);
                 Ok(self.committed(upto, applied, ignored, Vec::new()).await)
             }
             Ok(pipeline::Outcome::Fenced) => Ok(Applied::Fenced),

@@ -50,6 +50,8 @@ pub struct Metrics {
     pub events_applied: Family<ProjectionLabel, Counter>,
     /// Events acknowledged without a handler for their type.
     pub events_ignored: Family<ProjectionLabel, Counter>,
+    /// Events applied as rows of merged multi-row statements (Postgres fast path).
+    pub events_merged: Family<ProjectionLabel, Counter>,
     /// Batches committed.
     pub batches: Family<ProjectionLabel, Counter>,
     /// Time to apply and commit a batch.
@@ -76,6 +78,7 @@ impl Metrics {
         let m = Self {
             events_applied: Family::default(),
             events_ignored: Family::default(),
+            events_merged: Family::default(),
             batches: Family::default(),
             batch_duration: Family::new_with_constructor(batch_histogram as fn() -> Histogram),
             checkpoint: Family::default(),
@@ -96,6 +99,11 @@ impl Metrics {
             "events_ignored",
             "Events without a handler for their type",
             m.events_ignored.clone(),
+        );
+        r.register(
+            "events_merged",
+            "Events applied as rows of merged multi-row statements",
+            m.events_merged.clone(),
         );
         r.register("batches", "Batches committed", m.batches.clone());
         r.register(

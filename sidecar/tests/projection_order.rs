@@ -45,6 +45,16 @@ async fn projects_in_order(driver: Driver, url: &str) {
         Some(3000.0),
         "{metrics}"
     );
+    if driver == Driver::Postgres {
+        let merged = metric(
+            &metrics,
+            "projectionist_sidecar_events_merged_total{projection=\"test/ledger\"}",
+        );
+        assert!(
+            merged.unwrap_or(0.0) > 1000.0,
+            "the upserts were merged into multi-row statements: {merged:?}"
+        );
+    }
     assert_eq!(sidecar.get("/healthz").await.0, 200);
     sidecar.stop().await;
 }
