@@ -269,7 +269,7 @@ async fn combined(
             entry.1 += data["n"].as_i64().unwrap_or_default();
         }
         let (accounts, (counts, totals)): (Vec<String>, (Vec<i64>, Vec<i64>)) =
-            folded.into_iter().map(|(a, (c, t))| (a, (c, t))).unzip();
+            folded.into_iter().unzip();
         let last = batch.last().context("empty batch")?;
         let seq = last
             .info()
