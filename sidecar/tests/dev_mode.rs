@@ -1,8 +1,9 @@
-//! The local developer loop as the README runs it: `dev` on the user-management example into SQLite, the sample
-//! events appended, the tables as the events say.
+//! The local developer loop as the README runs it: `dev` on the user-management example, the sample events
+//! appended, the tables as the events say — into SQLite by default, and into Postgres with `--database`.
 
 mod common;
 
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -10,20 +11,43 @@ use common::*;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use projectionist_tests::nats::NatsServer;
+use projectionist_tests::postgres::Postgres;
 use projectionist_tests::repo;
 
 #[tokio::test]
 async fn dev_mode_projects_the_example_into_sqlite() {
-    let nats = NatsServer::start().await.expect("nats");
     let data = tempfile::tempdir().expect("dir");
+    let url = format!(
+        "sqlite://{}?mode=ro",
+        data.path()
+            .join("user-management_users-read-model.db")
+            .display()
+    );
+    project_the_example(data.path(), None, &url).await;
+}
+
+#[tokio::test]
+async fn dev_mode_projects_the_example_into_postgres() {
+    let pg = Postgres::start().await.expect("postgres");
+    let url = pg.fresh_database().await.expect("db");
+    let data = tempfile::tempdir().expect("dir");
+    project_the_example(data.path(), Some(&url), &url).await;
+}
+
+async fn project_the_example(data_dir: &Path, database: Option<&str>, read_url: &str) {
+    let nats = NatsServer::start().await.expect("nats");
     let example = repo::user_management_example();
     let admin_port = free_port();
-    let mut dev = Command::new(env!("CARGO_BIN_EXE_projectionist-sidecar"))
+    let mut command = Command::new(env!("CARGO_BIN_EXE_projectionist-sidecar"));
+    if let Some(db) = database {
+        command.env("PROJECTIONIST_DATABASE_URL", db);
+    }
+    let mut dev = command
         .arg("dev")
         .arg("-f")
         .arg(&example)
         .arg("--data-dir")
-        .arg(data.path())
+        .arg(data_dir)
         .arg("--admin-addr")
         .arg(format!("127.0.0.1:{admin_port}"))
         .env("PROJECTIONIST_NATS_URL", nats.url())
@@ -63,13 +87,7 @@ async fn dev_mode_projects_the_example_into_sqlite() {
     .await;
     assert!(caught_up, "{:?}", http_get(admin, "/readyz").await);
 
-    let url = format!(
-        "sqlite://{}?mode=ro",
-        data.path()
-            .join("user-management_users-read-model.db")
-            .display()
-    );
-    let users = query_strings(&url, "SELECT id, email, name FROM users ORDER BY id").await;
+    let users = query_strings(read_url, "SELECT id, email, name FROM users ORDER BY id").await;
     assert_eq!(
         users,
         vec![
@@ -79,7 +97,7 @@ async fn dev_mode_projects_the_example_into_sqlite() {
         ]
     );
     let roles = query_strings(
-        &url,
+        read_url,
         "SELECT user_id, role FROM user_roles ORDER BY user_id, role",
     )
     .await;
@@ -93,7 +111,7 @@ async fn dev_mode_projects_the_example_into_sqlite() {
         ]
     );
     assert!(
-        query_strings(&url, "SELECT * FROM projectionist_dead_letters")
+        query_strings(read_url, "SELECT * FROM projectionist_dead_letters")
             .await
             .is_empty()
     );

@@ -9,6 +9,7 @@ use async_nats::HeaderMap;
 use common::*;
 use futures::StreamExt;
 use projectionist_crds::projection::{Driver, ErrorPolicy, Rebuild};
+use projectionist_tests::mariadb::MariaDb;
 use projectionist_tests::nats::NatsServer;
 use projectionist_tests::postgres::Postgres;
 use projectionist_tests::sqlite::Sqlite;
@@ -66,9 +67,14 @@ async fn append_with_poison(js: &async_nats::jetstream::Context) -> (Vec<Tick>, 
 async fn run_policy(policy: ErrorPolicy) {
     let pg = Postgres::start().await.expect("postgres");
     let url = pg.fresh_database().await.expect("db");
+    run_policy_on(policy, Driver::Postgres, &url).await;
+}
+
+async fn run_policy_on(policy: ErrorPolicy, driver: Driver, url: &str) {
+    let url = url.to_string();
     let nats = NatsServer::start().await.expect("nats");
     let js = nats.jetstream().await.expect("js");
-    let (store, projection) = ledger(&nats.url(), Driver::Postgres, policy, "5s");
+    let (store, projection) = ledger(&nats.url(), driver, policy, "5s");
     provision(&js, &store, &projection).await;
     let config = config_of(&store, &projection);
     let mut dead_letters = nats
@@ -123,8 +129,8 @@ async fn run_policy(policy: ErrorPolicy) {
     );
     let rows = query_strings(
         &url,
-        "SELECT CAST(stream_sequence AS TEXT) AS seq, COALESCE(event_id, ''), policy, error \
-         FROM projectionist_dead_letters ORDER BY projectionist_dead_letters.stream_sequence",
+        "SELECT stream_sequence, COALESCE(event_id, ''), policy, error \
+         FROM projectionist_dead_letters ORDER BY stream_sequence",
     )
     .await;
     let sequences: Vec<u64> = rows.iter().map(|r| r[0].parse().expect("seq")).collect();
@@ -141,7 +147,7 @@ async fn run_policy(policy: ErrorPolicy) {
         "{rows:?}"
     );
     assert!(
-        rows[2][1] == "check-violation" && rows[2][3].contains("check constraint"),
+        rows[2][1] == "check-violation" && rows[2][3].to_lowercase().contains("constraint"),
         "{rows:?}"
     );
 
@@ -177,6 +183,24 @@ async fn run_policy(policy: ErrorPolicy) {
 #[tokio::test]
 async fn dead_letter_policy_records_and_publishes_poison_events_and_applies_the_rest() {
     run_policy(ErrorPolicy::DeadLetter).await;
+}
+
+#[tokio::test]
+async fn dead_letter_policy_on_mariadb() {
+    let db = MariaDb::start().await.expect("mariadb");
+    let url = db.fresh_database().await.expect("db");
+    run_policy_on(ErrorPolicy::DeadLetter, Driver::Mysql, &url).await;
+}
+
+#[tokio::test]
+async fn dead_letter_policy_on_sqlite() {
+    let dir = Sqlite::new().expect("sqlite");
+    run_policy_on(
+        ErrorPolicy::DeadLetter,
+        Driver::Sqlite,
+        &dir.fresh_database(),
+    )
+    .await;
 }
 
 #[tokio::test]

@@ -9,6 +9,7 @@ use common::*;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use projectionist_crds::projection::{Driver, ErrorPolicy};
+use projectionist_tests::mariadb::MariaDb;
 use projectionist_tests::nats::NatsServer;
 use projectionist_tests::postgres::Postgres;
 use projectionist_tests::sqlite::Sqlite;
@@ -51,6 +52,36 @@ async fn nats_restarted_mid_stream_the_projection_resumes_by_itself() {
         })
         .await
     );
+    sidecar.stop().await;
+}
+
+#[tokio::test]
+async fn mariadb_killed_and_restarted_mid_stream_the_projection_resumes_by_itself() {
+    let mut db = MariaDb::start().await.expect("mariadb");
+    let url = db.fresh_database().await.expect("db");
+    let nats = NatsServer::start().await.expect("nats");
+    let js = nats.jetstream().await.expect("js");
+    let (store, projection) = ledger(&nats.url(), Driver::Mysql, ErrorPolicy::Halt, "2s");
+    provision(&js, &store, &projection).await;
+    let all = ticks(6000, 100, 15);
+    append_ticks(&js, &all[..3000], 0).await;
+    let sidecar = InProcess::start(config_of(&store, &projection), &url, &nats.url()).await;
+    assert!(
+        wait_until(Duration::from_secs(30), || async {
+            read_checkpoint(&url).await.unwrap_or(0) > 0
+        })
+        .await
+    );
+    db.kill();
+    append_ticks(&js, &all[3000..], 3000).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    db.start_again().await.expect("mariadb back");
+    let done = wait_until(Duration::from_secs(60), || async {
+        read_checkpoint(&url).await == Some(6000)
+    })
+    .await;
+    assert!(done, "checkpoint {:?}", read_checkpoint(&url).await);
+    assert_eq!(read_ledger(&url).await, fold(&all));
     sidecar.stop().await;
 }
 
