@@ -196,6 +196,32 @@ async fn checkpoint_table(conn: &mut PgConnection) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// One transaction: the folded batch as one multi-row upsert, and the checkpoint.
+async fn write_folded(
+    conn: &mut PgConnection,
+    folded: HashMap<String, (i64, i64)>,
+    seq: i64,
+) -> anyhow::Result<()> {
+    let (accounts, (counts, totals)): (Vec<String>, (Vec<i64>, Vec<i64>)) =
+        folded.into_iter().unzip();
+    let mut tx = conn.begin().await?;
+    sqlx::query(
+        "INSERT INTO agg (account, events, total) SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::bigint[]) \
+         ON CONFLICT (account) DO UPDATE SET events = agg.events + excluded.events, total = agg.total + excluded.total",
+    )
+    .bind(accounts)
+    .bind(counts)
+    .bind(totals)
+    .execute(&mut *tx)
+    .await?;
+    sqlx::query("UPDATE cp SET seq = $1 WHERE id = 1")
+        .bind(seq)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok(())
+}
+
 async fn postgres_ceiling(url: &str, evs: &[Event]) -> anyhow::Result<f64> {
     let mut conn = PgConnection::connect(url).await?;
     checkpoint_table(&mut conn).await?;
@@ -208,26 +234,12 @@ async fn postgres_ceiling(url: &str, evs: &[Event]) -> anyhow::Result<f64> {
             entry.0 += 1;
             entry.1 += e.n;
         }
-        let (accounts, (counts, totals)): (Vec<String>, (Vec<i64>, Vec<i64>)) = folded
+        let folded: HashMap<String, (i64, i64)> = folded
             .into_iter()
-            .map(|(a, (c, t))| (a.to_string(), (c, t)))
-            .unzip();
-        let mut tx = conn.begin().await?;
-        sqlx::query(
-            "INSERT INTO agg (account, events, total) SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::bigint[]) \
-             ON CONFLICT (account) DO UPDATE SET events = agg.events + excluded.events, total = agg.total + excluded.total",
-        )
-        .bind(accounts)
-        .bind(counts)
-        .bind(totals)
-        .execute(&mut *tx)
-        .await?;
+            .map(|(a, v)| (a.to_string(), v))
+            .collect();
         seq += batch.len() as i64;
-        sqlx::query("UPDATE cp SET seq = $1 WHERE id = 1")
-            .bind(seq)
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
+        write_folded(&mut conn, folded, seq).await?;
     }
     Ok(evs.len() as f64 / started.elapsed().as_secs_f64())
 }
@@ -268,28 +280,12 @@ async fn combined(
             entry.0 += 1;
             entry.1 += data["n"].as_i64().unwrap_or_default();
         }
-        let (accounts, (counts, totals)): (Vec<String>, (Vec<i64>, Vec<i64>)) =
-            folded.into_iter().unzip();
         let last = batch.last().context("empty batch")?;
         let seq = last
             .info()
             .map_err(|e| anyhow::anyhow!("{e}"))?
             .stream_sequence as i64;
-        let mut tx = conn.begin().await?;
-        sqlx::query(
-            "INSERT INTO agg (account, events, total) SELECT * FROM UNNEST($1::text[], $2::bigint[], $3::bigint[]) \
-             ON CONFLICT (account) DO UPDATE SET events = agg.events + excluded.events, total = agg.total + excluded.total",
-        )
-        .bind(accounts)
-        .bind(counts)
-        .bind(totals)
-        .execute(&mut *tx)
-        .await?;
-        sqlx::query("UPDATE cp SET seq = $1 WHERE id = 1")
-            .bind(seq)
-            .execute(&mut *tx)
-            .await?;
-        tx.commit().await?;
+        write_folded(&mut conn, folded, seq).await?;
         last.ack().await.map_err(|e| anyhow::anyhow!("{e}"))?;
         done += batch.len();
     }

@@ -11,7 +11,7 @@ use anyhow::{Context, bail};
 use sqlx::Connection;
 use tempfile::TempDir;
 
-use crate::process::{ServerProcess, free_port, running_as_root};
+use crate::process::{PortBound, ServerProcess, free_port, running_as_root, start_on_free_port};
 use crate::tools;
 
 /// A running (or deliberately stopped) MariaDB server.
@@ -58,23 +58,13 @@ impl MariaDb {
                 String::from_utf8_lossy(&output.stderr)
             );
         }
-        let mut db = Self {
+        let db = Self {
             port: free_port()?,
             dir,
             process: None,
             next_db: AtomicU32::new(1),
         };
-        let mut attempts = 0;
-        loop {
-            match db.start_again().await {
-                Ok(()) => return Ok(db),
-                Err(e) if attempts >= 4 => return Err(e),
-                Err(_) => {
-                    attempts += 1;
-                    db.port = free_port()?;
-                }
-            }
-        }
+        start_on_free_port(db).await
     }
 
     /// The port.
@@ -163,5 +153,15 @@ impl MariaDb {
 impl Drop for MariaDb {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+impl PortBound for MariaDb {
+    fn set_port(&mut self, port: u16) {
+        self.port = port;
+    }
+
+    async fn start_again(&mut self) -> crate::Result<()> {
+        MariaDb::start_again(self).await
     }
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 use tempfile::TempDir;
 
-use crate::process::{ServerProcess, free_port};
+use crate::process::{PortBound, ServerProcess, free_port, start_on_free_port};
 use crate::tools;
 
 /// A running (or deliberately stopped) nats-server. Stopped and its store removed on drop.
@@ -24,25 +24,14 @@ pub struct NatsServer {
 impl NatsServer {
     /// Starts a server and waits until JetStream answers.
     pub async fn start() -> crate::Result<Self> {
-        let mut server = Self {
+        let server = Self {
             port: free_port()?,
             dir: tempfile::Builder::new()
                 .prefix("projectionist-nats-")
                 .tempdir()?,
             process: None,
         };
-        // The port is free when picked but could be taken before the server binds it: try a few.
-        let mut attempts = 0;
-        loop {
-            match server.start_again().await {
-                Ok(()) => return Ok(server),
-                Err(e) if attempts >= 4 => return Err(e),
-                Err(_) => {
-                    attempts += 1;
-                    server.port = free_port()?;
-                }
-            }
-        }
+        start_on_free_port(server).await
     }
 
     /// The client URL, `nats://127.0.0.1:<port>`.
@@ -122,5 +111,15 @@ impl NatsServer {
             .await?;
         self.process = Some(process);
         Ok(())
+    }
+}
+
+impl PortBound for NatsServer {
+    fn set_port(&mut self, port: u16) {
+        self.port = port;
+    }
+
+    async fn start_again(&mut self) -> crate::Result<()> {
+        NatsServer::start_again(self).await
     }
 }

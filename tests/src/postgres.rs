@@ -14,7 +14,7 @@ use nix::sys::signal::Signal;
 use sqlx::Connection;
 use tempfile::TempDir;
 
-use crate::process::{ServerProcess, free_port, running_as_root};
+use crate::process::{PortBound, ServerProcess, free_port, running_as_root, start_on_free_port};
 use crate::tools;
 
 /// A running (or deliberately stopped) PostgreSQL server.
@@ -132,24 +132,13 @@ impl Postgres {
             bail!("copying the PostgreSQL template failed");
         }
         chown_tree(dir.path())?;
-        let mut pg = Self {
+        let pg = Self {
             port: free_port()?,
             dir,
             process: None,
             next_db: AtomicU32::new(1),
         };
-        // The port is free when picked but could be taken before the server binds it: try a few.
-        let mut attempts = 0;
-        loop {
-            match pg.start_again().await {
-                Ok(()) => return Ok(pg),
-                Err(e) if attempts >= 4 => return Err(e),
-                Err(_) => {
-                    attempts += 1;
-                    pg.port = free_port()?;
-                }
-            }
-        }
+        start_on_free_port(pg).await
     }
 
     /// The port.
@@ -234,5 +223,15 @@ impl Postgres {
 impl Drop for Postgres {
     fn drop(&mut self) {
         self.stop();
+    }
+}
+
+impl PortBound for Postgres {
+    fn set_port(&mut self, port: u16) {
+        self.port = port;
+    }
+
+    async fn start_again(&mut self) -> crate::Result<()> {
+        Postgres::start_again(self).await
     }
 }

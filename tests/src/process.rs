@@ -31,6 +31,30 @@ pub fn wait_for_port(port: u16, timeout: Duration) -> bool {
     false
 }
 
+/// A server that listens on a port it is told, and can be (re)started on it.
+pub trait PortBound {
+    /// Moves the server to another port (while stopped).
+    fn set_port(&mut self, port: u16);
+    /// Starts the server on its port and waits until it is ready.
+    fn start_again(&mut self) -> impl std::future::Future<Output = crate::Result<()>>;
+}
+
+/// Starts `server`, moving it to a fresh port and trying again if its port was taken in between (a free port is
+/// free when picked, but another process may bind it before the server does): five attempts.
+pub async fn start_on_free_port<S: PortBound>(mut server: S) -> crate::Result<S> {
+    let mut attempts = 0;
+    loop {
+        match server.start_again().await {
+            Ok(()) => return Ok(server),
+            Err(e) if attempts >= 4 => return Err(e),
+            Err(_) => {
+                attempts += 1;
+                server.set_port(free_port()?);
+            }
+        }
+    }
+}
+
 /// Whether this process runs as root (servers that refuse root are then run as another user).
 pub fn running_as_root() -> bool {
     nix::unistd::geteuid().is_root()
