@@ -162,16 +162,26 @@ fn resources(nats_url: &str) -> (EventStore, Projection) {
     (store, projection)
 }
 
-async fn jetstream_ceiling(js: &jetstream::Context, stream: &str, n: usize) -> anyhow::Result<f64> {
-    let s = js.get_stream(stream).await?;
-    let c: consumer::PullConsumer = s
+/// A durable pull consumer acknowledged once per batch (`AckPolicy::All`).
+async fn batch_acked_consumer(
+    js: &jetstream::Context,
+    stream: &str,
+    name: &str,
+) -> anyhow::Result<consumer::PullConsumer> {
+    Ok(js
+        .get_stream(stream)
+        .await?
         .create_consumer(consumer::pull::Config {
-            durable_name: Some("ceiling".into()),
+            durable_name: Some(name.into()),
             ack_policy: consumer::AckPolicy::All,
             max_ack_pending: 10_000,
             ..Default::default()
         })
-        .await?;
+        .await?)
+}
+
+async fn jetstream_ceiling(js: &jetstream::Context, stream: &str, n: usize) -> anyhow::Result<f64> {
+    let c = batch_acked_consumer(js, stream, "ceiling").await?;
     let started = Instant::now();
     let mut messages = c.stream().max_messages_per_batch(500).messages().await?;
     let mut count = 0;
@@ -254,15 +264,7 @@ async fn combined(
 ) -> anyhow::Result<f64> {
     let mut conn = PgConnection::connect(url).await?;
     checkpoint_table(&mut conn).await?;
-    let s = js.get_stream(stream).await?;
-    let c: consumer::PullConsumer = s
-        .create_consumer(consumer::pull::Config {
-            durable_name: Some("combined".into()),
-            ack_policy: consumer::AckPolicy::All,
-            max_ack_pending: 10_000,
-            ..Default::default()
-        })
-        .await?;
+    let c = batch_acked_consumer(js, stream, "combined").await?;
     let started = Instant::now();
     let mut messages = c.stream().max_messages_per_batch(500).messages().await?;
     let mut done = 0;

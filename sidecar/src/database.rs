@@ -153,29 +153,33 @@ pub async fn execute_plain(tx: &mut Tx, sql: &str) -> Result<(), sqlx::Error> {
     Ok(())
 }
 
+/// Whether a SQLSTATE (Postgres, MySQL) means "try again": serialization failure, deadlock, lock timeout, server
+/// shutdown, connection exceptions (`08…`), insufficient resources (`53…`, e.g. too many connections).
+pub fn is_transient_sqlstate(code: &str) -> bool {
+    matches!(
+        code,
+        "40001" | "40P01" | "55P03" | "57P01" | "57P02" | "57P03"
+    ) || code.starts_with("08")
+        || code.starts_with("53")
+}
+
 /// Sorts a database error into transient or permanent.
 pub fn classify(error: &sqlx::Error) -> ErrorClass {
     match error {
         sqlx::Error::Database(db) => {
             let code = db.code().map(|c| c.into_owned()).unwrap_or_default();
-            let transient = matches!(
-                code.as_str(),
-                // Postgres and MySQL SQLSTATEs: serialization failure, deadlock, lock timeout, shutdown, too many
-                // connections, connection exceptions, insufficient resources.
-                "40001" | "40P01" | "55P03" | "57P01" | "57P02" | "57P03" | "53300" | "HY000"
-            ) || code.starts_with("08")
-                || code.starts_with("53")
-                // SQLite: busy, locked (plain and extended codes).
-                || matches!(code.as_str(), "5" | "6" | "261" | "262" | "517" | "773")
-                || db.message().contains("Lock wait timeout")
-                || db.message().contains("Deadlock found");
-            if code == "HY000"
-                && !db.message().contains("Lock wait")
-                && !db.message().contains("gone away")
-            {
+            let message = db.message();
+            let transient = match code.as_str() {
                 // MySQL's generic state: most of its uses are not transient.
-                return ErrorClass::Permanent;
-            }
+                "HY000" => message.contains("Lock wait") || message.contains("gone away"),
+                code => {
+                    is_transient_sqlstate(code)
+                        // SQLite: busy, locked (plain and extended codes).
+                        || matches!(code, "5" | "6" | "261" | "262" | "517" | "773")
+                        || message.contains("Lock wait timeout")
+                        || message.contains("Deadlock found")
+                }
+            };
             if transient {
                 ErrorClass::Transient
             } else {

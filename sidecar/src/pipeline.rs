@@ -174,13 +174,6 @@ impl Pipeline {
 pub fn is_transient(e: &tokio_postgres::Error) -> bool {
     match e.as_db_error() {
         None => true,
-        Some(db) => {
-            let code = db.code().code();
-            matches!(
-                code,
-                "40001" | "40P01" | "55P03" | "57P01" | "57P02" | "57P03"
-            ) || code.starts_with("08")
-                || code.starts_with("53")
-        }
+        Some(db) => crate::database::is_transient_sqlstate(db.code().code()),
     }
 }
