@@ -2,12 +2,10 @@
 //! with a compare-and-set in that transaction → commit → acknowledge.
 //!
 //! - Events at or below the checkpoint are acknowledged and skipped, so a redelivery never applies twice.
-//! - The projection catches up from the stream with an ordered consumer, in order, whenever events after the
-//!   checkpoint will not come from the durable consumer in time: before subscribing, the events the consumer has
-//!   acknowledged beyond the checkpoint (a restored backup, a new database, a rebuild, lost commits); and at a
-//!   subscription's first event above the checkpoint, the events before it (delivered to a processor that died or to
-//!   a dropped subscription, and not yet redelivered). No event is skipped because the consumer had moved on, and a
-//!   standby does nothing until it holds the pin.
+//! - Before consuming (at start, and whenever the pull subscription is recreated) the projection catches up: when
+//!   the consumer has delivered beyond the checkpoint (a restored backup, a new database, a rebuild, or messages
+//!   lost with a dropped subscription), the events from the checkpoint on are read straight from the stream with an
+//!   ordered consumer and applied in order. No event is skipped because the consumer had already moved on.
 //! - A batch is first applied in one go. If a statement fails for a reason that is not transient, the batch is
 //!   rolled back and applied again with a savepoint around each event, so the failing event is isolated, retried
 //!   up to `maxAttempts`, and handled by the policy (`halt`, `deadLetter`, `skip`).
@@ -402,15 +400,9 @@ impl Projector {
             .map_err(|e| Transient(format!("consumer: {e}")))?;
         let info = consumer.cached_info().clone();
 
-        // Events acknowledged beyond the checkpoint will never be delivered again (a restored or new database, a
-        // rebuild, lost commits): read them from the stream. The checkpoint is re-read after the consumer info, so
-        // a processor that is merely behind a live one (which commits before it acknowledges) sees nothing to do.
-        self.reload_checkpoint()
-            .await
-            .map_err(|e| Transient(format!("database: {e}")))?;
-        let acknowledged = info.ack_floor.stream_sequence;
-        if self.checkpoint.last_sequence < acknowledged
-            && let Some(exit) = self.catch_up(&stream, &info, acknowledged).await?
+        let delivered = info.delivered.stream_sequence;
+        if self.checkpoint.last_sequence < delivered
+            && let Some(exit) = self.catch_up(&stream, &info, delivered).await?
         {
             return Ok(exit);
         }
@@ -432,7 +424,6 @@ impl Projector {
         self.state.set_waiting(None);
         self.backoff.reset();
         info!(projection = %self.key, checkpoint = self.checkpoint.last_sequence, "consuming");
-        let mut positioned = false;
 
         loop {
             let mut batch: Vec<jetstream::Message> = Vec::new();
@@ -465,23 +456,6 @@ impl Projector {
                     Ok(None) => {
                         interrupted = Some("pull subscription ended".into());
                         break;
-                    }
-                }
-            }
-            if !positioned {
-                // The first event above the checkpoint that this subscription receives (it holds the pin now):
-                // events delivered to an earlier subscription or processor and never acknowledged lie before it,
-                // and the server may redeliver them only later. Read them from the stream first.
-                let first = batch
-                    .iter()
-                    .filter_map(|m| m.info().ok().map(|i| i.stream_sequence))
-                    .find(|seq| *seq > self.checkpoint.last_sequence);
-                if let Some(first) = first {
-                    positioned = true;
-                    if first > self.checkpoint.last_sequence + 1
-                        && let Some(exit) = self.catch_up(&stream, &info, first - 1).await?
-                    {
-                        return Ok(exit);
                     }
                 }
             }
