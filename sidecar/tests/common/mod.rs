@@ -397,21 +397,51 @@ pub fn write_config(dir: &Path, config: &SidecarConfig) -> String {
     }
 }
 
+/// A sidecar child process, killed by PID when dropped (also when a test panics).
+pub struct SidecarProcess(Child);
+
+impl std::ops::Deref for SidecarProcess {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for SidecarProcess {
+    fn deref_mut(&mut self) -> &mut Child {
+        &mut self.0
+    }
+}
+
+impl Drop for SidecarProcess {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Starts the sidecar binary with `run`.
-pub fn spawn_sidecar(config_dir: &Path, db_env: &str, db_url: &str, admin_port: u16) -> Child {
-    Command::new(env!("CARGO_BIN_EXE_projectionist-sidecar"))
-        .arg("run")
-        .arg("--config-dir")
-        .arg(config_dir)
-        .arg("--admin-addr")
-        .arg(format!("127.0.0.1:{admin_port}"))
-        .env(db_env, db_url)
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn sidecar")
+pub fn spawn_sidecar(
+    config_dir: &Path,
+    db_env: &str,
+    db_url: &str,
+    admin_port: u16,
+) -> SidecarProcess {
+    SidecarProcess(
+        Command::new(env!("CARGO_BIN_EXE_projectionist-sidecar"))
+            .arg("run")
+            .arg("--config-dir")
+            .arg(config_dir)
+            .arg("--admin-addr")
+            .arg(format!("127.0.0.1:{admin_port}"))
+            .env(db_env, db_url)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn sidecar"),
+    )
 }
 
 pub fn free_port() -> u16 {
