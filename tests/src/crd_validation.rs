@@ -79,6 +79,18 @@ impl CrdValidator {
         cel::apply_defaults(&self.schema, object)
     }
 
+    /// The object without the fields its schema does not know (what the API server stores unless asked for strict
+    /// field validation). `apiVersion`, `kind` and `metadata` are the server's and always kept.
+    pub fn pruned(&self, object: &Value) -> Value {
+        let mut out = prune(&self.schema, object);
+        for field in ["apiVersion", "kind", "metadata"] {
+            if let (Value::Object(o), Some(v)) = (&mut out, object.get(field)) {
+                o.insert(field.into(), v.clone());
+            }
+        }
+        out
+    }
+
     /// Validates a create. Returns the defaulted object, or every violation.
     pub fn validate_create(&self, object: &Value) -> Result<Value, Vec<Violation>> {
         self.validate(object, None)
@@ -133,6 +145,36 @@ impl CrdValidator {
         } else {
             Err(violations)
         }
+    }
+}
+
+fn prune(schema: &Value, value: &Value) -> Value {
+    if schema.get("x-kubernetes-preserve-unknown-fields") == Some(&Value::Bool(true)) {
+        return value.clone();
+    }
+    match value {
+        Value::Object(map) => {
+            let props = schema.get("properties").and_then(Value::as_object);
+            let additional = schema.get("additionalProperties").filter(|a| a.is_object());
+            if props.is_none() && additional.is_none() {
+                return value.clone();
+            }
+            Value::Object(
+                map.iter()
+                    .filter_map(|(k, v)| {
+                        let child = props.and_then(|p| p.get(k)).or(additional)?;
+                        Some((k.clone(), prune(child, v)))
+                    })
+                    .collect(),
+            )
+        }
+        Value::Array(items) => match schema.get("items") {
+            Some(item_schema) => {
+                Value::Array(items.iter().map(|v| prune(item_schema, v)).collect())
+            }
+            None => value.clone(),
+        },
+        _ => value.clone(),
     }
 }
 

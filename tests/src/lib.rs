@@ -7,12 +7,15 @@
 //! - [`sqlite`]: SQLite files in a temporary directory.
 //! - [`crd_validation`]: validation of objects against the generated CRDs' `openAPIV3Schema` and CEL rules, the way
 //!   the API server does it (defaults first, then schema, then CEL).
+//! - [`kube_api`]: a Kubernetes API emulator the real `kube::Client` talks to (its module docs list what it
+//!   emulates and what not).
 //! - [`process`]: the spawned-process handle the servers share (kill by PID on drop, a watchdog that stops the
 //!   server if the test process dies first).
 //! - [`tools`]: where the server binaries are found (`scripts/setup.sh` installs them).
 //! - [`repo`]: paths inside the repository (examples, CRDs).
 
 pub mod crd_validation;
+pub mod kube_api;
 pub mod mariadb;
 pub mod nats;
 pub mod postgres;
