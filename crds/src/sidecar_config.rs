@@ -175,7 +175,8 @@ pub struct RebuildConfig {
 }
 
 /// A Secret key the sidecar needs, and how it must be provided.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct SecretMount {
     /// The Secret key.
     pub secret: SecretKeyRef,

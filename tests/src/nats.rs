@@ -19,19 +19,40 @@ pub struct NatsServer {
     dir: TempDir,
     /// The process while it runs.
     process: Option<ServerProcess>,
+    /// User and password the server requires, if any.
+    auth: Option<(String, String)>,
 }
 
 impl NatsServer {
     /// Starts a server and waits until JetStream answers.
     pub async fn start() -> crate::Result<Self> {
+        Self::start_inner(None).await
+    }
+
+    /// A server that requires this user and password.
+    pub async fn start_with_user(user: &str, password: &str) -> crate::Result<Self> {
+        Self::start_inner(Some((user.to_string(), password.to_string()))).await
+    }
+
+    async fn start_inner(auth: Option<(String, String)>) -> crate::Result<Self> {
         let server = Self {
             port: free_port()?,
             dir: tempfile::Builder::new()
                 .prefix("projectionist-nats-")
                 .tempdir()?,
             process: None,
+            auth,
         };
         start_on_free_port(server).await
+    }
+
+    fn options(&self) -> async_nats::ConnectOptions {
+        match &self.auth {
+            Some((user, password)) => {
+                async_nats::ConnectOptions::with_user_and_password(user.clone(), password.clone())
+            }
+            None => async_nats::ConnectOptions::new(),
+        }
     }
 
     /// The client URL, `nats://127.0.0.1:<port>`.
@@ -51,7 +72,8 @@ impl NatsServer {
 
     /// Connects a client.
     pub async fn connect(&self) -> crate::Result<async_nats::Client> {
-        async_nats::connect(self.url())
+        self.options()
+            .connect(self.url())
             .await
             .with_context(|| format!("connecting to {}", self.url()))
     }
@@ -96,12 +118,16 @@ impl NatsServer {
             .arg(self.store_dir())
             .arg("--server_name")
             .arg(format!("test-{}", self.port));
+        if let Some((user, password)) = &self.auth {
+            cmd.arg("--user").arg(user).arg("--pass").arg(password);
+        }
         let log = self.dir.path().join("nats-server.log");
         let mut process = ServerProcess::spawn("nats-server", cmd, &log)?;
         let url = self.url();
+        let options = || self.options();
         process
             .wait_ready(self.port, Duration::from_secs(15), || async {
-                let client = async_nats::connect(&url).await.map_err(|e| e.to_string())?;
+                let client = options().connect(&url).await.map_err(|e| e.to_string())?;
                 let js = async_nats::jetstream::new(client);
                 js.query_account()
                     .await

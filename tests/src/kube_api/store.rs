@@ -205,6 +205,24 @@ fn is_dns_subdomain(name: &str) -> bool {
         && name.ends_with(|c: char| c.is_ascii_alphanumeric())
 }
 
+/// Moves a Secret's `stringData` into `data` (base64), as the API server does on every write.
+fn fold_string_data(kind: &Kind, object: &mut Value) {
+    use base64::Engine;
+    if kind.group.is_empty()
+        && kind.plural == "secrets"
+        && let Some(Value::Object(strings)) =
+            object.as_object_mut().and_then(|o| o.remove("stringData"))
+    {
+        if !object.get("data").is_some_and(Value::is_object) {
+            object["data"] = json!({});
+        }
+        for (k, v) in strings {
+            let text = v.as_str().unwrap_or_default();
+            object["data"][k] = json!(base64::engine::general_purpose::STANDARD.encode(text));
+        }
+    }
+}
+
 fn spec_part(object: &Value) -> Value {
     let mut o = object.clone();
     if let Value::Object(m) = &mut o {
@@ -515,6 +533,7 @@ impl Store {
         if !object.is_object() {
             return Err(ApiError::bad_request("the body must be a JSON object"));
         }
+        fold_string_data(kind, &mut object);
         if object.get("metadata").is_none_or(|m| !m.is_object()) {
             object["metadata"] = json!({});
         }
@@ -574,10 +593,11 @@ impl Store {
         meta.insert("generation".into(), json!(1));
         meta.remove("deletionTimestamp");
         meta.remove("resourceVersion");
-        if kind.status && kind.validator.is_some() {
-            if let Value::Object(m) = &mut object {
-                m.remove("status");
-            }
+        if kind.status
+            && kind.validator.is_some()
+            && let Value::Object(m) = &mut object
+        {
+            m.remove("status");
         }
         let mut object = self.validate(kind, object, None, options.strict)?;
         if !object["metadata"]
@@ -745,6 +765,8 @@ impl Store {
         applied: bool,
     ) -> Result<Value, ApiError> {
         let scope = kind.scope(options.subresource.as_deref());
+        let mut requested = requested;
+        fold_string_data(kind, &mut requested);
         let mut next = current.clone();
         match scope {
             Scope::Status => {

@@ -1,0 +1,139 @@
+//! What every reconcile shares: the Kubernetes client, NATS connections, the event recorder, metrics and settings.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::{Resource, ResourceExt};
+
+use crate::metrics::Metrics;
+use crate::nats::Pool;
+
+/// The field manager the operator writes with (server-side apply).
+pub const MANAGER: &str = "projectionist-operator";
+
+/// Timing knobs.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// How often a Ready EventStore's stream is re-checked for out-of-band changes.
+    pub resync: Duration,
+    /// How often a Projection's status is refreshed from its consumer.
+    pub status_interval: Duration,
+    /// How long a projection may have pending events without acknowledging any before it is `Stalled`.
+    pub stall_after: Duration,
+}
+
+/// Shared reconcile state.
+pub struct Context {
+    pub client: kube::Client,
+    pub nats: Pool,
+    pub recorder: Recorder,
+    pub metrics: Arc<Metrics>,
+    pub settings: Settings,
+    /// Per object: consecutive failures (for backoff).
+    failures: Mutex<HashMap<String, u32>>,
+    /// Per projection: the last acknowledged sequence seen and when it last moved.
+    progress: Mutex<HashMap<String, (u64, Instant)>>,
+}
+
+impl std::fmt::Debug for Context {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Context")
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Context {
+    pub fn new(
+        client: kube::Client,
+        nats: Pool,
+        reporter: Reporter,
+        metrics: Arc<Metrics>,
+        settings: Settings,
+    ) -> Self {
+        Self {
+            recorder: Recorder::new(client.clone(), reporter),
+            client,
+            nats,
+            metrics,
+            settings,
+            failures: Mutex::new(HashMap::new()),
+            progress: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Records a Kubernetes Event on `object`; a failure to record is logged, never fatal.
+    pub async fn event<K>(
+        &self,
+        object: &K,
+        type_: EventType,
+        reason: &str,
+        action: &str,
+        note: String,
+    ) where
+        K: Resource<DynamicType = ()>,
+    {
+        let event = Event {
+            type_,
+            reason: reason.to_string(),
+            note: Some(note),
+            action: action.to_string(),
+            secondary: None,
+        };
+        if let Err(e) = self.recorder.publish(&event, &object.object_ref(&())).await {
+            tracing::warn!(error = %e, reason, "could not record an event");
+        }
+    }
+
+    /// The backoff before retrying a failed object: 1s, 2s, 4s … capped at 60s.
+    pub fn backoff(&self, key: &str) -> Duration {
+        let mut failures = self
+            .failures
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let n = failures.entry(key.to_string()).or_insert(0);
+        *n = n.saturating_add(1);
+        Duration::from_secs(1u64 << (*n - 1).min(6)).min(Duration::from_secs(60))
+    }
+
+    /// Forgets an object's failures after a success.
+    pub fn succeeded(&self, key: &str) {
+        self.failures
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(key);
+    }
+
+    /// Records a projection's acknowledged sequence; returns how long it has not moved.
+    pub fn progress(&self, key: &str, acked: u64) -> Duration {
+        let mut progress = self
+            .progress
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let now = Instant::now();
+        let entry = progress.entry(key.to_string()).or_insert((acked, now));
+        if entry.0 != acked {
+            *entry = (acked, now);
+        }
+        now.duration_since(entry.1)
+    }
+
+    /// Forgets a projection's progress (it was deleted or reset).
+    pub fn forget(&self, key: &str) {
+        self.progress
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(key);
+    }
+}
+
+/// `namespace/name` of an object, the key of the per-object state.
+pub fn key<K: ResourceExt>(object: &K) -> String {
+    format!(
+        "{}/{}",
+        object.namespace().unwrap_or_default(),
+        object.name_any()
+    )
+}

@@ -1,0 +1,18 @@
+//! `projectionist-operator`: reconciles EventStores into JetStream streams and Projections into durable consumers
+//! plus the sidecar's config.
+//!
+//! - [`event_store`] and [`projection`]: the two controllers.
+//! - [`runtime`]: the process — admin endpoints, leader election on a Lease ([`leader`]), the controllers while
+//!   leading, graceful shutdown.
+//! - [`nats`]: NATS connections per distinct servers and credentials, and the counted JetStream calls.
+
+pub mod admin;
+pub mod conditions;
+pub mod context;
+pub mod error;
+pub mod event_store;
+pub mod leader;
+pub mod metrics;
+pub mod nats;
+pub mod projection;
+pub mod runtime;

@@ -1,0 +1,516 @@
+//! The Projection controller: a Projection becomes a durable JetStream consumer on its EventStore's stream plus a
+//! ConfigMap with the sidecar's resolved config, and its status follows the consumer (lag, acknowledged sequence).
+//!
+//! Reconcile: finalizer (the consumer lives outside Kubernetes) → the EventStore, which must be Ready → validate
+//! and resolve (pure: handlers parsed, durations, filters) → ConfigMap (owned, garbage collected with the
+//! Projection) → create, update in place, or refuse an immutable change of the consumer → status from consumer info.
+//! Deleting a Projection deletes its consumer and (by ownership) its ConfigMap; the read model is never touched.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use async_nats::jetstream::consumer;
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::api::{Api, ObjectMeta, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::EventType;
+use kube::{Resource, ResourceExt};
+use projectionist_crds::consumer::consumer_config;
+use projectionist_crds::diff::diff_consumer;
+use projectionist_crds::event_store::EventStore;
+use projectionist_crds::projection::{Projection, ProjectionStatus};
+use projectionist_crds::sidecar_config::{ResolveError, resolve};
+use serde_json::json;
+
+use crate::conditions;
+use crate::context::{Context, MANAGER, key};
+use crate::error::Error;
+
+/// The finalizer every Projection carries until its consumer is deleted.
+pub const FINALIZER: &str = "projectionist.dev/delete-consumer";
+/// Label on the ConfigMaps the operator owns.
+pub const PROJECTION_LABEL: &str = "projectionist.dev/projection";
+/// Annotation on the ConfigMap listing the Secret keys the sidecar needs (JSON), for the injection webhook.
+pub const SECRETS_ANNOTATION: &str = "projectionist.dev/secrets";
+/// Consumer metadata key a sidecar sets to the rebuild token once it has rebuilt the read model for it.
+pub const REBUILT_METADATA: &str = "projectionist.dev/rebuilt-token";
+
+/// The ConfigMap holding a Projection's sidecar config.
+pub fn config_map_name(projection: &str) -> String {
+    format!("{projection}-sidecar-config")
+}
+
+/// The key of the config file inside that ConfigMap.
+pub fn config_key(projection: &str) -> String {
+    format!("{projection}.yaml")
+}
+
+/// Reconciles one Projection.
+pub async fn reconcile(projection: Arc<Projection>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let namespace = projection.namespace().unwrap_or_default();
+    let api: Api<Projection> = Api::namespaced(ctx.client.clone(), &namespace);
+    let stores: Api<EventStore> = Api::namespaced(ctx.client.clone(), &namespace);
+    let has_finalizer = projection.finalizers().iter().any(|f| f == FINALIZER);
+
+    if projection.meta().deletion_timestamp.is_some() {
+        if has_finalizer {
+            delete_consumer(&projection, &stores, &ctx).await?;
+            set_finalizer(&api, &projection, false).await?;
+        }
+        ctx.forget(&key(&*projection));
+        return Ok(Action::await_change());
+    }
+    if !has_finalizer {
+        set_finalizer(&api, &projection, true).await?;
+    }
+
+    let generation = projection.meta().generation;
+    let mut status = projection.status.clone().unwrap_or_default();
+    status.consumer_name = Some(projection.consumer_name());
+    let result = sync(&projection, &stores, &ctx, &mut status, generation).await;
+    let action = match &result {
+        Ok(action) => action.clone(),
+        Err(e) => {
+            conditions::set(
+                &mut status.conditions,
+                "Ready",
+                false,
+                e.reason(),
+                e.to_string(),
+                generation,
+            );
+            Action::await_change()
+        }
+    };
+    status.observed_generation = generation;
+    write_status(&api, &projection, &status).await?;
+    result?;
+    ctx.succeeded(&key(&*projection));
+    Ok(action)
+}
+
+async fn delete_consumer(
+    projection: &Projection,
+    stores: &Api<EventStore>,
+    ctx: &Context,
+) -> Result<(), Error> {
+    let Some(store) = stores.get_opt(&projection.spec.event_store).await? else {
+        ctx.event(projection, EventType::Warning, "ConsumerNotDeleted", "Delete",
+            format!("EventStore {} is gone, so the consumer {} could not be reached; delete it on NATS if it still exists",
+                projection.spec.event_store, projection.consumer_name())).await;
+        return Ok(());
+    };
+    let namespace = projection.namespace().unwrap_or_default();
+    let js = ctx
+        .nats
+        .jetstream(&ctx.client, &namespace, &store.spec.nats)
+        .await?;
+    let consumer = projection.consumer_name();
+    if js.delete_consumer(&store.stream_name(), &consumer).await? {
+        ctx.event(
+            projection,
+            EventType::Normal,
+            "ConsumerDeleted",
+            "Delete",
+            format!("deleted consumer {consumer} (the read model is left as it is)"),
+        )
+        .await;
+    }
+    Ok(())
+}
+
+async fn set_finalizer(
+    api: &Api<Projection>,
+    projection: &Projection,
+    present: bool,
+) -> Result<(), Error> {
+    let mut finalizers: Vec<String> = projection
+        .finalizers()
+        .iter()
+        .filter(|f| *f != FINALIZER)
+        .cloned()
+        .collect();
+    if present {
+        finalizers.push(FINALIZER.to_string());
+    }
+    let patch = json!({"metadata": {"finalizers": finalizers, "resourceVersion": projection.resource_version()}});
+    api.patch(
+        &projection.name_any(),
+        &PatchParams::default(),
+        &Patch::Merge(&patch),
+    )
+    .await?;
+    Ok(())
+}
+
+async fn write_status(
+    api: &Api<Projection>,
+    projection: &Projection,
+    status: &ProjectionStatus,
+) -> Result<(), Error> {
+    if projection.status.as_ref() == Some(status) {
+        return Ok(());
+    }
+    let patch = json!({
+        "apiVersion": Projection::api_version(&()),
+        "kind": Projection::kind(&()),
+        "status": status,
+    });
+    api.patch_status(
+        &projection.name_any(),
+        &PatchParams::apply(MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Sets `Ready=False` for a problem the user has to fix; nothing to retry until something changes.
+fn not_ready(
+    status: &mut ProjectionStatus,
+    reason: &str,
+    message: String,
+    generation: Option<i64>,
+) {
+    conditions::set(
+        &mut status.conditions,
+        "Ready",
+        false,
+        reason,
+        message,
+        generation,
+    );
+}
+
+async fn sync(
+    projection: &Projection,
+    stores: &Api<EventStore>,
+    ctx: &Context,
+    status: &mut ProjectionStatus,
+    generation: Option<i64>,
+) -> Result<Action, Error> {
+    let namespace = projection.namespace().unwrap_or_default();
+    let store_name = &projection.spec.event_store;
+    let wait = Action::requeue(ctx.settings.resync);
+    let Some(store) = stores.get_opt(store_name).await? else {
+        not_ready(
+            status,
+            "EventStoreNotFound",
+            format!(
+                "EventStore {store_name:?} does not exist in namespace {namespace}; create it or correct spec.eventStore"
+            ),
+            generation,
+        );
+        return Ok(wait);
+    };
+    let store_conditions = store
+        .status
+        .as_ref()
+        .map(|s| s.conditions.as_slice())
+        .unwrap_or_default();
+    // A store whose last spec change was refused still has its stream, unchanged: projections keep working.
+    let stream_usable = conditions::is_true(store_conditions, "Ready")
+        || conditions::get(store_conditions, "Ready")
+            .is_some_and(|c| c.reason == "ImmutableFieldChanged");
+    if !stream_usable {
+        let why = conditions::get(store_conditions, "Ready")
+            .map(|c| format!("{}: {}", c.reason, c.message))
+            .unwrap_or_else(|| "not reconciled yet".into());
+        not_ready(
+            status,
+            "EventStoreNotReady",
+            format!("waiting for EventStore {store_name} to be Ready ({why})"),
+            generation,
+        );
+        return Ok(wait);
+    }
+    let resolved = match resolve(&store, projection) {
+        Ok(r) => r,
+        Err(e) => {
+            let reason = match e {
+                ResolveError::Handler(_) => "InvalidHandler",
+                _ => "InvalidSpec",
+            };
+            not_ready(status, reason, e.to_string(), generation);
+            return Ok(Action::await_change());
+        }
+    };
+    let desired = match consumer_config(projection, &store) {
+        Ok(c) => c,
+        Err(e) => {
+            not_ready(status, "InvalidSpec", e.to_string(), generation);
+            return Ok(Action::await_change());
+        }
+    };
+
+    apply_config_map(projection, &resolved, ctx).await?;
+
+    let js = ctx
+        .nats
+        .jetstream(&ctx.client, &namespace, &store.spec.nats)
+        .await?;
+    let stream = store.stream_name();
+    let consumer_name = projection.consumer_name();
+    let info = match js.consumer_info(&stream, &consumer_name).await? {
+        None => {
+            let recreated = status.last_acked_sequence.is_some();
+            let info = js.put_consumer(&stream, desired, true).await?;
+            if recreated {
+                ctx.event(projection, EventType::Warning, "ConsumerRecreated", "Create",
+                    format!("consumer {consumer_name} was missing on NATS and has been created again; the sidecar resumes from its checkpoint")).await;
+            } else {
+                ctx.event(
+                    projection,
+                    EventType::Normal,
+                    "ConsumerCreated",
+                    "Create",
+                    format!("created consumer {consumer_name} on stream {stream}"),
+                )
+                .await;
+            }
+            info
+        }
+        Some(info) => {
+            let diff = diff_consumer(&desired, &info.config);
+            if diff.has_immutable() {
+                let fields: Vec<String> = diff
+                    .immutable()
+                    .map(|c| {
+                        format!(
+                            "{} ({} on the server, {} in the spec)",
+                            c.field, c.actual, c.desired
+                        )
+                    })
+                    .collect();
+                let message = format!(
+                    "consumer {consumer_name} cannot change {} in place; nothing was changed on NATS. Restore the previous value, or delete and re-create the Projection (its read model is kept; use spec.rebuild to replay it)",
+                    fields.join(", ")
+                );
+                if conditions::get(&status.conditions, "Ready")
+                    .is_none_or(|c| c.reason != "ImmutableFieldChanged")
+                {
+                    ctx.event(
+                        projection,
+                        EventType::Warning,
+                        "ImmutableFieldChanged",
+                        "Update",
+                        message.clone(),
+                    )
+                    .await;
+                }
+                refresh(projection, ctx, status, &info, generation);
+                not_ready(status, "ImmutableFieldChanged", message, generation);
+                return Ok(Action::requeue(ctx.settings.status_interval));
+            }
+            if diff.is_empty() {
+                info
+            } else {
+                let spec_changed = status.observed_generation != generation;
+                let what = diff.describe();
+                let info = js.put_consumer(&stream, desired, false).await?;
+                if spec_changed {
+                    ctx.event(
+                        projection,
+                        EventType::Normal,
+                        "ConsumerUpdated",
+                        "Update",
+                        format!("updated consumer {consumer_name}: {what}"),
+                    )
+                    .await;
+                } else {
+                    ctx.event(projection, EventType::Warning, "ConsumerRepaired", "Update",
+                        format!("consumer {consumer_name} was changed outside the operator and has been put back: {what}")).await;
+                }
+                info
+            }
+        }
+    };
+    refresh(projection, ctx, status, &info, generation);
+    conditions::set(
+        &mut status.conditions,
+        "Ready",
+        true,
+        "ConsumerReady",
+        format!(
+            "consumer {consumer_name} on stream {stream}; sidecar config in ConfigMap {}",
+            config_map_name(&projection.name_any())
+        ),
+        generation,
+    );
+    Ok(Action::requeue(ctx.settings.status_interval))
+}
+
+/// Status from consumer info: lag, acknowledged sequence, `CaughtUp`, `Stalled`, `Rebuilding`.
+fn refresh(
+    projection: &Projection,
+    ctx: &Context,
+    status: &mut ProjectionStatus,
+    info: &consumer::Info,
+    generation: Option<i64>,
+) {
+    status.pending = Some(info.num_pending);
+    status.ack_pending = Some(info.num_ack_pending as u64);
+    status.redelivered = Some(info.num_redelivered as u64);
+    status.last_acked_sequence = Some(info.ack_floor.stream_sequence);
+    status.active_sidecar = info
+        .priority_groups
+        .iter()
+        .find_map(|g| g.pinned_client_id.clone());
+    let caught_up = info.num_pending == 0 && info.num_ack_pending == 0;
+    if caught_up {
+        conditions::set(
+            &mut status.conditions,
+            "CaughtUp",
+            true,
+            "CaughtUp",
+            format!(
+                "every event up to sequence {} is applied",
+                info.ack_floor.stream_sequence
+            ),
+            generation,
+        );
+    } else {
+        conditions::set(
+            &mut status.conditions,
+            "CaughtUp",
+            false,
+            "Behind",
+            format!(
+                "{} events pending, {} awaiting acknowledgement",
+                info.num_pending, info.num_ack_pending
+            ),
+            generation,
+        );
+    }
+    let still = ctx.progress(&key(projection), info.ack_floor.stream_sequence);
+    if !caught_up && still >= ctx.settings.stall_after {
+        conditions::set(
+            &mut status.conditions,
+            "Stalled",
+            true,
+            "NoProgress",
+            format!(
+                "no event acknowledged for {}s while {} are pending; check the sidecar's /readyz and logs",
+                still.as_secs(),
+                info.num_pending + info.num_ack_pending as u64
+            ),
+            generation,
+        );
+    } else {
+        conditions::set(
+            &mut status.conditions,
+            "Stalled",
+            false,
+            "Progressing",
+            "",
+            generation,
+        );
+    }
+    match &projection.spec.rebuild {
+        Some(rebuild) => {
+            let done = info.config.metadata.get(REBUILT_METADATA) == Some(&rebuild.token);
+            let changed = status
+                .rebuild_token
+                .as_deref()
+                .is_some_and(|t| t != rebuild.token);
+            let pending = conditions::is_true(&status.conditions, "Rebuilding");
+            status.rebuild_token = Some(rebuild.token.clone());
+            if done || !(changed || pending) {
+                conditions::set(
+                    &mut status.conditions,
+                    "Rebuilding",
+                    false,
+                    "RebuildComplete",
+                    format!("the read model is built for token {:?}", rebuild.token),
+                    generation,
+                );
+            } else {
+                conditions::set(
+                    &mut status.conditions,
+                    "Rebuilding",
+                    true,
+                    "RebuildRequested",
+                    format!(
+                        "the sidecar resets the read model and replays every event when it loads token {:?}",
+                        rebuild.token
+                    ),
+                    generation,
+                );
+            }
+        }
+        None => {
+            status.rebuild_token = None;
+            status.conditions.retain(|c| c.type_ != "Rebuilding");
+        }
+    }
+}
+
+/// Writes the sidecar's config into the Projection's ConfigMap (server-side apply) when it differs.
+async fn apply_config_map(
+    projection: &Projection,
+    resolved: &projectionist_crds::sidecar_config::Resolved,
+    ctx: &Context,
+) -> Result<(), Error> {
+    let namespace = projection.namespace().unwrap_or_default();
+    let name = projection.name_any();
+    let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &namespace);
+    let yaml = resolved.config.to_yaml().map_err(|e| Error::JetStream {
+        action: "rendering the sidecar config".into(),
+        message: e.to_string(),
+    })?;
+    let secrets = serde_json::to_string(&resolved.secrets).map_err(|e| Error::JetStream {
+        action: "rendering the secret list".into(),
+        message: e.to_string(),
+    })?;
+    let data = BTreeMap::from([(config_key(&name), yaml)]);
+    let annotations = BTreeMap::from([(SECRETS_ANNOTATION.to_string(), secrets)]);
+    let labels = BTreeMap::from([
+        (
+            "app.kubernetes.io/managed-by".to_string(),
+            MANAGER.to_string(),
+        ),
+        (PROJECTION_LABEL.to_string(), name.clone()),
+    ]);
+    let cm_name = config_map_name(&name);
+    if let Some(existing) = api.get_opt(&cm_name).await?
+        && existing.data.as_ref() == Some(&data)
+        && existing
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(SECRETS_ANNOTATION))
+            == annotations.get(SECRETS_ANNOTATION)
+        && existing
+            .metadata
+            .owner_references
+            .as_ref()
+            .is_some_and(|o| !o.is_empty())
+    {
+        return Ok(());
+    }
+    let cm = ConfigMap {
+        metadata: ObjectMeta {
+            name: Some(cm_name.clone()),
+            namespace: Some(namespace),
+            labels: Some(labels),
+            annotations: Some(annotations),
+            owner_references: projection.controller_owner_ref(&()).map(|o| vec![o]),
+            ..ObjectMeta::default()
+        },
+        data: Some(data),
+        ..ConfigMap::default()
+    };
+    let mut value = serde_json::to_value(&cm).map_err(|e| Error::JetStream {
+        action: "rendering the ConfigMap".into(),
+        message: e.to_string(),
+    })?;
+    value["apiVersion"] = json!("v1");
+    value["kind"] = json!("ConfigMap");
+    api.patch(
+        &cm_name,
+        &PatchParams::apply(MANAGER).force(),
+        &Patch::Apply(&value),
+    )
+    .await?;
+    Ok(())
+}

@@ -1,0 +1,290 @@
+//! The operator process: admin endpoints, leader election, and the two controllers while this replica leads.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::runtime::controller::{self, Action, Controller};
+use kube::runtime::events::Reporter;
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
+use kube::{Api, ResourceExt};
+use projectionist_crds::event_store::EventStore;
+use projectionist_crds::projection::Projection;
+use tokio::sync::watch;
+
+use crate::admin::{self, Health};
+use crate::context::{Context, MANAGER, Settings, key};
+use crate::error::Error;
+use crate::leader::Elector;
+use crate::metrics::{FailureLabels, KindLabels, Metrics};
+use crate::nats::Pool;
+use crate::{event_store, projection};
+
+/// Everything `run` needs.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub admin_addr: SocketAddr,
+    pub lease_name: String,
+    pub lease_namespace: String,
+    pub identity: String,
+    pub lease_duration: Duration,
+    /// Only this namespace, or all.
+    pub namespace: Option<String>,
+    pub concurrency: u16,
+    pub nats_timeout: Duration,
+    pub work_dir: PathBuf,
+    pub settings: Settings,
+}
+
+/// Resolves when SIGTERM or SIGINT arrives.
+async fn signal() {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
+/// Runs until SIGTERM/SIGINT.
+pub async fn run(options: Options) -> anyhow::Result<()> {
+    let metrics = Arc::new(Metrics::default());
+    let health = Arc::new(Health::default());
+    let (stop_tx, stop) = watch::channel(false);
+    tokio::spawn(async move {
+        signal().await;
+        tracing::info!("shutting down");
+        let _ = stop_tx.send(true);
+    });
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|s| *s).await;
+    };
+    let admin = tokio::spawn(admin::serve(
+        options.admin_addr,
+        health.clone(),
+        metrics.clone(),
+        stopped(stop.clone()),
+    ));
+
+    let client = loop {
+        match kube::Client::try_default().await {
+            Ok(c) => break c,
+            Err(e) => {
+                tracing::warn!(error = %e, "no Kubernetes client yet; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                    _ = stopped(stop.clone()) => return Ok(()),
+                }
+            }
+        }
+    };
+    let elector = Elector::new(
+        client.clone(),
+        &options.lease_namespace,
+        &options.lease_name,
+        &options.identity,
+        options.lease_duration,
+    );
+    let reporter = Reporter {
+        controller: MANAGER.to_string(),
+        instance: Some(options.identity.clone()),
+    };
+    let pool = Pool::new(
+        options.work_dir.clone(),
+        metrics.clone(),
+        options.nats_timeout,
+    );
+    let ctx = Arc::new(Context::new(
+        client,
+        pool,
+        reporter,
+        metrics.clone(),
+        options.settings.clone(),
+    ));
+    let retry = (options.lease_duration / 8).max(Duration::from_millis(200));
+    let renew_every = (options.lease_duration / 3).max(Duration::from_millis(300));
+
+    'standby: loop {
+        loop {
+            match elector.try_acquire_or_renew().await {
+                Ok(true) => {
+                    health.ready.store(true, Ordering::Relaxed);
+                    break;
+                }
+                Ok(false) => health.ready.store(true, Ordering::Relaxed),
+                Err(e) => tracing::warn!(error = %e, "cannot reach the lease"),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(retry) => {}
+                _ = stopped(stop.clone()) => break 'standby,
+            }
+        }
+        tracing::info!(
+            identity = elector.identity(),
+            "acquired the leader lease; reconciling"
+        );
+        metrics.leader.set(1);
+        let controllers = run_controllers(ctx.clone(), &options, stopped(stop.clone()));
+        tokio::pin!(controllers);
+        let mut renewed = Instant::now();
+        loop {
+            tokio::select! {
+                _ = &mut controllers => {
+                    // The controllers only end on shutdown.
+                    metrics.leader.set(0);
+                    if let Err(e) = elector.release().await {
+                        tracing::warn!(error = %e, "could not release the lease");
+                    }
+                    break 'standby;
+                }
+                _ = tokio::time::sleep(renew_every) => match elector.try_acquire_or_renew().await {
+                    Ok(true) => renewed = Instant::now(),
+                    Ok(false) => {
+                        tracing::warn!("lost the leader lease; standing by");
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot renew the lease");
+                        if renewed.elapsed() >= options.lease_duration {
+                            tracing::warn!("the lease expired; standing by");
+                            break;
+                        }
+                    }
+                },
+            }
+        }
+        metrics.leader.set(0);
+    }
+    let _ = admin.await;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn record(metrics: &Metrics, kind: &str, started: Instant, result: &Result<Action, Error>) {
+    let labels = KindLabels {
+        kind: kind.to_string(),
+    };
+    metrics.reconciles.get_or_create(&labels).inc();
+    metrics
+        .duration
+        .get_or_create(&labels)
+        .observe(started.elapsed().as_secs_f64());
+    if let Err(e) = result {
+        metrics
+            .failures
+            .get_or_create(&FailureLabels {
+                kind: kind.to_string(),
+                category: e.category().to_string(),
+            })
+            .inc();
+    }
+}
+
+fn error_policy<K: ResourceExt>(object: Arc<K>, error: &Error, ctx: Arc<Context>) -> Action {
+    let delay = ctx.backoff(&key(&*object));
+    tracing::warn!(object = %key(&*object), category = error.category(), error = %error, retry_in = ?delay, "reconcile failed");
+    Action::requeue(delay)
+}
+
+async fn run_controllers(
+    ctx: Arc<Context>,
+    options: &Options,
+    shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
+) {
+    let client = ctx.client.clone();
+    let (stores, projections, maps): (Api<EventStore>, Api<Projection>, Api<ConfigMap>) =
+        match &options.namespace {
+            Some(ns) => (
+                Api::namespaced(client.clone(), ns),
+                Api::namespaced(client.clone(), ns),
+                Api::namespaced(client.clone(), ns),
+            ),
+            None => (
+                Api::all(client.clone()),
+                Api::all(client.clone()),
+                Api::all(client),
+            ),
+        };
+    let config = controller::Config::default().concurrency(options.concurrency);
+    let (shutdown_tx, _) = tokio::sync::broadcast::channel::<()>(1);
+    let trigger = shutdown_tx.clone();
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = trigger.send(());
+    });
+    let on_shutdown = |tx: &tokio::sync::broadcast::Sender<()>| {
+        let mut rx = tx.subscribe();
+        async move {
+            let _ = rx.recv().await;
+        }
+    };
+
+    let store_controller = Controller::new(stores.clone(), watcher::Config::default())
+        .with_config(config.clone())
+        .graceful_shutdown_on(on_shutdown(&shutdown_tx))
+        .run(
+            |object, ctx: Arc<Context>| async move {
+                let started = Instant::now();
+                let result = event_store::reconcile(object, ctx.clone()).await;
+                record(&ctx.metrics, "EventStore", started, &result);
+                result
+            },
+            error_policy,
+            ctx.clone(),
+        )
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "EventStore controller");
+            }
+        });
+
+    let projection_controller = Controller::new(projections, watcher::Config::default());
+    let cache = projection_controller.store();
+    let projection_controller = projection_controller
+        .owns(
+            maps,
+            watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGER}")),
+        )
+        .watches(
+            stores,
+            watcher::Config::default(),
+            move |store: EventStore| {
+                let namespace = store.namespace();
+                let name = store.name_any();
+                cache
+                    .state()
+                    .into_iter()
+                    .filter(|p| p.namespace() == namespace && p.spec.event_store == name)
+                    .map(|p| ObjectRef::from_obj(&*p))
+                    .collect::<Vec<_>>()
+            },
+        )
+        .with_config(config)
+        .graceful_shutdown_on(on_shutdown(&shutdown_tx))
+        .run(
+            |object, ctx: Arc<Context>| async move {
+                let started = Instant::now();
+                let result = projection::reconcile(object, ctx.clone()).await;
+                record(&ctx.metrics, "Projection", started, &result);
+                result
+            },
+            error_policy,
+            ctx,
+        )
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "Projection controller");
+            }
+        });
+    futures::join!(store_controller, projection_controller);
+}

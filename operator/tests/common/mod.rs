@@ -1,0 +1,288 @@
+//! The operator binary as a process against the Kubernetes API emulator and a real nats-server.
+
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, PostParams};
+use projectionist_crds::event_store::EventStore;
+use projectionist_crds::projection::Projection;
+use projectionist_tests::kube_api::KubeApi;
+use projectionist_tests::nats::NatsServer;
+use projectionist_tests::process::{ServerProcess, free_port, wait_for_port};
+use projectionist_tests::repo;
+use tempfile::TempDir;
+
+pub const NAMESPACE: &str = "user-management";
+
+/// The emulator, a nats-server requiring the example's credentials, and the example's namespace and Secrets.
+pub struct Env {
+    pub api: KubeApi,
+    pub nats: NatsServer,
+    pub client: kube::Client,
+    pub dir: TempDir,
+    pub kubeconfig: PathBuf,
+}
+
+/// A running operator process.
+pub struct Operator {
+    pub process: ServerProcess,
+    pub admin_port: u16,
+    pub identity: String,
+}
+
+impl Operator {
+    /// The admin endpoint's body.
+    pub async fn get(&self, path: &str) -> Option<(u16, String)> {
+        let url = format!("127.0.0.1:{}", self.admin_port);
+        let mut stream = tokio::net::TcpStream::connect(&url).await.ok()?;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let request = format!("GET {path} HTTP/1.1\r\nHost: {url}\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.ok()?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.ok()?;
+        let code = response.split_whitespace().nth(1)?.parse().ok()?;
+        let body = response
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_string())?;
+        Some((code, body))
+    }
+
+    /// The value of a metric line starting with `prefix` (summed over matching lines).
+    pub async fn metric(&self, prefix: &str) -> f64 {
+        let Some((_, body)) = self.get("/metrics").await else {
+            return 0.0;
+        };
+        body.lines()
+            .filter(|l| l.starts_with(prefix))
+            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+            .sum()
+    }
+
+    pub fn log(&self) -> String {
+        self.process.log_tail()
+    }
+}
+
+impl Env {
+    pub async fn start() -> Self {
+        let api = KubeApi::start().await.expect("emulator");
+        let nats = NatsServer::start_with_user("user-management", "change-me")
+            .await
+            .expect("nats-server");
+        api.create_namespace(NAMESPACE).expect("namespace");
+        let client = api.client().expect("client");
+        let secrets: Api<Secret> = Api::namespaced(client.clone(), NAMESPACE);
+        let text = std::fs::read_to_string(repo::user_management_example().join("secrets.yaml"))
+            .expect("secrets.yaml");
+        for doc in serde_yaml::Deserializer::from_str(&text) {
+            let secret: Secret = serde::Deserialize::deserialize(doc).expect("secret");
+            secrets
+                .create(&PostParams::default(), &secret)
+                .await
+                .expect("create secret");
+        }
+        let dir = tempfile::Builder::new()
+            .prefix("projectionist-operator-test-")
+            .tempdir()
+            .expect("tempdir");
+        let kubeconfig = dir.path().join("kubeconfig");
+        api.write_kubeconfig(&kubeconfig).expect("kubeconfig");
+        Self {
+            api,
+            nats,
+            client,
+            dir,
+            kubeconfig,
+        }
+    }
+
+    /// Starts an operator process with short intervals.
+    pub async fn operator(&self, identity: &str) -> Operator {
+        let admin_port = free_port().expect("port");
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_projectionist-operator"));
+        cmd.arg("run")
+            .env("KUBECONFIG", &self.kubeconfig)
+            .env("RUST_LOG", "info,projectionist_operator=debug,kube=warn")
+            .env("POD_NAME", identity)
+            .args(["--admin-addr", &format!("127.0.0.1:{admin_port}")])
+            .args([
+                "--lease-duration",
+                "4s",
+                "--resync-interval",
+                "1s",
+                "--status-interval",
+                "1s",
+            ])
+            .args([
+                "--stall-after",
+                "3s",
+                "--nats-timeout",
+                "2s",
+                "--log-format",
+                "text",
+            ])
+            .arg("--work-dir")
+            .arg(self.dir.path().join(format!("work-{identity}")));
+        let log = self.dir.path().join(format!("operator-{identity}.log"));
+        let process = ServerProcess::spawn("projectionist-operator", cmd, &log).expect("spawn");
+        assert!(
+            tokio::task::spawn_blocking(move || wait_for_port(admin_port, Duration::from_secs(30)))
+                .await
+                .expect("join"),
+            "the operator's admin port never opened"
+        );
+        Operator {
+            process,
+            admin_port,
+            identity: identity.to_string(),
+        }
+    }
+
+    pub fn stores(&self) -> Api<EventStore> {
+        Api::namespaced(self.client.clone(), NAMESPACE)
+    }
+
+    pub fn projections(&self) -> Api<Projection> {
+        Api::namespaced(self.client.clone(), NAMESPACE)
+    }
+
+    /// The example EventStore, pointed at the test's nats-server.
+    pub fn example_store(&self) -> EventStore {
+        let (mut store, _) = repo::user_management_resources().expect("example");
+        store.spec.nats.servers = vec![self.nats.url()];
+        store
+    }
+
+    pub fn example_projection(&self) -> Projection {
+        let (_, projection) = repo::user_management_resources().expect("example");
+        projection
+    }
+
+    pub async fn apply_examples(&self) {
+        self.stores()
+            .create(&PostParams::default(), &self.example_store())
+            .await
+            .expect("create EventStore");
+        self.projections()
+            .create(&PostParams::default(), &self.example_projection())
+            .await
+            .expect("create Projection");
+    }
+
+    pub async fn jetstream(&self) -> async_nats::jetstream::Context {
+        self.nats.jetstream().await.expect("jetstream")
+    }
+}
+
+/// Polls `check` every 200 ms until it yields a value; panics after `timeout` with `what` and `context()`.
+pub async fn eventually<T, F, Fut>(
+    what: &str,
+    timeout: Duration,
+    mut check: F,
+    context: impl Fn() -> String,
+) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            panic!("timed out waiting for {what}\n{}", context());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// The condition `type_` of a status's conditions: (status, reason, message).
+pub fn condition(
+    conditions: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
+    type_: &str,
+) -> Option<(String, String, String)> {
+    conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
+}
+
+/// Waits until the EventStore's `Ready` condition has `reason`.
+pub async fn store_reason(env: &Env, operator: &Operator, name: &str, reason: &str) -> EventStore {
+    let stores = env.stores();
+    eventually(
+        &format!("EventStore {name} with Ready reason {reason}"),
+        Duration::from_secs(60),
+        || {
+            let stores = stores.clone();
+            async move {
+                let store = stores.get_opt(name).await.ok()??;
+                let conditions = store
+                    .status
+                    .as_ref()
+                    .map(|s| s.conditions.clone())
+                    .unwrap_or_default();
+                (condition(&conditions, "Ready")?.1 == reason).then_some(store)
+            }
+        },
+        || operator.log(),
+    )
+    .await
+}
+
+/// Waits until the Projection's `Ready` condition has `reason`.
+pub async fn projection_reason(
+    env: &Env,
+    operator: &Operator,
+    name: &str,
+    reason: &str,
+) -> Projection {
+    let projections = env.projections();
+    eventually(
+        &format!("Projection {name} with Ready reason {reason}"),
+        Duration::from_secs(60),
+        || {
+            let projections = projections.clone();
+            async move {
+                let p = projections.get_opt(name).await.ok()??;
+                let conditions = p
+                    .status
+                    .as_ref()
+                    .map(|s| s.conditions.clone())
+                    .unwrap_or_default();
+                (condition(&conditions, "Ready")?.1 == reason).then_some(p)
+            }
+        },
+        || operator.log(),
+    )
+    .await
+}
+
+/// Waits until a store is Ready (any ready reason).
+pub async fn store_ready(env: &Env, operator: &Operator, name: &str) -> EventStore {
+    let stores = env.stores();
+    eventually(
+        &format!("EventStore {name} Ready"),
+        Duration::from_secs(60),
+        || {
+            let stores = stores.clone();
+            async move {
+                let store = stores.get_opt(name).await.ok()??;
+                let conditions = store
+                    .status
+                    .as_ref()
+                    .map(|s| s.conditions.clone())
+                    .unwrap_or_default();
+                (condition(&conditions, "Ready")?.0 == "True").then_some(store)
+            }
+        },
+        || operator.log(),
+    )
+    .await
+}
