@@ -27,6 +27,11 @@ pub const PRIORITY_GROUP: &str = "projectionist";
 /// Consumer metadata key naming the projection (`<namespace>/<name>`).
 pub const METADATA_PROJECTION: &str = "projectionist.dev/projection";
 
+/// Consumer metadata key the sidecar sets to the rebuild token once its rebuild has replayed every event; the
+/// operator reads it to end the Projection's `Rebuilding` condition. It is the sidecar's, so the operator's diff
+/// ignores it.
+pub const METADATA_REBUILT_TOKEN: &str = "projectionist.dev/rebuilt-token";
+
 /// A spec that cannot be turned into a consumer config. Each variant names the field.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConsumerSpecError {

@@ -99,10 +99,12 @@ fn sorted(v: &[String]) -> Vec<String> {
     v
 }
 
-/// Metadata without the keys the server adds itself (`_nats.*`).
+/// Metadata without the keys the server adds itself (`_nats.*`) and the one the sidecar reports through.
 fn user_metadata(m: &std::collections::HashMap<String, String>) -> BTreeMap<String, String> {
     m.iter()
-        .filter(|(k, _)| !k.starts_with("_nats."))
+        .filter(|(k, _)| {
+            !k.starts_with("_nats.") && k.as_str() != crate::consumer::METADATA_REBUILT_TOKEN
+        })
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect()
 }

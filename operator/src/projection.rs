@@ -32,8 +32,7 @@ pub const FINALIZER: &str = "projectionist.dev/delete-consumer";
 pub const PROJECTION_LABEL: &str = "projectionist.dev/projection";
 /// Annotation on the ConfigMap listing the Secret keys the sidecar needs (JSON), for the injection webhook.
 pub const SECRETS_ANNOTATION: &str = "projectionist.dev/secrets";
-/// Consumer metadata key a sidecar sets to the rebuild token once it has rebuilt the read model for it.
-pub const REBUILT_METADATA: &str = "projectionist.dev/rebuilt-token";
+use projectionist_crds::consumer::METADATA_REBUILT_TOKEN as REBUILT_METADATA;
 
 /// The ConfigMap holding a Projection's sidecar config.
 pub fn config_map_name(projection: &str) -> String {

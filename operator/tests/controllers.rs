@@ -833,4 +833,46 @@ async fn a_rebuild_token_reaches_the_sidecar_config_and_status() {
         .expect("config");
     let config = SidecarConfig::from_yaml("x.yaml", yaml).expect("config");
     assert_eq!(config.rebuild.map(|r| r.token), Some("v2".into()));
+
+    // The sidecar records the finished rebuild on the consumer (as its rebuild test shows); the condition ends.
+    let js = env.jetstream().await;
+    let stream = js
+        .get_stream(env.example_store().stream_name())
+        .await
+        .expect("stream");
+    let mut consumer = stream
+        .consumer_info(env.example_projection().consumer_name())
+        .await
+        .expect("consumer")
+        .config
+        .clone();
+    consumer.metadata.insert(
+        projectionist_crds::consumer::METADATA_REBUILT_TOKEN.into(),
+        "v2".into(),
+    );
+    stream
+        .update_consumer(consumer)
+        .await
+        .expect("update consumer");
+    let done = eventually(
+        "RebuildComplete",
+        Duration::from_secs(30),
+        || {
+            let projections = projections.clone();
+            async move {
+                let s = projections.get("users-read-model").await.ok()?.status?;
+                let c = condition(&s.conditions, "Rebuilding")?;
+                (c.0 == "False").then_some(c)
+            }
+        },
+        || operator.log(),
+    )
+    .await;
+    assert_eq!(done.1, "RebuildComplete");
+    assert!(
+        !event_reasons(&env)
+            .await
+            .contains(&"ConsumerRepaired".to_string()),
+        "the sidecar's key is left alone"
+    );
 }

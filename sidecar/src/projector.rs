@@ -386,6 +386,24 @@ impl Projector {
         Ok(went_back)
     }
 
+    /// Tells the operator the rebuild is done: the rebuild token goes into the consumer's metadata. Best effort — a
+    /// sidecar whose NATS user may not update consumers only logs it (the Projection then keeps `Rebuilding`).
+    async fn report_rebuilt(
+        &self,
+        stream: &jetstream::stream::Stream,
+        info: &jetstream::consumer::Info,
+    ) {
+        let mut config = info.config.clone();
+        let token = self.checkpoint.rebuild_token.clone();
+        config.metadata.insert(
+            projectionist_crds::consumer::METADATA_REBUILT_TOKEN.to_string(),
+            token,
+        );
+        if let Err(e) = stream.update_consumer(config).await {
+            warn!(projection = %self.key, error = %e, "could not record the finished rebuild on the consumer");
+        }
+    }
+
     /// Catches up from the stream, then consumes the durable consumer until shutdown, a halt, or an interruption.
     async fn consume(&mut self) -> Result<Exit, Transient> {
         self.state.set_waiting(Some("connecting to NATS".into()));
@@ -409,6 +427,7 @@ impl Projector {
         if self.state.rebuilding.swap(false, Ordering::Relaxed) {
             self.metrics.rebuilding.get_or_create(&self.label).set(0);
             info!(projection = %self.key, checkpoint = self.checkpoint.last_sequence, "rebuild replay finished");
+            self.report_rebuilt(&stream, &info).await;
         }
 
         let max_events = usize::try_from(self.config.batch.max_events).unwrap_or(500);

@@ -328,6 +328,23 @@ async fn changing_the_rebuild_token_rebuilds_the_read_model_from_scratch() {
     );
     let token = query_strings(&url, "SELECT rebuild_token FROM projectionist_checkpoints").await;
     assert_eq!(token, vec![vec!["v2".to_string()]]);
+    // The finished rebuild is recorded on the consumer, where the operator reads it.
+    let consumer = js
+        .get_stream(store.stream_name())
+        .await
+        .expect("stream")
+        .consumer_info(projection.consumer_name())
+        .await
+        .expect("consumer")
+        .clone();
+    assert_eq!(
+        consumer
+            .config
+            .metadata
+            .get(projectionist_crds::consumer::METADATA_REBUILT_TOKEN)
+            .map(String::as_str),
+        Some("v2")
+    );
     let (_, metrics) = sidecar.get("/metrics").await;
     assert_eq!(
         metric(

@@ -103,7 +103,10 @@ fn projection(j: usize, stores: usize) -> Projection {
     p
 }
 
-fn ready<K>(conditions: Option<&[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition]>, _: &K) -> bool {
+fn ready<K>(
+    conditions: Option<&[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition]>,
+    _: &K,
+) -> bool {
     conditions.is_some_and(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
 }
 
@@ -146,7 +149,9 @@ async fn main() -> anyhow::Result<()> {
     let stores: Api<EventStore> = Api::namespaced(client.clone(), NAMESPACE);
     let projections: Api<Projection> = Api::namespaced(client.clone(), NAMESPACE);
     for i in 0..args.stores {
-        stores.create(&PostParams::default(), &store(i, &nats.url())).await?;
+        stores
+            .create(&PostParams::default(), &store(i, &nats.url()))
+            .await?;
     }
     for j in 0..args.projections {
         projections
@@ -164,14 +169,22 @@ async fn main() -> anyhow::Result<()> {
         .env("KUBECONFIG", &kubeconfig)
         .env("RUST_LOG", "warn")
         .args(["--admin-addr", &format!("127.0.0.1:{admin}")])
-        .args(["--status-interval", &projectionist_crds::duration::format(args.status_interval)])
+        .args([
+            "--status-interval",
+            &projectionist_crds::duration::format(args.status_interval),
+        ])
         .arg("--work-dir")
         .arg(dir.path().join("work"))
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
         .spawn()
-        .with_context(|| format!("starting {} (build it with cargo build --release)", args.operator.display()))?;
+        .with_context(|| {
+            format!(
+                "starting {} (build it with cargo build --release)",
+                args.operator.display()
+            )
+        })?;
     let pid = child.id();
 
     let deadline = Instant::now() + Duration::from_secs(600);
@@ -192,7 +205,9 @@ async fn main() -> anyhow::Result<()> {
             break (true, started.elapsed());
         }
         if Instant::now() > deadline {
-            eprintln!("only {stores_ready} stores and {projections_ready} projections Ready after 600 s");
+            eprintln!(
+                "only {stores_ready} stores and {projections_ready} projections Ready after 600 s"
+            );
             break (false, started.elapsed());
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -216,7 +231,9 @@ async fn main() -> anyhow::Result<()> {
             .collect()
     };
     let calls = delta("projectionist_operator_nats_calls_total");
-    let reconciles: f64 = delta("projectionist_operator_reconciles_total").values().sum();
+    let reconciles: f64 = delta("projectionist_operator_reconciles_total")
+        .values()
+        .sum();
     let total_calls: f64 = calls.values().sum();
     let changes: f64 = calls
         .iter()
@@ -234,11 +251,18 @@ async fn main() -> anyhow::Result<()> {
         ready_after.as_secs_f64(),
         if all_ready { "" } else { " (not all Ready)" }
     );
-    println!("| Operator peak RSS | {:.1} MiB | ≤ 64 MiB |", rss_kib as f64 / 1024.0);
+    println!(
+        "| Operator peak RSS | {:.1} MiB | ≤ 64 MiB |",
+        rss_kib as f64 / 1024.0
+    );
     println!(
         "| Steady state ({} s): reconciles / NATS calls / calls per reconcile | {reconciles:.0} / {total_calls:.0} / {:.2} | — |",
         args.steady.as_secs(),
-        if reconciles > 0.0 { total_calls / reconciles } else { 0.0 }
+        if reconciles > 0.0 {
+            total_calls / reconciles
+        } else {
+            0.0
+        }
     );
     println!("| Steady state: NATS calls other than stream/consumer info | {changes:.0} | 0 |");
     for (name, value) in &calls {
