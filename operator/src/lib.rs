@@ -4,9 +4,11 @@
 //! - [`event_store`] and [`projection`]: the two controllers.
 //! - [`runtime`]: the process — admin endpoints, leader election on a Lease ([`leader`]), the controllers while
 //!   leading, graceful shutdown.
+//! - [`webhook`] and [`certs`]: the sidecar injection webhook every replica serves, and its certificate.
 //! - [`nats`]: NATS connections per distinct servers and credentials, and the counted JetStream calls.
 
 pub mod admin;
+pub mod certs;
 pub mod conditions;
 pub mod context;
 pub mod error;
@@ -16,3 +18,4 @@ pub mod metrics;
 pub mod nats;
 pub mod projection;
 pub mod runtime;
+pub mod webhook;

@@ -11,7 +11,8 @@ use projectionist_crds::manifest::Manifests;
 use projectionist_crds::sidecar_config::{SecretSource, resolve};
 use projectionist_crds::{consumer, crd, stream};
 use projectionist_operator::context::Settings;
-use projectionist_operator::runtime;
+use projectionist_operator::webhook::Injection;
+use projectionist_operator::{certs, runtime};
 
 /// Projectionist's Kubernetes operator: EventStore → JetStream stream (an append-only ledger), Projection → durable
 /// consumer and the sidecar's config.
@@ -94,6 +95,141 @@ struct RunArgs {
     /// Log format.
     #[arg(long, env = "PROJECTIONIST_LOG_FORMAT", default_value = "json", value_parser = ["json", "text"])]
     log_format: String,
+    #[command(flatten)]
+    webhook: WebhookArgs,
+}
+
+/// The sidecar injection webhook (served by every replica).
+#[derive(Debug, clap::Args)]
+struct WebhookArgs {
+    /// Do not serve the injection webhook.
+    #[arg(long, env = "PROJECTIONIST_DISABLE_WEBHOOK")]
+    disable_webhook: bool,
+    /// HTTPS address of the webhook (`POST /mutate`).
+    #[arg(
+        long,
+        env = "PROJECTIONIST_WEBHOOK_ADDR",
+        default_value = "0.0.0.0:8443"
+    )]
+    webhook_addr: std::net::SocketAddr,
+    /// Serve the certificate in this directory (`tls.crt`, `tls.key`; e.g. cert-manager's Secret mounted) instead
+    /// of generating and rotating one.
+    #[arg(long, env = "PROJECTIONIST_WEBHOOK_CERT_DIR")]
+    webhook_cert_dir: Option<PathBuf>,
+    /// The Service in front of the webhook (the generated certificate names its DNS names).
+    #[arg(
+        long,
+        env = "PROJECTIONIST_WEBHOOK_SERVICE",
+        default_value = "projectionist-webhook"
+    )]
+    webhook_service: String,
+    /// The Secret, in the operator's namespace, that holds the generated certificate.
+    #[arg(
+        long,
+        env = "PROJECTIONIST_WEBHOOK_SECRET",
+        default_value = "projectionist-webhook-tls"
+    )]
+    webhook_secret: String,
+    /// The MutatingWebhookConfiguration whose CA bundle the operator keeps current.
+    #[arg(
+        long,
+        env = "PROJECTIONIST_WEBHOOK_CONFIG",
+        default_value = "projectionist-sidecar-injector"
+    )]
+    webhook_config: String,
+    /// Validity of a generated certificate.
+    #[arg(long, env = "PROJECTIONIST_CERT_VALIDITY", default_value = "8760h", value_parser = duration)]
+    cert_validity: Duration,
+    /// A generated certificate is replaced when less than this is left.
+    #[arg(long, env = "PROJECTIONIST_CERT_RENEW_BEFORE", default_value = "720h", value_parser = duration)]
+    cert_renew_before: Duration,
+    /// How often the certificate is checked (and reloaded when it changed).
+    #[arg(long, env = "PROJECTIONIST_CERT_CHECK_INTERVAL", default_value = "10m", value_parser = duration)]
+    cert_check_interval: Duration,
+    /// Image of the injected sidecar.
+    #[arg(
+        long,
+        env = "PROJECTIONIST_SIDECAR_IMAGE",
+        default_value = "ghcr.io/projectionist/projectionist-sidecar:0.1.0"
+    )]
+    sidecar_image: String,
+    /// Pull policy of the injected sidecar.
+    #[arg(long, env = "PROJECTIONIST_SIDECAR_PULL_POLICY", default_value = "IfNotPresent",
+        value_parser = ["Always", "IfNotPresent", "Never"])]
+    sidecar_pull_policy: String,
+    /// `native`: an init container with `restartPolicy: Always` (Kubernetes ≥ 1.29); `container`: a regular one.
+    #[arg(long, env = "PROJECTIONIST_SIDECAR_MODE", default_value = "native", value_parser = ["native", "container"])]
+    sidecar_mode: String,
+    /// Port of the sidecar's admin endpoints (probes, metrics).
+    #[arg(long, env = "PROJECTIONIST_SIDECAR_ADMIN_PORT", default_value_t = 9464)]
+    sidecar_admin_port: u16,
+    /// CPU request of the sidecar.
+    #[arg(long, env = "PROJECTIONIST_SIDECAR_CPU_REQUEST", default_value = "50m")]
+    sidecar_cpu_request: String,
+    /// Memory request of the sidecar.
+    #[arg(
+        long,
+        env = "PROJECTIONIST_SIDECAR_MEMORY_REQUEST",
+        default_value = "32Mi"
+    )]
+    sidecar_memory_request: String,
+    /// CPU limit of the sidecar (none by default).
+    #[arg(long, env = "PROJECTIONIST_SIDECAR_CPU_LIMIT")]
+    sidecar_cpu_limit: Option<String>,
+    /// Memory limit of the sidecar.
+    #[arg(
+        long,
+        env = "PROJECTIONIST_SIDECAR_MEMORY_LIMIT",
+        default_value = "128Mi"
+    )]
+    sidecar_memory_limit: String,
+}
+
+impl WebhookArgs {
+    fn options(self, namespace: &str) -> Option<runtime::WebhookOptions> {
+        if self.disable_webhook {
+            return None;
+        }
+        use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+        let mut limits = std::collections::BTreeMap::from([(
+            "memory".to_string(),
+            Quantity(self.sidecar_memory_limit),
+        )]);
+        if let Some(cpu) = self.sidecar_cpu_limit {
+            limits.insert("cpu".into(), Quantity(cpu));
+        }
+        let requests = std::collections::BTreeMap::from([
+            ("cpu".to_string(), Quantity(self.sidecar_cpu_request)),
+            ("memory".to_string(), Quantity(self.sidecar_memory_request)),
+        ]);
+        let certs = match self.webhook_cert_dir {
+            Some(dir) => certs::Source::Files(dir),
+            None => certs::Source::Managed {
+                namespace: namespace.to_string(),
+                secret: self.webhook_secret,
+                service: self.webhook_service,
+                webhook_config: self.webhook_config,
+                validity: self.cert_validity,
+                renew_before: self.cert_renew_before,
+            },
+        };
+        Some(runtime::WebhookOptions {
+            addr: self.webhook_addr,
+            certs,
+            cert_check_interval: self.cert_check_interval,
+            injection: Injection {
+                image: self.sidecar_image,
+                pull_policy: self.sidecar_pull_policy,
+                native: self.sidecar_mode == "native",
+                admin_port: self.sidecar_admin_port,
+                resources: k8s_openapi::api::core::v1::ResourceRequirements {
+                    limits: Some(limits),
+                    requests: Some(requests),
+                    ..Default::default()
+                },
+            },
+        })
+    }
 }
 
 fn duration(text: &str) -> Result<Duration, String> {
@@ -119,7 +255,9 @@ fn run(args: RunArgs) -> anyhow::Result<()> {
         let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "operator".into());
         format!("{host}-{}", std::process::id())
     });
+    let webhook = args.webhook.options(&args.lease_namespace);
     let options = runtime::Options {
+        webhook,
         admin_addr: args.admin_addr,
         lease_name: args.lease_name,
         lease_namespace: args.lease_namespace,

@@ -17,12 +17,17 @@ use projectionist_crds::event_store::EventStore;
 use projectionist_crds::projection::Projection;
 use tokio::sync::watch;
 
+use axum_server::tls_rustls::RustlsConfig;
+use kube::runtime::{WatchStreamExt, reflector};
+
 use crate::admin::{self, Health};
+use crate::certs;
 use crate::context::{Context, MANAGER, Settings, key};
 use crate::error::Error;
 use crate::leader::Elector;
 use crate::metrics::{FailureLabels, KindLabels, Metrics};
 use crate::nats::Pool;
+use crate::webhook::{self, Caches, Injection};
 use crate::{event_store, projection};
 
 /// Everything `run` needs.
@@ -39,6 +44,110 @@ pub struct Options {
     pub nats_timeout: Duration,
     pub work_dir: PathBuf,
     pub settings: Settings,
+    /// The injection webhook, unless disabled.
+    pub webhook: Option<WebhookOptions>,
+}
+
+/// The injection webhook's settings.
+#[derive(Debug, Clone)]
+pub struct WebhookOptions {
+    pub addr: SocketAddr,
+    pub certs: certs::Source,
+    /// How often the certificate is re-read (and rotated when managed).
+    pub cert_check_interval: Duration,
+    pub injection: Injection,
+}
+
+/// Starts the webhook: caches of Projections and EventStores, the certificate, its refresh, and the HTTPS server.
+async fn start_webhook(
+    client: kube::Client,
+    options: WebhookOptions,
+    stop: watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let (projections, projections_writer) = reflector::store::<Projection>();
+    let (stores, stores_writer) = reflector::store::<EventStore>();
+    let watch_projections = reflector::reflector(
+        projections_writer,
+        watcher::watcher(
+            Api::<Projection>::all(client.clone()),
+            watcher::Config::default(),
+        ),
+    )
+    .default_backoff()
+    .for_each(|_| futures::future::ready(()));
+    let watch_stores = reflector::reflector(
+        stores_writer,
+        watcher::watcher(
+            Api::<EventStore>::all(client.clone()),
+            watcher::Config::default(),
+        ),
+    )
+    .default_backoff()
+    .for_each(|_| futures::future::ready(()));
+    tokio::spawn(watch_projections);
+    tokio::spawn(watch_stores);
+    projections.wait_until_ready().await?;
+    stores.wait_until_ready().await?;
+
+    let mut cert = loop {
+        match certs::current(&client, &options.certs).await {
+            Ok(cert) => break cert,
+            Err(e) => {
+                tracing::warn!(error = %e, "no webhook certificate yet; retrying");
+                tokio::time::sleep(Duration::from_secs(2)).await;
+            }
+        }
+    };
+    let tls = RustlsConfig::from_pem(
+        cert.cert_pem.clone().into_bytes(),
+        cert.key_pem.clone().into_bytes(),
+    )
+    .await?;
+    let refresh_tls = tls.clone();
+    let refresh_client = client.clone();
+    let source = options.certs.clone();
+    let interval = options.cert_check_interval;
+    tokio::spawn(async move {
+        loop {
+            tokio::time::sleep(interval).await;
+            match certs::current(&refresh_client, &source).await {
+                Ok(next) if next != cert => {
+                    match refresh_tls
+                        .reload_from_pem(
+                            next.cert_pem.clone().into_bytes(),
+                            next.key_pem.clone().into_bytes(),
+                        )
+                        .await
+                    {
+                        Ok(()) => {
+                            tracing::info!("serving the renewed webhook certificate");
+                            cert = next;
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "could not load the renewed webhook certificate")
+                        }
+                    }
+                }
+                Ok(_) => {}
+                Err(e) => tracing::warn!(error = %e, "could not check the webhook certificate"),
+            }
+        }
+    });
+    let caches = Caches {
+        projections,
+        stores,
+    };
+    let mut stopped = stop;
+    tokio::spawn(async move {
+        let shutdown = async move {
+            let _ = stopped.wait_for(|s| *s).await;
+        };
+        if let Err(e) = webhook::serve(options.addr, tls, caches, options.injection, shutdown).await
+        {
+            tracing::error!(error = %e, "the webhook server failed");
+        }
+    });
+    Ok(())
 }
 
 /// Resolves when SIGTERM or SIGINT arrives.
@@ -58,6 +167,8 @@ async fn signal() {
 
 /// Runs until SIGTERM/SIGINT.
 pub async fn run(options: Options) -> anyhow::Result<()> {
+    // One TLS implementation for the process (the webhook server); a second install is harmless.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let metrics = Arc::new(Metrics::default());
     let health = Arc::new(Health::default());
     let (stop_tx, stop) = watch::channel(false);
@@ -88,6 +199,20 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
             }
         }
     };
+    if let Some(webhook) = options.webhook.clone() {
+        loop {
+            match start_webhook(client.clone(), webhook.clone(), stop.clone()).await {
+                Ok(()) => break,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot start the webhook yet; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+                        _ = stopped(stop.clone()) => return Ok(()),
+                    }
+                }
+            }
+        }
+    }
     let elector = Elector::new(
         client.clone(),
         &options.lease_namespace,

@@ -103,6 +103,11 @@ impl Env {
 
     /// Starts an operator process with short intervals.
     pub async fn operator(&self, identity: &str) -> Operator {
+        self.operator_with(identity, &["--disable-webhook"]).await
+    }
+
+    /// Starts an operator process with short intervals and `extra` arguments.
+    pub async fn operator_with(&self, identity: &str, extra: &[&str]) -> Operator {
         let admin_port = free_port().expect("port");
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_projectionist-operator"));
         cmd.arg("run")
