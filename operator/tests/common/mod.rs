@@ -132,7 +132,8 @@ impl Env {
                 "text",
             ])
             .arg("--work-dir")
-            .arg(self.dir.path().join(format!("work-{identity}")));
+            .arg(self.dir.path().join(format!("work-{identity}")))
+            .args(extra);
         let log = self.dir.path().join(format!("operator-{identity}.log"));
         let process = ServerProcess::spawn("projectionist-operator", cmd, &log).expect("spawn");
         assert!(
