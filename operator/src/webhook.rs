@@ -33,6 +33,8 @@ pub const CONTAINER: &str = "projectionist-sidecar";
 pub const INJECT_ANNOTATION: &str = "projectionist.dev/inject";
 /// Pod annotation the webhook sets to the projections it injected.
 pub const INJECTED_ANNOTATION: &str = "projectionist.dev/injected";
+/// Pod label the webhook sets on pods it injected (`injected`), for monitoring to find the sidecars.
+pub const SIDECAR_LABEL: &str = "projectionist.dev/sidecar";
 /// Namespace label that opts a namespace in (`enabled`), used by the webhook configuration's `namespaceSelector`.
 pub const NAMESPACE_LABEL: &str = "projectionist.dev/injection";
 /// Where the sidecar's config files are mounted.
@@ -237,6 +239,16 @@ pub fn inject(
         }
     } else {
         patch.push(json!({"op": "add", "path": "/spec/volumes", "value": volumes}));
+    }
+    if pod.metadata.labels.is_some() {
+        let key = SIDECAR_LABEL.replace('~', "~0").replace('/', "~1");
+        patch.push(
+            json!({"op": "add", "path": format!("/metadata/labels/{key}"), "value": "injected"}),
+        );
+    } else {
+        patch.push(
+            json!({"op": "add", "path": "/metadata/labels", "value": {SIDECAR_LABEL: "injected"}}),
+        );
     }
     let injected = decision.projections.join(",");
     if pod.metadata.annotations.is_some() {

@@ -7,6 +7,7 @@
 //! - [`sqlite`]: SQLite files in a temporary directory.
 //! - [`crd_validation`]: validation of objects against the generated CRDs' `openAPIV3Schema` and CEL rules, the way
 //!   the API server does it (defaults first, then schema, then CEL).
+//! - [`helm`]: the chart rendered, linted and its values checked by Helm's own engine.
 //! - [`kube_api`]: a Kubernetes API emulator the real `kube::Client` talks to (its module docs list what it
 //!   emulates and what not).
 //! - [`process`]: the spawned-process handle the servers share (kill by PID on drop, a watchdog that stops the
@@ -15,6 +16,7 @@
 //! - [`repo`]: paths inside the repository (examples, CRDs).
 
 pub mod crd_validation;
+pub mod helm;
 pub mod kube_api;
 pub mod mariadb;
 pub mod nats;

@@ -297,7 +297,24 @@ async fn serve(
             Ok(json_response(StatusCode::OK, &object))
         }
         (&Method::POST, None) => {
-            let object = parse_body(headers, body)?;
+            let mut object = parse_body(headers, body)?;
+            if kind.group.is_empty() && kind.plural == "pods" {
+                let namespace = ns.unwrap_or("default");
+                {
+                    let store = shared.store();
+                    store
+                        .kind("", "namespaces")
+                        .and_then(|k| store.get(k, None, namespace))
+                        .map_err(|_| {
+                            ApiError::new(
+                                404,
+                                "NotFound",
+                                format!("namespaces \"{namespace}\" not found"),
+                            )
+                        })?;
+                }
+                object = super::admission::mutate_pod(shared, namespace, object).await?;
+            }
             let created = shared.store().create(&kind, ns, object, &options)?;
             Ok(json_response(StatusCode::CREATED, &created))
         }

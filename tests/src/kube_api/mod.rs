@@ -31,6 +31,8 @@
 //!   `oldSelf` on update), through [`crate::crd_validation`]; unknown fields are pruned, or refused with
 //!   `fieldValidation=Strict`; errors are `422 Invalid` Status objects with `details.causes` per field.
 //!   Namespaced objects need their Namespace to exist.
+//! - **Mutating admission webhooks** on pod create, with namespace and object selectors, `failurePolicy`,
+//!   `timeoutSeconds` and TLS verified against the `caBundle` (see [`admission`] for how Services are reached).
 //!
 //! What it does not emulate: authentication and authorization (every request is allowed), admission other than
 //! CRD validation (no defaults or validation for built-in kinds beyond the object name), strategic merge patch (it
@@ -39,6 +41,7 @@
 //! propagation (deletion is always background), watches of objects leaving a label selector (no synthetic
 //! `DELETED`), protobuf, CRD conversion (one served version per CRD), and controllers (no Deployment makes Pods).
 
+mod admission;
 mod fields;
 mod http;
 pub mod select;
@@ -73,6 +76,8 @@ impl Default for Options {
 
 pub(crate) struct Shared {
     store: Mutex<Store>,
+    /// Where a Service's webhook is reached: (namespace, name) → loopback address.
+    routes: Mutex<std::collections::HashMap<(String, String), SocketAddr>>,
     options: Options,
     shutdown: watch::Receiver<bool>,
 }
@@ -86,6 +91,14 @@ impl std::fmt::Debug for Shared {
 }
 
 impl Shared {
+    fn routes(
+        &self,
+    ) -> std::sync::MutexGuard<'_, std::collections::HashMap<(String, String), SocketAddr>> {
+        self.routes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     fn store(&self) -> std::sync::MutexGuard<'_, Store> {
         // A panic while holding the lock is a bug in the emulator; the data is still consistent enough to serve.
         self.store
@@ -117,6 +130,7 @@ impl KubeApi {
         let (stop, shutdown) = watch::channel(false);
         let shared = Arc::new(Shared {
             store: Mutex::new(Store::new(options.history)),
+            routes: Mutex::new(std::collections::HashMap::new()),
             options,
             shutdown: shutdown.clone(),
         });
@@ -186,6 +200,13 @@ impl KubeApi {
             .create_namespace(name)
             .map(|_| ())
             .map_err(|e| anyhow::anyhow!(e.message))
+    }
+
+    /// Routes a Service to a loopback address: webhooks whose `clientConfig.service` names it are called there.
+    pub fn route_service(&self, namespace: &str, name: &str, addr: SocketAddr) {
+        self.shared
+            .routes()
+            .insert((namespace.to_string(), name.to_string()), addr);
     }
 
     /// Forgets the change history (as etcd compaction does): watches resuming from before now get `410 Gone`.

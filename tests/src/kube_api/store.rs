@@ -323,7 +323,8 @@ impl Store {
 
     pub fn create_namespace(&mut self, name: &str) -> Result<Value, ApiError> {
         let kind = self.kind("", "namespaces")?.clone();
-        let object = json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name},
+        let object = json!({"apiVersion": "v1", "kind": "Namespace",
+            "metadata": {"name": name, "labels": {"kubernetes.io/metadata.name": name}},
             "status": {"phase": "Active"}});
         self.create(&kind, None, object, &WriteOptions::default())
     }
