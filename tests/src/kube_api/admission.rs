@@ -98,7 +98,7 @@ pub(super) async fn mutate_pod(
             .list(kind, None)
             .iter()
             .flat_map(|config| config["webhooks"].as_array().cloned().unwrap_or_default())
-            .filter(|w| rule_matches(w))
+            .filter(rule_matches)
             .filter(|w| selector_matches(w.get("namespaceSelector"), ns_labels.as_ref()))
             .filter(|w| selector_matches(w.get("objectSelector"), pod.pointer("/metadata/labels")))
             .map(|w| Call {
