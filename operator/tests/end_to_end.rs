@@ -1,0 +1,584 @@
+//! From YAML to rows: the chart rendered by Helm's engine and applied to the Kubernetes API emulator, the operator
+//! running with the chart's arguments, the example's EventStore and Projection applied, a Pod created through the
+//! emulator (which calls the operator's webhook over verified TLS), the injected container started as a process
+//! with its env and mounted config, the sample events appended, and the service's Postgres tables compared with a
+//! reference fold of the events.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use common::{condition, eventually};
+use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Secret};
+use kube::Discovery;
+use kube::api::{Api, DynamicObject, PostParams};
+use kube::core::GroupVersionKind;
+use projectionist_crds::{EventStore, Projection};
+use projectionist_tests::helm;
+use projectionist_tests::kube_api::{KubeApi, Options};
+use projectionist_tests::nats::NatsServer;
+use projectionist_tests::postgres::Postgres;
+use projectionist_tests::process::{ServerProcess, free_port, wait_for_port};
+use projectionist_tests::repo;
+use serde_json::{Value, json};
+
+const SYSTEM: &str = "projectionist-system";
+const APP: &str = "user-management";
+
+/// Creates every rendered manifest the emulator serves, resolving kinds through discovery.
+async fn apply_all(client: &kube::Client, manifests: &[Value]) -> Vec<String> {
+    let discovery = Discovery::new(client.clone())
+        .run()
+        .await
+        .expect("discovery");
+    let mut applied = Vec::new();
+    for manifest in manifests {
+        let api_version = manifest["apiVersion"].as_str().expect("apiVersion");
+        let kind = manifest["kind"].as_str().expect("kind");
+        let (group, version) = api_version.split_once('/').unwrap_or(("", api_version));
+        let Some((resource, caps)) =
+            discovery.resolve_gvk(&GroupVersionKind::gvk(group, version, kind))
+        else {
+            // Prometheus Operator / cert-manager kinds: not installed in this cluster.
+            continue;
+        };
+        let object: DynamicObject = serde_json::from_value(manifest.clone()).expect("object");
+        let api: Api<DynamicObject> = if caps.scope == kube::discovery::Scope::Namespaced {
+            let ns = manifest["metadata"]["namespace"].as_str().unwrap_or(SYSTEM);
+            Api::namespaced_with(client.clone(), ns, &resource)
+        } else {
+            Api::all_with(client.clone(), &resource)
+        };
+        api.create(&PostParams::default(), &object)
+            .await
+            .unwrap_or_else(|e| panic!("creating {kind}: {e}"));
+        applied.push(format!(
+            "{kind}/{}",
+            manifest["metadata"]["name"].as_str().unwrap_or_default()
+        ));
+    }
+    applied
+}
+
+/// The chart's CRDs, applied as `helm install` does before the templates.
+async fn apply_chart_crds(client: &kube::Client) {
+    let crds: Api<DynamicObject> = Api::all_with(
+        client.clone(),
+        &kube::api::ApiResource::erase::<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>(&()),
+    );
+    for entry in std::fs::read_dir(helm::chart().join("crds")).expect("chart crds") {
+        let text = std::fs::read_to_string(entry.expect("entry").path()).expect("crd");
+        let object: DynamicObject = serde_yaml::from_str(&text).expect("crd yaml");
+        crds.create(&PostParams::default(), &object)
+            .await
+            .expect("create CRD");
+    }
+}
+
+fn arg_value(args: &[String], flag: &str) -> Option<String> {
+    args.iter()
+        .find_map(|a| a.strip_prefix(&format!("{flag}=")).map(str::to_string))
+}
+
+fn replace_arg(args: &mut [String], flag: &str, value: &str) {
+    for a in args.iter_mut() {
+        if a.starts_with(&format!("{flag}=")) {
+            *a = format!("{flag}={value}");
+        }
+    }
+}
+
+/// The example events folded by hand-written rules: what `users` and `user_roles` must hold.
+fn reference_fold(events: &[Value]) -> (Vec<Vec<String>>, Vec<Vec<String>>) {
+    let mut users: BTreeMap<String, (String, String)> = BTreeMap::new();
+    let mut roles: BTreeMap<(String, String), ()> = BTreeMap::new();
+    for e in events {
+        let d = &e["data"];
+        let id = d["userId"].as_str().unwrap_or_default().to_string();
+        match e["type"].as_str().unwrap_or_default() {
+            "UserCreated" => {
+                users.insert(
+                    id,
+                    (
+                        d["email"].as_str().unwrap_or_default().into(),
+                        d["name"].as_str().unwrap_or_default().into(),
+                    ),
+                );
+            }
+            "UserUpdated" => {
+                if let Some(u) = users.get_mut(&id) {
+                    if let Some(email) = d["email"].as_str() {
+                        u.0 = email.into();
+                    }
+                    if let Some(name) = d["name"].as_str() {
+                        u.1 = name.into();
+                    }
+                }
+            }
+            "UserDeleted" => {
+                users.remove(&id);
+                roles.retain(|(u, _), _| *u != id);
+            }
+            "RoleAssignedToUser" => {
+                roles.insert((id, d["role"].as_str().unwrap_or_default().into()), ());
+            }
+            "RoleUnassignedFromUser" => {
+                roles.remove(&(id, d["role"].as_str().unwrap_or_default().into()));
+            }
+            _ => {}
+        }
+    }
+    (
+        users
+            .into_iter()
+            .map(|(id, (email, name))| vec![id, email, name])
+            .collect(),
+        roles.into_keys().map(|(u, r)| vec![u, r]).collect(),
+    )
+}
+
+/// The rows of a query, or `None` while the tables do not exist yet.
+async fn rows(url: &str, sql: &str) -> Option<Vec<Vec<String>>> {
+    use sqlx::Row;
+    let pool = sqlx::PgPool::connect(url).await.ok()?;
+    let out = sqlx::query(sqlx::AssertSqlSafe(sql.to_string()))
+        .fetch_all(&pool)
+        .await
+        .ok()
+        .map(|rows| {
+            rows.iter()
+                .map(|r| (0..r.len()).map(|i| r.get::<String, _>(i)).collect())
+                .collect()
+        });
+    pool.close().await;
+    out
+}
+
+/// Writes a projected volume's ConfigMap items (and Secret volumes) under `root`, at the container's mount paths.
+async fn materialise_volumes(client: &kube::Client, pod: &Value, container: &Value, root: &Path) {
+    let maps: Api<ConfigMap> = Api::namespaced(client.clone(), APP);
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), APP);
+    for mount in container["volumeMounts"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+    {
+        let name = mount["name"].as_str().expect("mount name");
+        let target = root.join(
+            mount["mountPath"]
+                .as_str()
+                .expect("path")
+                .trim_start_matches('/'),
+        );
+        std::fs::create_dir_all(&target).expect("mount dir");
+        let volume = pod["spec"]["volumes"]
+            .as_array()
+            .expect("volumes")
+            .iter()
+            .find(|v| v["name"] == name)
+            .cloned()
+            .expect("volume");
+        for source in volume["projected"]["sources"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+        {
+            let cm = maps
+                .get(source["configMap"]["name"].as_str().expect("configMap"))
+                .await
+                .expect("ConfigMap");
+            for item in source["configMap"]["items"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+            {
+                let data = cm
+                    .data
+                    .as_ref()
+                    .and_then(|d| d.get(item["key"].as_str().unwrap_or_default()))
+                    .expect("key");
+                std::fs::write(target.join(item["path"].as_str().expect("path")), data)
+                    .expect("write");
+            }
+        }
+        if let Some(secret) = volume["secret"]["secretName"].as_str() {
+            let s = secrets.get(secret).await.expect("Secret");
+            for item in volume["secret"]["items"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default()
+            {
+                let data = s
+                    .data
+                    .as_ref()
+                    .and_then(|d| d.get(item["key"].as_str().unwrap_or_default()))
+                    .expect("key");
+                std::fs::write(target.join(item["path"].as_str().expect("path")), &data.0)
+                    .expect("write");
+            }
+        }
+    }
+}
+
+/// The container's env, resolved as the kubelet would.
+async fn resolve_env(
+    client: &kube::Client,
+    pod: &Value,
+    container: &Value,
+) -> Vec<(String, String)> {
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), APP);
+    let mut out = Vec::new();
+    for var in container["env"].as_array().cloned().unwrap_or_default() {
+        let name = var["name"].as_str().expect("name").to_string();
+        let value = if let Some(v) = var["value"].as_str() {
+            v.to_string()
+        } else if let Some(r) = var["valueFrom"].get("secretKeyRef") {
+            let s = secrets
+                .get(r["name"].as_str().expect("secret"))
+                .await
+                .expect("Secret");
+            let bytes = s
+                .data
+                .as_ref()
+                .and_then(|d| d.get(r["key"].as_str().unwrap_or_default()))
+                .expect("key");
+            String::from_utf8(bytes.0.clone()).expect("utf-8")
+        } else if let Some(f) = var["valueFrom"].get("fieldRef") {
+            let pointer = format!(
+                "/{}",
+                f["fieldPath"]
+                    .as_str()
+                    .expect("fieldPath")
+                    .replace('.', "/")
+            );
+            pod.pointer(&pointer)
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_string()
+        } else {
+            panic!("unsupported env source: {var}");
+        };
+        out.push((name, value));
+    }
+    out
+}
+
+fn sidecar_binary() -> PathBuf {
+    let operator = PathBuf::from(env!("CARGO_BIN_EXE_projectionist-operator"));
+    let path = operator.with_file_name("projectionist-sidecar");
+    assert!(
+        path.exists(),
+        "{} is missing: build it with `cargo build -p projectionist-sidecar` (cargo test --workspace does)",
+        path.display()
+    );
+    path
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_gets_the_sidecar_and_the_read_model_equals_the_reference_fold() {
+    let sidecar_bin = sidecar_binary();
+    let api = KubeApi::start_with(Options::default())
+        .await
+        .expect("emulator");
+    let client = api.client().expect("client");
+    let dir = tempfile::tempdir().expect("tempdir");
+
+    // Platform team: the chart.
+    apply_chart_crds(&client).await;
+    api.create_namespace(SYSTEM).expect("namespace");
+    let manifests = helm::render(&json!({}), "projectionist", SYSTEM).expect("render");
+    let applied = apply_all(&client, &manifests).await;
+    for expected in [
+        "ClusterRole/projectionist",
+        "MutatingWebhookConfiguration/projectionist-sidecar-injector",
+        "Deployment/projectionist",
+    ] {
+        assert!(
+            applied.iter().any(|a| a == expected),
+            "{expected} not applied: {applied:?}"
+        );
+    }
+
+    // The operator with the Deployment's arguments (ports on loopback, a writable work dir).
+    let deployment = helm::find(&manifests, "Deployment", "projectionist").expect("Deployment");
+    let container = &deployment["spec"]["template"]["spec"]["containers"][0];
+    let mut args: Vec<String> = container["args"]
+        .as_array()
+        .expect("args")
+        .iter()
+        .map(|a| a.as_str().expect("arg").to_string())
+        .collect();
+    let admin_port = free_port().expect("port");
+    let webhook_port = free_port().expect("port");
+    replace_arg(
+        &mut args,
+        "--admin-addr",
+        &format!("127.0.0.1:{admin_port}"),
+    );
+    replace_arg(
+        &mut args,
+        "--webhook-addr",
+        &format!("127.0.0.1:{webhook_port}"),
+    );
+    replace_arg(
+        &mut args,
+        "--work-dir",
+        &dir.path().join("work").to_string_lossy(),
+    );
+    assert_eq!(
+        arg_value(&args, "--webhook-service").as_deref(),
+        Some("projectionist-webhook")
+    );
+    let kubeconfig = dir.path().join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig).expect("kubeconfig");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_projectionist-operator"));
+    cmd.args(&args)
+        .env("KUBECONFIG", &kubeconfig)
+        .env("POD_NAME", "projectionist-7d9f-abcde")
+        .env("POD_NAMESPACE", SYSTEM)
+        .env("RUST_LOG", "info,kube=warn");
+    let operator = ServerProcess::spawn(
+        "projectionist-operator",
+        cmd,
+        &dir.path().join("operator.log"),
+    )
+    .expect("operator");
+    api.route_service(
+        SYSTEM,
+        "projectionist-webhook",
+        ([127, 0, 0, 1], webhook_port).into(),
+    );
+    assert!(
+        tokio::task::spawn_blocking(move || wait_for_port(webhook_port, Duration::from_secs(60)))
+            .await
+            .expect("join"),
+        "the webhook never listened:\n{}",
+        operator.log_tail()
+    );
+    let hooks: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+    eventually(
+        "the CA bundle in the webhook configuration",
+        Duration::from_secs(30),
+        || async {
+            let config = hooks.get("projectionist-sidecar-injector").await.ok()?;
+            config
+                .webhooks?
+                .first()?
+                .client_config
+                .ca_bundle
+                .as_ref()
+                .map(|_| ())
+        },
+        || operator.log_tail(),
+    )
+    .await;
+
+    // Service team: NATS and Postgres, the namespace opted in, Secrets, EventStore and Projection.
+    let nats = NatsServer::start_with_user("user-management", "change-me")
+        .await
+        .expect("nats");
+    let postgres = Postgres::start().await.expect("postgres");
+    let db_url = postgres.fresh_database().await.expect("database");
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let ns: Namespace = serde_json::from_value(
+        json!({"metadata": {"name": APP, "labels": {"projectionist.dev/injection": "enabled"}}}),
+    )
+    .expect("ns");
+    namespaces
+        .create(&PostParams::default(), &ns)
+        .await
+        .expect("namespace");
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), APP);
+    for secret in [
+        json!({"metadata": {"name": "nats-user-management"}, "stringData": {"user": "user-management", "password": "change-me"}}),
+        json!({"metadata": {"name": "users-db"}, "stringData": {"url": db_url}}),
+    ] {
+        let s: Secret = serde_json::from_value(secret).expect("secret");
+        secrets
+            .create(&PostParams::default(), &s)
+            .await
+            .expect("secret");
+    }
+    let (mut store, projection) = repo::user_management_resources().expect("example");
+    store.spec.nats.servers = vec![nats.url()];
+    let stores: Api<EventStore> = Api::namespaced(client.clone(), APP);
+    let projections: Api<Projection> = Api::namespaced(client.clone(), APP);
+    stores
+        .create(&PostParams::default(), &store)
+        .await
+        .expect("EventStore");
+    projections
+        .create(&PostParams::default(), &projection)
+        .await
+        .expect("Projection");
+    eventually(
+        "Projection Ready",
+        Duration::from_secs(60),
+        || async {
+            let p = projections.get("users-read-model").await.ok()?;
+            (condition(&p.status?.conditions, "Ready")?.0 == "True").then_some(())
+        },
+        || operator.log_tail(),
+    )
+    .await;
+
+    // A Pod of the service, created through the API: it comes back with the sidecar.
+    let pods: Api<Pod> = Api::namespaced(client.clone(), APP);
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "user-management-0", "labels": {"app.kubernetes.io/name": "user-management"}},
+        "spec": {"containers": [{"name": "app", "image": "example.org/user-management:1.0"}]}
+    }))
+    .expect("pod");
+    let created = pods
+        .create(&PostParams::default(), &pod)
+        .await
+        .expect("create pod");
+    let created = serde_json::to_value(&created).expect("json");
+    let injected = created["spec"]["initContainers"]
+        .as_array()
+        .and_then(|l| l.iter().find(|c| c["name"] == "projectionist-sidecar"))
+        .cloned()
+        .unwrap_or_else(|| panic!("no sidecar injected: {created}\n{}", operator.log_tail()));
+    assert_eq!(injected["restartPolicy"], "Always");
+    assert_eq!(
+        injected["image"],
+        "ghcr.io/projectionist/projectionist-sidecar:0.1.0"
+    );
+
+    // The injected container, as a process: its args and env, its mounts under a temporary root.
+    let root = dir.path().join("pod-root");
+    materialise_volumes(&client, &created, &injected, &root).await;
+    let env = resolve_env(&client, &created, &injected).await;
+    let sidecar_admin = free_port().expect("port");
+    let args: Vec<String> = injected["args"]
+        .as_array()
+        .expect("args")
+        .iter()
+        .map(|a| a.as_str().expect("arg").to_string())
+        .map(|a| {
+            if a.starts_with('/') {
+                root.join(a.trim_start_matches('/'))
+                    .to_string_lossy()
+                    .into_owned()
+            } else {
+                a
+            }
+        })
+        .map(|a| {
+            if a.starts_with("0.0.0.0:") {
+                format!("127.0.0.1:{sidecar_admin}")
+            } else {
+                a
+            }
+        })
+        .collect();
+    let mut cmd = Command::new(&sidecar_bin);
+    cmd.args(&args)
+        .env_clear()
+        .envs(env)
+        .env("RUST_LOG", "info");
+    let sidecar = ServerProcess::spawn(
+        "projectionist-sidecar",
+        cmd,
+        &dir.path().join("sidecar.log"),
+    )
+    .expect("sidecar");
+
+    // The sample events.
+    let text = std::fs::read_to_string(repo::user_management_example().join("events.ndjson"))
+        .expect("events");
+    let events: Vec<Value> = text
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).expect("event"))
+        .collect();
+    let js = nats.jetstream().await.expect("js");
+    for e in &events {
+        let mut headers = async_nats::HeaderMap::new();
+        for (h, f) in [
+            ("ce-specversion", "specversion"),
+            ("ce-id", "id"),
+            ("ce-type", "type"),
+            ("ce-source", "source"),
+            ("ce-subject", "subject"),
+            ("ce-time", "time"),
+        ] {
+            headers.insert(h, e[f].as_str().expect("field"));
+        }
+        headers.insert("Nats-Msg-Id", e["id"].as_str().expect("id"));
+        headers.insert("content-type", "application/json");
+        let subject = format!(
+            "user-management.users.{}",
+            e["subject"].as_str().expect("subject")
+        );
+        js.publish_with_headers(subject, headers, e["data"].to_string().into())
+            .await
+            .expect("publish")
+            .await
+            .expect("ack");
+    }
+
+    let (users, roles) = reference_fold(&events);
+    eventually(
+        "the read model equal to the reference fold",
+        Duration::from_secs(60),
+        || async {
+            let got_users = rows(&db_url, "SELECT id, email, name FROM users ORDER BY id").await?;
+            let got_roles = rows(
+                &db_url,
+                "SELECT user_id, role FROM user_roles ORDER BY user_id, role",
+            )
+            .await?;
+            (got_users == users && got_roles == roles).then_some(())
+        },
+        || {
+            format!(
+                "sidecar:\n{}\noperator:\n{}",
+                sidecar.log_tail(),
+                operator.log_tail()
+            )
+        },
+    )
+    .await;
+    assert_eq!(
+        rows(&db_url, "SELECT event_id FROM projectionist_dead_letters").await,
+        Some(vec![])
+    );
+
+    // The Projection's status: lag 0, every event acknowledged, CaughtUp.
+    let status = eventually(
+        "CaughtUp with lag 0",
+        Duration::from_secs(60),
+        || async {
+            let s = projections.get("users-read-model").await.ok()?.status?;
+            (s.pending == Some(0)
+                && s.last_acked_sequence == Some(events.len() as u64)
+                && condition(&s.conditions, "CaughtUp")?.0 == "True")
+                .then_some(s)
+        },
+        || operator.log_tail(),
+    )
+    .await;
+    assert_eq!(status.ack_pending, Some(0));
+    assert!(
+        status.active_sidecar.is_some(),
+        "the pinned sidecar is shown"
+    );
+
+    // An opted-out pod is left alone.
+    let opted_out: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "user-management-debug", "labels": {"app.kubernetes.io/name": "user-management"},
+            "annotations": {"projectionist.dev/inject": "false"}},
+        "spec": {"containers": [{"name": "app", "image": "example.org/user-management:1.0"}]}
+    }))
+    .expect("pod");
+    let created = pods
+        .create(&PostParams::default(), &opted_out)
+        .await
+        .expect("create pod");
+    assert!(created.spec.expect("spec").init_containers.is_none());
+}
