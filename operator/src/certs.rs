@@ -108,6 +108,15 @@ pub fn service_names(service: &str, namespace: &str) -> Vec<String> {
     ]
 }
 
+/// The first PEM certificate of a bundle (the current CA; older ones are dropped at the next rotation).
+fn first_certificate(bundle: &str) -> String {
+    const END: &str = "-----END CERTIFICATE-----";
+    match bundle.find(END) {
+        Some(i) => format!("{}\n", &bundle[..i + END.len()]),
+        None => bundle.to_string(),
+    }
+}
+
 fn text(secret: &Secret, key: &str) -> Option<String> {
     secret
         .data
@@ -210,7 +219,8 @@ pub async fn current(client: &kube::Client, source: &Source) -> anyhow::Result<S
                 let mut fresh = generate(&names, *validity)?;
                 // Until every client has the new CA, the old one stays in the bundle.
                 if let Some(old) = &usable {
-                    fresh.ca_bundle = format!("{}{}", fresh.ca_bundle, old.ca_bundle);
+                    fresh.ca_bundle =
+                        format!("{}{}", fresh.ca_bundle, first_certificate(&old.ca_bundle));
                 }
                 let result = match &existing {
                     None => {
@@ -282,5 +292,7 @@ mod tests {
         assert!(cert.ca_bundle.starts_with("-----BEGIN CERTIFICATE-----"));
         assert!(cert.key_pem.contains("PRIVATE KEY"));
         assert_ne!(cert.cert_pem, cert.ca_bundle);
+        let two = format!("{}{}", cert.ca_bundle, cert.cert_pem);
+        assert_eq!(first_certificate(&two), cert.ca_bundle);
     }
 }

@@ -876,3 +876,108 @@ async fn a_rebuild_token_reaches_the_sidecar_config_and_status() {
         "the sidecar's key is left alone"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_webhook_certificate_is_issued_kept_in_a_secret_and_rotated_before_expiry() {
+    use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+    use k8s_openapi::api::core::v1::Secret;
+    let env = Env::start().await;
+    let hooks: Api<MutatingWebhookConfiguration> = Api::all(env.client.clone());
+    let config: MutatingWebhookConfiguration = serde_json::from_value(json!({
+        "metadata": {"name": "projectionist-sidecar-injector"},
+        "webhooks": [{"name": "sidecar.projectionist.dev", "admissionReviewVersions": ["v1"], "sideEffects": "None",
+            "clientConfig": {"service": {"name": "projectionist-webhook", "namespace": "default", "path": "/mutate"}},
+            "rules": [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"]}]}]
+    }))
+    .expect("config");
+    hooks
+        .create(&PostParams::default(), &config)
+        .await
+        .expect("create");
+    let port = projectionist_tests::process::free_port().expect("port");
+    let operator = env
+        .operator_with(
+            "op-1",
+            &[
+                "--webhook-addr",
+                &format!("127.0.0.1:{port}"),
+                "--cert-validity",
+                "30s",
+                "--cert-renew-before",
+                "25s",
+                "--cert-check-interval",
+                "1s",
+            ],
+        )
+        .await;
+    let secrets: Api<Secret> = Api::namespaced(env.client.clone(), "default");
+    let read = || async {
+        let s = secrets.get_opt("projectionist-webhook-tls").await.ok()??;
+        let not_after = s
+            .metadata
+            .annotations
+            .as_ref()?
+            .get("projectionist.dev/not-after")?
+            .clone();
+        let ca = String::from_utf8(s.data.as_ref()?.get("ca.crt")?.0.clone()).ok()?;
+        Some((not_after, ca))
+    };
+    let (first_expiry, first_ca) = eventually(
+        "the certificate Secret",
+        Duration::from_secs(30),
+        read,
+        || operator.log(),
+    )
+    .await;
+    let bundle = || async {
+        let c = hooks.get("projectionist-sidecar-injector").await.ok()?;
+        let b = c.webhooks?.first()?.client_config.ca_bundle.clone()?;
+        String::from_utf8(b.0).ok()
+    };
+    let served = eventually(
+        "the CA bundle patched",
+        Duration::from_secs(30),
+        || async { bundle().await.filter(|b| b.contains(first_ca.trim())) },
+        || operator.log(),
+    )
+    .await;
+    assert!(served.starts_with("-----BEGIN CERTIFICATE-----"));
+
+    // Less than renewBefore is left from the start: the next check rotates it; the bundle keeps the old CA too.
+    let (second_expiry, second_ca) = eventually(
+        "a rotated certificate",
+        Duration::from_secs(30),
+        || async { read().await.filter(|(expiry, _)| *expiry != first_expiry) },
+        || operator.log(),
+    )
+    .await;
+    assert!(second_expiry > first_expiry);
+    let new_ca = second_ca
+        .split("-----END CERTIFICATE-----")
+        .next()
+        .expect("first CA")
+        .to_string();
+    let rotated = eventually(
+        "the new CA in the bundle",
+        Duration::from_secs(30),
+        || async { bundle().await.filter(|b| b.contains(new_ca.trim())) },
+        || operator.log(),
+    )
+    .await;
+    assert!(
+        rotated.contains(first_ca.trim()),
+        "the old CA stays trusted during the rotation"
+    );
+    eventually(
+        "the renewed certificate served",
+        Duration::from_secs(30),
+        || async {
+            operator
+                .log()
+                .contains("serving the renewed webhook certificate")
+                .then_some(())
+        },
+        || operator.log(),
+    )
+    .await;
+}

@@ -1,0 +1,273 @@
+//! The emulator calls mutating webhooks on pod create as the API server does — namespace and object selectors,
+//! `failurePolicy`, `timeoutSeconds`, TLS verified against the `caBundle` — here against the operator's webhook
+//! server running in process with a generated certificate.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use axum_server::tls_rustls::RustlsConfig;
+use k8s_openapi::ByteString;
+use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::core::v1::{Namespace, Pod, ResourceRequirements};
+use kube::api::{Api, PostParams};
+use kube::runtime::{reflector, watcher};
+use projectionist_operator::certs;
+use projectionist_operator::webhook::{self, Caches, Injection};
+use projectionist_tests::kube_api::KubeApi;
+use projectionist_tests::process::free_port;
+use projectionist_tests::repo;
+use serde_json::json;
+
+const NS: &str = "user-management";
+
+struct Setup {
+    api: KubeApi,
+    client: kube::Client,
+    addr: SocketAddr,
+    ca: String,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+/// The emulator, a webhook server knowing the example Projection, and its Service routed.
+async fn setup() -> Setup {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let api = KubeApi::start().await.expect("emulator");
+    let client = api.client().expect("client");
+    let (store, projection) = repo::user_management_resources().expect("example");
+    let (projections, mut pw) = reflector::store();
+    let (stores, mut sw) = reflector::store();
+    for e in [
+        watcher::Event::Init,
+        watcher::Event::InitApply(projection),
+        watcher::Event::InitDone,
+    ] {
+        pw.apply_watcher_event(&e);
+    }
+    for e in [
+        watcher::Event::Init,
+        watcher::Event::InitApply(store),
+        watcher::Event::InitDone,
+    ] {
+        sw.apply_watcher_event(&e);
+    }
+    let cert = certs::generate(
+        &certs::service_names("hook", "system"),
+        Duration::from_secs(3600),
+    )
+    .expect("cert");
+    let tls = RustlsConfig::from_pem(cert.cert_pem.into_bytes(), cert.key_pem.into_bytes())
+        .await
+        .expect("tls");
+    let port = free_port().expect("port");
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let settings = Injection {
+        image: "sidecar:test".into(),
+        pull_policy: "IfNotPresent".into(),
+        native: true,
+        admin_port: 9464,
+        resources: ResourceRequirements::default(),
+    };
+    tokio::spawn(webhook::serve(
+        addr,
+        tls,
+        Caches {
+            projections,
+            stores,
+        },
+        settings,
+        async move {
+            let _ = stopped.await;
+        },
+    ));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    api.route_service("system", "hook", addr);
+    let namespaces: Api<Namespace> = Api::all(client.clone());
+    let ns: Namespace = serde_json::from_value(
+        json!({"metadata": {"name": NS, "labels": {"projectionist.dev/injection": "enabled"}}}),
+    )
+    .expect("ns");
+    namespaces
+        .create(&PostParams::default(), &ns)
+        .await
+        .expect("namespace");
+    api.create_namespace("other").expect("namespace");
+    Setup {
+        api,
+        client,
+        addr,
+        ca: cert.ca_bundle,
+        _stop: stop,
+    }
+}
+
+fn config(
+    name: &str,
+    client_config: serde_json::Value,
+    failure: &str,
+    timeout: u64,
+    object_selector: serde_json::Value,
+) -> MutatingWebhookConfiguration {
+    serde_json::from_value(json!({
+        "metadata": {"name": name},
+        "webhooks": [{
+            "name": format!("{name}.projectionist.dev"),
+            "admissionReviewVersions": ["v1"], "sideEffects": "None",
+            "failurePolicy": failure, "timeoutSeconds": timeout,
+            "clientConfig": client_config,
+            "rules": [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"]}],
+            "namespaceSelector": {"matchLabels": {"projectionist.dev/injection": "enabled"}},
+            "objectSelector": object_selector
+        }]
+    }))
+    .expect("config")
+}
+
+fn service_config(ca: &str) -> serde_json::Value {
+    json!({"service": {"name": "hook", "namespace": "system", "path": "/mutate", "port": 443},
+        "caBundle": ByteString(ca.as_bytes().to_vec())})
+}
+
+fn app_pod(name: &str) -> Pod {
+    serde_json::from_value(json!({
+        "metadata": {"name": name, "labels": {"app.kubernetes.io/name": "user-management"}},
+        "spec": {"containers": [{"name": "app", "image": "app:1"}]}
+    }))
+    .expect("pod")
+}
+
+fn injected(pod: &Pod) -> bool {
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.init_containers.as_ref())
+        .is_some_and(|c| c.iter().any(|c| c.name == "projectionist-sidecar"))
+}
+
+async fn create(setup: &Setup, namespace: &str, pod: &Pod) -> Result<Pod, kube::Error> {
+    Api::<Pod>::namespaced(setup.client.clone(), namespace)
+        .create(&PostParams::default(), pod)
+        .await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn selectors_decide_which_pods_reach_the_webhook() {
+    let s = setup().await;
+    let hooks: Api<MutatingWebhookConfiguration> = Api::all(s.client.clone());
+    hooks
+        .create(
+            &PostParams::default(),
+            &config(
+                "inject",
+                service_config(&s.ca),
+                "Fail",
+                5,
+                json!({"matchExpressions": [{"key": "skip", "operator": "DoesNotExist"}]}),
+            ),
+        )
+        .await
+        .expect("config");
+    assert!(
+        injected(&create(&s, NS, &app_pod("a")).await.expect("create")),
+        "opted-in namespace"
+    );
+    assert!(
+        !injected(&create(&s, "other", &app_pod("b")).await.expect("create")),
+        "namespace not opted in"
+    );
+    let mut skipped = app_pod("c");
+    skipped
+        .metadata
+        .labels
+        .get_or_insert_default()
+        .insert("skip".into(), "yes".into());
+    assert!(
+        !injected(&create(&s, NS, &skipped).await.expect("create")),
+        "objectSelector"
+    );
+    let _ = &s.api;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_ca_bundle_is_verified_and_failure_policy_decides() {
+    let s = setup().await;
+    let hooks: Api<MutatingWebhookConfiguration> = Api::all(s.client.clone());
+    // A bundle of another CA: the TLS handshake fails verification.
+    let other = certs::generate(
+        &certs::service_names("hook", "system"),
+        Duration::from_secs(3600),
+    )
+    .expect("cert");
+    hooks
+        .create(
+            &PostParams::default(),
+            &config(
+                "strict",
+                service_config(&other.ca_bundle),
+                "Fail",
+                5,
+                json!({}),
+            ),
+        )
+        .await
+        .expect("config");
+    match create(&s, NS, &app_pod("a")).await {
+        Err(kube::Error::Api(e)) => {
+            assert_eq!(e.code, 500);
+            assert!(
+                e.message
+                    .contains("failed calling webhook \"strict.projectionist.dev\""),
+                "{}",
+                e.message
+            );
+            assert!(e.message.contains("certificate"), "{}", e.message);
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    // The same with failurePolicy Ignore: the pod is created, unmutated.
+    let mut lenient = hooks.get("strict").await.expect("get");
+    lenient.metadata.managed_fields = None;
+    if let Some(w) = lenient.webhooks.as_mut().and_then(|w| w.first_mut()) {
+        w.failure_policy = Some("Ignore".into());
+    }
+    hooks
+        .replace("strict", &PostParams::default(), &lenient)
+        .await
+        .expect("replace");
+    let pod = create(&s, NS, &app_pod("b"))
+        .await
+        .expect("created despite the failing webhook");
+    assert!(!injected(&pod));
+    let _ = s.addr;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_webhook_that_does_not_answer_in_time_fails_the_create() {
+    let s = setup().await;
+    // A listener that accepts and never answers.
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let silent_addr = silent.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((conn, _)) = silent.accept().await {
+            held.push(conn);
+        }
+    });
+    let hooks: Api<MutatingWebhookConfiguration> = Api::all(s.client.clone());
+    let client_config = json!({"url": format!("https://{silent_addr}/mutate"), "caBundle": ByteString(s.ca.as_bytes().to_vec())});
+    hooks
+        .create(
+            &PostParams::default(),
+            &config("slow", client_config, "Fail", 1, json!({})),
+        )
+        .await
+        .expect("config");
+    match create(&s, NS, &app_pod("a")).await {
+        Err(kube::Error::Api(e)) => {
+            assert_eq!(e.code, 500);
+            assert!(e.message.contains("deadline"), "{}", e.message);
+        }
+        other => panic!("expected a timeout, got {other:?}"),
+    }
+}
