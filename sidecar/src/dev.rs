@@ -64,6 +64,7 @@ pub fn launches(
                 })?;
             Ok(Launch {
                 config,
+                file: None,
                 database_url: Some(url),
                 nats_url: Some(nats_url.to_string()),
             })

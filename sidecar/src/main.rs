@@ -43,6 +43,10 @@ struct Serve {
     /// How long to wait, after SIGTERM/SIGINT, for batches in flight to commit or roll back before exiting.
     #[arg(long, env = "PROJECTIONIST_GRACE_PERIOD", default_value = "25s", value_parser = parse_duration)]
     grace_period: std::time::Duration,
+    /// How often config files are checked for changes (a ConfigMap update); a changed projection restarts with
+    /// its new config (e.g. a new rebuild token or handlers).
+    #[arg(long, env = "PROJECTIONIST_RELOAD_INTERVAL", default_value = "5s", value_parser = parse_duration)]
+    reload_interval: std::time::Duration,
 }
 
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
@@ -214,8 +218,9 @@ async fn run_cmd(config_dir: &std::path::Path, serve: &Serve) -> anyhow::Result<
     let configs = runtime::read_config_dir(config_dir)?;
     let launches = configs
         .into_iter()
-        .map(|(_, config)| runtime::Launch {
+        .map(|(file, config)| runtime::Launch {
             config,
+            file: Some(file),
             database_url: None,
             nats_url: None,
         })
@@ -226,6 +231,7 @@ async fn run_cmd(config_dir: &std::path::Path, serve: &Serve) -> anyhow::Result<
         listener,
         runtime::shutdown_signal(),
         serve.grace_period,
+        serve.reload_interval,
     )
     .await
 }
@@ -249,6 +255,7 @@ async fn dev_cmd(
         listener,
         runtime::shutdown_signal(),
         serve.grace_period,
+        serve.reload_interval,
     )
     .await
 }

@@ -232,6 +232,8 @@ impl Projector {
 
     /// Runs until shutdown or a halt.
     pub async fn run(mut self) -> Exit {
+        // A restart (a new config) starts afresh.
+        self.metrics.halted.get_or_create(&self.label).set(0);
         let exit = self.run_inner().await;
         if let Exit::Halted(reason) = &exit {
             error!(projection = %self.key, reason = %reason, "projection halted");

@@ -29,6 +29,9 @@ pub struct Launch {
     pub config: SidecarConfig,
     /// Database URL to use instead of the config's secret (the `dev` mode).
     pub database_url: Option<String>,
+    /// The file the config came from: when its content changes (a ConfigMap update), the projection stops and
+    /// starts again with the new config.
+    pub file: Option<PathBuf>,
     /// NATS URL to use instead of the config's servers and credentials (the `dev` mode).
     pub nats_url: Option<String>,
 }
@@ -108,6 +111,7 @@ pub async fn run(
     admin_listener: TcpListener,
     shutdown: impl std::future::Future<Output = ()>,
     grace: Duration,
+    reload: Duration,
 ) -> anyhow::Result<()> {
     let mut registry = Registry::default();
     let metrics = Metrics::new(&mut registry);
@@ -122,24 +126,7 @@ pub async fn run(
         let state = ProjectionState::new(&key);
         states.push(state.clone());
         let (metrics, stop_rx) = (metrics.clone(), stop_rx.clone());
-        tasks.spawn(async move {
-            match start_projection(launch, state.clone(), metrics, stop_rx.clone()).await {
-                Ok(projector) => (key, projector.run().await),
-                Err(e) => {
-                    let reason = format!("cannot start: {e:#}");
-                    error!(projection = %key, reason = %reason, "projection not started");
-                    state.halt(reason.clone());
-                    // Keep the halted state visible on /readyz until shutdown.
-                    let mut stop_rx = stop_rx;
-                    while !*stop_rx.borrow() {
-                        state.beat();
-                        let _ =
-                            tokio::time::timeout(Duration::from_secs(1), stop_rx.changed()).await;
-                    }
-                    (key, Exit::Halted(reason))
-                }
-            }
-        });
+        tasks.spawn(supervise(key, launch, state, metrics, stop_rx, reload));
     }
     let admin_state = Arc::new(AdminState {
         projections: states,
@@ -168,6 +155,116 @@ pub async fn run(
     }
     let _ = tokio::time::timeout(Duration::from_secs(1), admin).await;
     Ok(())
+}
+
+/// Resolves with the new config once `file`'s content differs from `current` and parses; a content that does not
+/// parse is logged and waited past (the running config stays).
+async fn changed_config(file: &Path, current: &str, every: Duration) -> (String, SidecarConfig) {
+    let mut reported = String::new();
+    loop {
+        tokio::time::sleep(every).await;
+        let Ok(text) = tokio::fs::read_to_string(file).await else {
+            continue;
+        };
+        if text == current || text == reported {
+            continue;
+        }
+        match SidecarConfig::from_yaml(&file.display().to_string(), &text) {
+            Ok(config) => return (text, config),
+            Err(e) => {
+                error!(file = %file.display(), error = %e, "the changed config does not parse; keeping the running one");
+                reported = text;
+            }
+        }
+    }
+}
+
+/// Runs one projection until shutdown, restarting it with the new config whenever its file changes.
+async fn supervise(
+    key: String,
+    mut launch: Launch,
+    state: Arc<ProjectionState>,
+    metrics: Arc<Metrics>,
+    stop_rx: watch::Receiver<bool>,
+    reload: Duration,
+) -> (String, Exit) {
+    let mut current = launch
+        .file
+        .as_ref()
+        .and_then(|f| std::fs::read_to_string(f).ok())
+        .unwrap_or_default();
+    loop {
+        // This projection's own stop: the global one, or a reload.
+        let (own_tx, own_rx) = watch::channel(false);
+        let forward = {
+            let (mut global, own) = (stop_rx.clone(), own_tx.clone());
+            tokio::spawn(async move {
+                let _ = global.wait_for(|s| *s).await;
+                let _ = own.send(true);
+            })
+        };
+        let running = run_once(
+            key.clone(),
+            launch.clone(),
+            state.clone(),
+            metrics.clone(),
+            own_rx,
+        );
+        tokio::pin!(running);
+        let watched = launch.file.clone();
+        let change = async {
+            match &watched {
+                Some(file) => changed_config(file, &current, reload).await,
+                None => std::future::pending().await,
+            }
+        };
+        let outcome = tokio::select! {
+            exit = &mut running => Err(exit),
+            next = change => Ok(next),
+        };
+        match outcome {
+            Err(exit) => {
+                forward.abort();
+                return (key, exit);
+            }
+            Ok((text, config)) => {
+                info!(projection = %key, "the config changed; restarting the projection with it");
+                let _ = own_tx.send(true);
+                let exit = running.await;
+                forward.abort();
+                if *stop_rx.borrow() {
+                    return (key, exit);
+                }
+                current = text;
+                launch.config = config;
+                state.resume();
+            }
+        }
+    }
+}
+
+async fn run_once(
+    key: String,
+    launch: Launch,
+    state: Arc<ProjectionState>,
+    metrics: Arc<Metrics>,
+    stop_rx: watch::Receiver<bool>,
+) -> Exit {
+    match start_projection(launch, state.clone(), metrics, stop_rx.clone()).await {
+        Ok(projector) => projector.run().await,
+        Err(e) => {
+            let reason = format!("cannot start: {e:#}");
+            error!(projection = %key, reason = %reason, "projection not started");
+            state.halt(reason.clone());
+            // Keep the halted state visible on /readyz until shutdown (or a config change).
+            let mut stop_rx = stop_rx;
+            while !*stop_rx.borrow() {
+                state.beat();
+                let _ = tokio::time::timeout(Duration::from_secs(1), stop_rx.changed()).await;
+            }
+            Exit::Halted(reason)
+        }
+    }
 }
 
 /// Resolves on SIGTERM or SIGINT.

@@ -214,6 +214,13 @@ impl ProjectionState {
         }
     }
 
+    /// Clears a halt (the projection is started again with a new config).
+    pub fn resume(&self) {
+        if let Ok(mut h) = self.halted.lock() {
+            *h = None;
+        }
+    }
+
     /// Why it halted.
     pub fn halted(&self) -> Option<String> {
         self.halted.lock().ok().and_then(|h| h.clone())

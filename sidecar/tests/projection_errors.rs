@@ -425,3 +425,63 @@ fn a_malformed_config_file_names_the_file_and_field_and_exits_non_zero() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_changed_config_file_restarts_the_projection_with_it() {
+    let dir = Sqlite::new().expect("sqlite");
+    let url = dir.fresh_database();
+    let nats = NatsServer::start().await.expect("nats");
+    let js = nats.jetstream().await.expect("js");
+    let (store, mut projection) = ledger(&nats.url(), Driver::Sqlite, ErrorPolicy::Halt, "2s");
+    provision(&js, &store, &projection).await;
+    let all = ticks(1000, 10, 5);
+    append_ticks(&js, &all, 0).await;
+    let config_dir = tempfile::tempdir().expect("dir");
+    let db_env = write_config(config_dir.path(), &config_of(&store, &projection));
+    let admin_port = free_port();
+    let _sidecar = spawn_sidecar(config_dir.path(), &db_env, &url, admin_port);
+    assert!(
+        wait_until(Duration::from_secs(30), || async {
+            read_checkpoint(&url).await == Some(1000)
+        })
+        .await
+    );
+
+    // A broken file is refused; the running projection carries on.
+    std::fs::write(config_dir.path().join("ledger.yaml"), "apiVersion: nope\n").expect("write");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    append_ticks(&js, &ticks(10, 10, 6), 1000).await;
+    assert!(
+        wait_until(Duration::from_secs(30), || async {
+            read_checkpoint(&url).await == Some(1010)
+        })
+        .await,
+        "still projecting with the old config"
+    );
+
+    // The ConfigMap gets a new rebuild token: the running sidecar rebuilds without a restart.
+    projection.spec.rebuild = Some(Rebuild {
+        token: "after-reload".into(),
+        reset: vec!["DELETE FROM ledger".into()],
+    });
+    write_config(config_dir.path(), &config_of(&store, &projection));
+    let rebuilt = wait_until(Duration::from_secs(30), || async {
+        query_strings(&url, "SELECT rebuild_token FROM projectionist_checkpoints").await
+            == vec![vec!["after-reload".to_string()]]
+            && read_checkpoint(&url).await == Some(1010)
+    })
+    .await;
+    assert!(rebuilt, "rebuilt after the config changed");
+    let mut expected = all.clone();
+    expected.extend(ticks(10, 10, 6));
+    assert_eq!(read_ledger(&url).await, fold(&expected));
+    let (_, metrics) = http_get(([127, 0, 0, 1], admin_port).into(), "/metrics").await;
+    assert_eq!(
+        metric(
+            &metrics,
+            "projectionist_sidecar_rebuild_replayed_events{projection=\"test/ledger\"}"
+        ),
+        Some(1010.0),
+        "{metrics}"
+    );
+}

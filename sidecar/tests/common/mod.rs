@@ -323,6 +323,7 @@ impl InProcess {
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let launch = Launch {
             config,
+            file: None,
             database_url: Some(database_url.to_string()),
             nats_url: Some(nats_url.to_string()),
         };
@@ -333,6 +334,7 @@ impl InProcess {
                 let _ = rx.await;
             },
             Duration::from_secs(10),
+            Duration::from_secs(5),
         ));
         Self {
             admin,
@@ -436,6 +438,7 @@ pub fn spawn_sidecar(
             .arg(format!("127.0.0.1:{admin_port}"))
             .env(db_env, db_url)
             .env("RUST_LOG", "warn")
+            .env("PROJECTIONIST_RELOAD_INTERVAL", "500ms")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
