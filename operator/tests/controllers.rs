@@ -699,6 +699,17 @@ async fn only_the_leader_reconciles_and_a_standby_takes_over() {
             .await
             > 0.0
     );
+
+    // SIGTERM: the new leader stops cleanly and gives the Lease up at once.
+    let mut standby = standby;
+    standby.process.stop();
+    let lease = leases.get("projectionist-operator").await.expect("lease");
+    assert_eq!(
+        lease.spec.and_then(|s| s.holder_identity),
+        None,
+        "released on shutdown"
+    );
+    assert!(standby.log().contains("stopped"), "{}", standby.log());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -980,4 +991,115 @@ async fn the_webhook_certificate_is_issued_kept_in_a_secret_and_rotated_before_e
         || operator.log(),
     )
     .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_from_files_is_served_as_with_cert_manager() {
+    use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+    use k8s_openapi::api::core::v1::{Namespace, Pod};
+    let env = Env::start().await;
+    // What cert-manager would write into the mounted Secret.
+    let cert = projectionist_operator::certs::generate(
+        &projectionist_operator::certs::service_names("projectionist-webhook", "default"),
+        Duration::from_secs(3600),
+    )
+    .expect("cert");
+    let cert_dir = env.dir.path().join("webhook-tls");
+    std::fs::create_dir_all(&cert_dir).expect("dir");
+    std::fs::write(cert_dir.join("tls.crt"), &cert.cert_pem).expect("write");
+    std::fs::write(cert_dir.join("tls.key"), &cert.key_pem).expect("write");
+    std::fs::write(cert_dir.join("ca.crt"), &cert.ca_bundle).expect("write");
+    // cert-manager's CA injector fills the bundle.
+    let hooks: Api<MutatingWebhookConfiguration> = Api::all(env.client.clone());
+    let config: MutatingWebhookConfiguration = serde_json::from_value(json!({
+        "metadata": {"name": "projectionist-sidecar-injector"},
+        "webhooks": [{"name": "sidecar.projectionist.dev", "admissionReviewVersions": ["v1"], "sideEffects": "None",
+            "failurePolicy": "Fail",
+            "clientConfig": {"service": {"name": "projectionist-webhook", "namespace": "default", "path": "/mutate"},
+                "caBundle": k8s_openapi::ByteString(cert.ca_bundle.clone().into_bytes())},
+            "namespaceSelector": {"matchLabels": {"projectionist.dev/injection": "enabled"}},
+            "rules": [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"]}]}]
+    }))
+    .expect("config");
+    hooks
+        .create(&PostParams::default(), &config)
+        .await
+        .expect("create");
+    let port = projectionist_tests::process::free_port().expect("port");
+    let operator = env
+        .operator_with(
+            "op-1",
+            &[
+                "--webhook-addr",
+                &format!("127.0.0.1:{port}"),
+                "--webhook-cert-dir",
+                &cert_dir.to_string_lossy(),
+            ],
+        )
+        .await;
+    env.api.route_service(
+        "default",
+        "projectionist-webhook",
+        ([127, 0, 0, 1], port).into(),
+    );
+    env.apply_examples().await;
+    projection_reason(&env, &operator, "users-read-model", "ConsumerReady").await;
+    let namespaces: Api<Namespace> = Api::all(env.client.clone());
+    namespaces
+        .patch(
+            NAMESPACE,
+            &PatchParams::default(),
+            &Patch::Merge(
+                json!({"metadata": {"labels": {"projectionist.dev/injection": "enabled"}}}),
+            ),
+        )
+        .await
+        .expect("label");
+    let pods: Api<Pod> = Api::namespaced(env.client.clone(), NAMESPACE);
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "app", "labels": {"app.kubernetes.io/name": "user-management"}},
+        "spec": {"containers": [{"name": "app", "image": "app:1"}]}
+    }))
+    .expect("pod");
+    // The webhook answers once its cache has the Projection.
+    let created = eventually(
+        "an injected pod",
+        Duration::from_secs(30),
+        || {
+            let (pods, pod) = (pods.clone(), pod.clone());
+            async move {
+                let created = pods.create(&PostParams::default(), &pod).await.ok()?;
+                let injected = created
+                    .spec
+                    .as_ref()
+                    .and_then(|s| s.init_containers.as_ref())
+                    .is_some_and(|c| c.iter().any(|c| c.name == "projectionist-sidecar"));
+                if !injected {
+                    let _ = pods.delete("app", &DeleteParams::default()).await;
+                }
+                injected.then_some(created)
+            }
+        },
+        || operator.log(),
+    )
+    .await;
+    assert_eq!(
+        created
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get("projectionist.dev/sidecar"))
+            .map(String::as_str),
+        Some("injected")
+    );
+    let secrets: Api<k8s_openapi::api::core::v1::Secret> =
+        Api::namespaced(env.client.clone(), "default");
+    assert!(
+        secrets
+            .get_opt("projectionist-webhook-tls")
+            .await
+            .expect("get")
+            .is_none(),
+        "no self-issued certificate"
+    );
 }

@@ -509,3 +509,29 @@ async fn get_table(client: &Client, path: &str) -> serde_json::Value {
         .expect("request");
     client.request(request).await.expect("table")
 }
+
+#[tokio::test]
+async fn watches_that_ask_for_bookmarks_get_them() {
+    let api = KubeApi::start_with(projectionist_tests::kube_api::Options {
+        bookmark_interval: Duration::from_millis(200),
+        ..Default::default()
+    })
+    .await
+    .expect("emulator");
+    let maps: Api<ConfigMap> = Api::namespaced(api.client().expect("client"), "default");
+    let rv = api.resource_version().to_string();
+    let mut stream = maps
+        .watch(&WatchParams::default().timeout(10), &rv)
+        .await
+        .expect("watch")
+        .boxed();
+    let event = tokio::time::timeout(Duration::from_secs(5), stream.next())
+        .await
+        .expect("a bookmark in time")
+        .expect("open stream")
+        .expect("event");
+    match event {
+        WatchEvent::Bookmark(b) => assert_eq!(b.metadata.resource_version, rv),
+        other => panic!("expected a bookmark, got {other:?}"),
+    }
+}
