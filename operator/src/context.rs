@@ -87,6 +87,47 @@ impl Context {
         }
     }
 
+    /// For a spec change the server would refuse: the message for the `Ready` condition (which fields, what to do),
+    /// recorded as a Warning Event the first time it is reported.
+    pub async fn refuse_immutable<K>(
+        &self,
+        object: &K,
+        conditions: &[k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition],
+        subject: &str,
+        diff: &projectionist_crds::diff::ConfigDiff,
+        advice: &str,
+    ) -> String
+    where
+        K: Resource<DynamicType = ()>,
+    {
+        let fields: Vec<String> = diff
+            .immutable()
+            .map(|c| {
+                format!(
+                    "{} ({} on the server, {} in the spec)",
+                    c.field, c.actual, c.desired
+                )
+            })
+            .collect();
+        let message = format!(
+            "{subject} cannot change {} in place; nothing was changed on NATS. {advice}",
+            fields.join(", ")
+        );
+        if crate::conditions::get(conditions, "Ready")
+            .is_none_or(|c| c.reason != "ImmutableFieldChanged")
+        {
+            self.event(
+                object,
+                EventType::Warning,
+                "ImmutableFieldChanged",
+                "Update",
+                message.clone(),
+            )
+            .await;
+        }
+        message
+    }
+
     /// The backoff before retrying a failed object: 1s, 2s, 4s … capped at 60s.
     pub fn backoff(&self, key: &str) -> Duration {
         let mut failures = self

@@ -7,18 +7,18 @@
 use std::sync::Arc;
 
 use async_nats::jetstream::stream;
-use kube::api::{Api, Patch, PatchParams};
+use kube::api::Api;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::{Resource, ResourceExt};
 use projectionist_crds::diff::diff_stream;
 use projectionist_crds::event_store::{DeletionPolicy, EventStore, EventStoreStatus};
 use projectionist_crds::stream::stream_config;
-use serde_json::json;
 
 use crate::conditions;
-use crate::context::{Context, MANAGER, key};
+use crate::context::{Context, key};
 use crate::error::Error;
+use crate::writes;
 
 /// The finalizer an EventStore with `deletionPolicy: Delete` carries until its stream is deleted.
 pub const FINALIZER: &str = "projectionist.dev/delete-stream";
@@ -48,13 +48,13 @@ pub async fn reconcile(store: Arc<EventStore>, ctx: Arc<Context>) -> Result<Acti
                     .await;
                 }
             }
-            set_finalizer(&api, &store, false).await?;
+            writes::set_finalizer(&api, &*store, FINALIZER, false).await?;
         }
         return Ok(Action::await_change());
     }
     let wants_finalizer = store.spec.deletion_policy == DeletionPolicy::Delete;
     if wants_finalizer != has_finalizer {
-        set_finalizer(&api, &store, wants_finalizer).await?;
+        writes::set_finalizer(&api, &*store, FINALIZER, wants_finalizer).await?;
     }
 
     let generation = store.meta().generation;
@@ -72,58 +72,10 @@ pub async fn reconcile(store: Arc<EventStore>, ctx: Arc<Context>) -> Result<Acti
     }
     status.observed_generation = generation;
     status.loosened_guardrails = store.loosened_guardrails();
-    write_status(&api, &store, &status).await?;
+    writes::apply_status(&api, &*store, store.status.as_ref(), &status).await?;
     result?;
     ctx.succeeded(&key(&*store));
     Ok(Action::requeue(ctx.settings.resync))
-}
-
-/// Adds or removes the finalizer, guarded by the object's resourceVersion.
-async fn set_finalizer(
-    api: &Api<EventStore>,
-    store: &EventStore,
-    present: bool,
-) -> Result<(), Error> {
-    let mut finalizers: Vec<String> = store
-        .finalizers()
-        .iter()
-        .filter(|f| *f != FINALIZER)
-        .cloned()
-        .collect();
-    if present {
-        finalizers.push(FINALIZER.to_string());
-    }
-    let patch = json!({"metadata": {"finalizers": finalizers, "resourceVersion": store.resource_version()}});
-    api.patch(
-        &store.name_any(),
-        &PatchParams::default(),
-        &Patch::Merge(&patch),
-    )
-    .await?;
-    Ok(())
-}
-
-/// Writes the status with server-side apply when it changed.
-async fn write_status(
-    api: &Api<EventStore>,
-    store: &EventStore,
-    status: &EventStoreStatus,
-) -> Result<(), Error> {
-    if store.status.as_ref() == Some(status) {
-        return Ok(());
-    }
-    let patch = json!({
-        "apiVersion": EventStore::api_version(&()),
-        "kind": EventStore::kind(&()),
-        "status": status,
-    });
-    api.patch_status(
-        &store.name_any(),
-        &PatchParams::apply(MANAGER).force(),
-        &Patch::Apply(&patch),
-    )
-    .await?;
-    Ok(())
 }
 
 fn statistics(status: &mut EventStoreStatus, info: &stream::Info) {
@@ -196,31 +148,15 @@ async fn sync_stream(
     statistics(status, &info);
     let diff = diff_stream(&desired, &info.config);
     if diff.has_immutable() {
-        let fields: Vec<String> = diff
-            .immutable()
-            .map(|c| {
-                format!(
-                    "{} ({} on the server, {} in the spec)",
-                    c.field, c.actual, c.desired
-                )
-            })
-            .collect();
-        let message = format!(
-            "stream {name} cannot change {} in place; nothing was changed on NATS. Restore the previous value, or create a new EventStore with a new stream for the new setting",
-            fields.join(", ")
-        );
-        if conditions::get(&status.conditions, "Ready")
-            .is_none_or(|c| c.reason != "ImmutableFieldChanged")
-        {
-            ctx.event(
+        let message = ctx
+            .refuse_immutable(
                 store,
-                EventType::Warning,
-                "ImmutableFieldChanged",
-                "Update",
-                message.clone(),
+                &status.conditions,
+                &format!("stream {name}"),
+                &diff,
+                "Restore the previous value, or create a new EventStore with a new stream for the new setting",
             )
             .await;
-        }
         conditions::set(
             &mut status.conditions,
             "Ready",

@@ -19,3 +19,4 @@ pub mod nats;
 pub mod projection;
 pub mod runtime;
 pub mod webhook;
+pub mod writes;

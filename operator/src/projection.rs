@@ -25,6 +25,7 @@ use serde_json::json;
 use crate::conditions;
 use crate::context::{Context, MANAGER, key};
 use crate::error::Error;
+use crate::writes;
 
 /// The finalizer every Projection carries until its consumer is deleted.
 pub const FINALIZER: &str = "projectionist.dev/delete-consumer";
@@ -54,13 +55,13 @@ pub async fn reconcile(projection: Arc<Projection>, ctx: Arc<Context>) -> Result
     if projection.meta().deletion_timestamp.is_some() {
         if has_finalizer {
             delete_consumer(&projection, &stores, &ctx).await?;
-            set_finalizer(&api, &projection, false).await?;
+            writes::set_finalizer(&api, &*projection, FINALIZER, false).await?;
         }
         ctx.forget(&key(&*projection));
         return Ok(Action::await_change());
     }
     if !has_finalizer {
-        set_finalizer(&api, &projection, true).await?;
+        writes::set_finalizer(&api, &*projection, FINALIZER, true).await?;
     }
 
     let generation = projection.meta().generation;
@@ -82,7 +83,7 @@ pub async fn reconcile(projection: Arc<Projection>, ctx: Arc<Context>) -> Result
         }
     };
     status.observed_generation = generation;
-    write_status(&api, &projection, &status).await?;
+    writes::apply_status(&api, &*projection, projection.status.as_ref(), &status).await?;
     result?;
     ctx.succeeded(&key(&*projection));
     Ok(action)
@@ -115,52 +116,6 @@ async fn delete_consumer(
         )
         .await;
     }
-    Ok(())
-}
-
-async fn set_finalizer(
-    api: &Api<Projection>,
-    projection: &Projection,
-    present: bool,
-) -> Result<(), Error> {
-    let mut finalizers: Vec<String> = projection
-        .finalizers()
-        .iter()
-        .filter(|f| *f != FINALIZER)
-        .cloned()
-        .collect();
-    if present {
-        finalizers.push(FINALIZER.to_string());
-    }
-    let patch = json!({"metadata": {"finalizers": finalizers, "resourceVersion": projection.resource_version()}});
-    api.patch(
-        &projection.name_any(),
-        &PatchParams::default(),
-        &Patch::Merge(&patch),
-    )
-    .await?;
-    Ok(())
-}
-
-async fn write_status(
-    api: &Api<Projection>,
-    projection: &Projection,
-    status: &ProjectionStatus,
-) -> Result<(), Error> {
-    if projection.status.as_ref() == Some(status) {
-        return Ok(());
-    }
-    let patch = json!({
-        "apiVersion": Projection::api_version(&()),
-        "kind": Projection::kind(&()),
-        "status": status,
-    });
-    api.patch_status(
-        &projection.name_any(),
-        &PatchParams::apply(MANAGER).force(),
-        &Patch::Apply(&patch),
-    )
-    .await?;
     Ok(())
 }
 
@@ -272,31 +227,15 @@ async fn sync(
         Some(info) => {
             let diff = diff_consumer(&desired, &info.config);
             if diff.has_immutable() {
-                let fields: Vec<String> = diff
-                    .immutable()
-                    .map(|c| {
-                        format!(
-                            "{} ({} on the server, {} in the spec)",
-                            c.field, c.actual, c.desired
-                        )
-                    })
-                    .collect();
-                let message = format!(
-                    "consumer {consumer_name} cannot change {} in place; nothing was changed on NATS. Restore the previous value, or delete and re-create the Projection (its read model is kept; use spec.rebuild to replay it)",
-                    fields.join(", ")
-                );
-                if conditions::get(&status.conditions, "Ready")
-                    .is_none_or(|c| c.reason != "ImmutableFieldChanged")
-                {
-                    ctx.event(
+                let message = ctx
+                    .refuse_immutable(
                         projection,
-                        EventType::Warning,
-                        "ImmutableFieldChanged",
-                        "Update",
-                        message.clone(),
+                        &status.conditions,
+                        &format!("consumer {consumer_name}"),
+                        &diff,
+                        "Restore the previous value, or delete and re-create the Projection (its read model is kept; use spec.rebuild to replay it)",
                     )
                     .await;
-                }
                 refresh(projection, ctx, status, &info, generation);
                 not_ready(status, "ImmutableFieldChanged", message, generation);
                 return Ok(Action::requeue(ctx.settings.status_interval));

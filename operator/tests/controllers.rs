@@ -462,6 +462,23 @@ async fn drift_is_repaired_mutable_changes_applied_and_immutable_ones_refused() 
     );
 }
 
+async fn store_gone(env: &Env, operator: &common::Operator) {
+    eventually(
+        "EventStore gone",
+        Duration::from_secs(30),
+        || async {
+            env.stores()
+                .get_opt("users")
+                .await
+                .ok()?
+                .is_none()
+                .then_some(())
+        },
+        || operator.log(),
+    )
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deletion_retains_or_deletes_the_stream_and_projections_take_only_their_consumer() {
     let env = Env::start().await;
@@ -512,20 +529,7 @@ async fn deletion_retains_or_deletes_the_stream_and_projections_take_only_their_
         .delete("users", &DeleteParams::default())
         .await
         .expect("delete");
-    eventually(
-        "EventStore gone",
-        Duration::from_secs(30),
-        || async {
-            env.stores()
-                .get_opt("users")
-                .await
-                .ok()?
-                .is_none()
-                .then_some(())
-        },
-        || operator.log(),
-    )
-    .await;
+    store_gone(&env, &operator).await;
     assert!(
         js.get_stream(&stream_name).await.is_ok(),
         "Retain keeps the stream"
@@ -551,20 +555,7 @@ async fn deletion_retains_or_deletes_the_stream_and_projections_take_only_their_
         .delete("users", &DeleteParams::default())
         .await
         .expect("delete");
-    eventually(
-        "EventStore gone",
-        Duration::from_secs(30),
-        || async {
-            env.stores()
-                .get_opt("users")
-                .await
-                .ok()?
-                .is_none()
-                .then_some(())
-        },
-        || operator.log(),
-    )
-    .await;
+    store_gone(&env, &operator).await;
     assert!(
         js.get_stream(&stream_name).await.is_err(),
         "Delete removes the stream"

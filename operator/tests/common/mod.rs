@@ -219,25 +219,63 @@ pub fn condition(
         .map(|c| (c.status.clone(), c.reason.clone(), c.message.clone()))
 }
 
-/// Waits until the EventStore's `Ready` condition has `reason`.
-pub async fn store_reason(env: &Env, operator: &Operator, name: &str, reason: &str) -> EventStore {
-    let stores = env.stores();
+type Conditions = Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>;
+
+/// Waits until object `name`'s `Ready` condition is accepted by `accept` (status, reason).
+async fn wait_ready<K>(
+    api: Api<K>,
+    name: &str,
+    what: String,
+    conditions: fn(&K) -> Conditions,
+    accept: impl Fn(&str, &str) -> bool,
+    operator: &Operator,
+) -> K
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
     eventually(
-        &format!("EventStore {name} with Ready reason {reason}"),
+        &what,
         Duration::from_secs(60),
         || {
-            let stores = stores.clone();
+            let api = api.clone();
+            let accept = &accept;
             async move {
-                let store = stores.get_opt(name).await.ok()??;
-                let conditions = store
-                    .status
-                    .as_ref()
-                    .map(|s| s.conditions.clone())
-                    .unwrap_or_default();
-                (condition(&conditions, "Ready")?.1 == reason).then_some(store)
+                let object = api.get_opt(name).await.ok()??;
+                let (status, reason, _) = condition(&conditions(&object), "Ready")?;
+                accept(&status, &reason).then_some(object)
             }
         },
         || operator.log(),
+    )
+    .await
+}
+
+fn store_conditions(store: &EventStore) -> Conditions {
+    store
+        .status
+        .as_ref()
+        .map(|s| s.conditions.clone())
+        .unwrap_or_default()
+}
+
+fn projection_conditions(projection: &Projection) -> Conditions {
+    projection
+        .status
+        .as_ref()
+        .map(|s| s.conditions.clone())
+        .unwrap_or_default()
+}
+
+/// Waits until the EventStore's `Ready` condition has `reason`.
+pub async fn store_reason(env: &Env, operator: &Operator, name: &str, reason: &str) -> EventStore {
+    let what = format!("EventStore {name} with Ready reason {reason}");
+    wait_ready(
+        env.stores(),
+        name,
+        what,
+        store_conditions,
+        |_, r| r == reason,
+        operator,
     )
     .await
 }
@@ -249,46 +287,28 @@ pub async fn projection_reason(
     name: &str,
     reason: &str,
 ) -> Projection {
-    let projections = env.projections();
-    eventually(
-        &format!("Projection {name} with Ready reason {reason}"),
-        Duration::from_secs(60),
-        || {
-            let projections = projections.clone();
-            async move {
-                let p = projections.get_opt(name).await.ok()??;
-                let conditions = p
-                    .status
-                    .as_ref()
-                    .map(|s| s.conditions.clone())
-                    .unwrap_or_default();
-                (condition(&conditions, "Ready")?.1 == reason).then_some(p)
-            }
-        },
-        || operator.log(),
+    let what = format!("Projection {name} with Ready reason {reason}");
+    wait_ready(
+        env.projections(),
+        name,
+        what,
+        projection_conditions,
+        |_, r| r == reason,
+        operator,
     )
     .await
 }
 
 /// Waits until a store is Ready (any ready reason).
 pub async fn store_ready(env: &Env, operator: &Operator, name: &str) -> EventStore {
-    let stores = env.stores();
-    eventually(
-        &format!("EventStore {name} Ready"),
-        Duration::from_secs(60),
-        || {
-            let stores = stores.clone();
-            async move {
-                let store = stores.get_opt(name).await.ok()??;
-                let conditions = store
-                    .status
-                    .as_ref()
-                    .map(|s| s.conditions.clone())
-                    .unwrap_or_default();
-                (condition(&conditions, "Ready")?.0 == "True").then_some(store)
-            }
-        },
-        || operator.log(),
+    let what = format!("EventStore {name} Ready");
+    wait_ready(
+        env.stores(),
+        name,
+        what,
+        store_conditions,
+        |s, _| s == "True",
+        operator,
     )
     .await
 }
