@@ -151,6 +151,11 @@ fn the_default_render_has_what_a_platform_team_expects() {
         "enabled"
     );
     assert_eq!(
+        w["namespaceSelector"]["matchExpressions"],
+        json!([{"key": "kubernetes.io/metadata.name", "operator": "NotIn", "values": [NAMESPACE]}]),
+        "the operator's own namespace is never injected"
+    );
+    assert_eq!(
         w["clientConfig"]["service"]["name"],
         "projectionist-webhook"
     );

@@ -589,6 +589,12 @@ impl Store {
         } else {
             meta.remove("namespace");
         }
+        if kind.group.is_empty() && kind.plural == "namespaces" {
+            let labels = meta.entry("labels").or_insert_with(|| json!({}));
+            if let Value::Object(l) = labels {
+                l.insert("kubernetes.io/metadata.name".into(), json!(name));
+            }
+        }
         meta.insert("uid".into(), json!(new_uid()));
         meta.insert("creationTimestamp".into(), json!(now()));
         meta.insert("generation".into(), json!(1));
