@@ -17,6 +17,8 @@ use crate::metrics::Metrics;
 pub struct Health {
     /// The Kubernetes API has answered (this replica can elect, reconcile and serve).
     pub ready: AtomicBool,
+    /// The injection webhook serves (or is disabled).
+    pub webhook: AtomicBool,
 }
 
 #[derive(Debug, Clone)]

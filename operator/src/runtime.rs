@@ -199,19 +199,29 @@ pub async fn run(options: Options) -> anyhow::Result<()> {
             }
         }
     };
-    if let Some(webhook) = options.webhook.clone() {
-        loop {
-            match start_webhook(client.clone(), webhook.clone(), stop.clone()).await {
-                Ok(()) => break,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot start the webhook yet; retrying");
-                    tokio::select! {
-                        _ = tokio::time::sleep(Duration::from_secs(2)) => {}
-                        _ = stopped(stop.clone()) => return Ok(()),
+    // The webhook starts on its own, so a missing certificate never holds up reconciling; readiness waits for it.
+    match options.webhook.clone() {
+        Some(webhook) => {
+            let (client, stop, health) = (client.clone(), stop.clone(), health.clone());
+            tokio::spawn(async move {
+                loop {
+                    match start_webhook(client.clone(), webhook.clone(), stop.clone()).await {
+                        Ok(()) => {
+                            health.webhook.store(true, Ordering::Relaxed);
+                            return;
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot start the webhook yet; retrying");
+                            tokio::time::sleep(Duration::from_secs(2)).await;
+                        }
+                    }
+                    if *stop.borrow() {
+                        return;
                     }
                 }
-            }
+            });
         }
+        None => health.webhook.store(true, Ordering::Relaxed),
     }
     let elector = Elector::new(
         client.clone(),
