@@ -17,10 +17,14 @@ use tokio::sync::Mutex;
 use crate::error::Error;
 use crate::metrics::Metrics;
 
+/// How long an unused connection is kept.
+const IDLE: Duration = Duration::from_secs(900);
+
 /// The connections the operator holds.
 #[derive(Debug)]
 pub struct Pool {
-    clients: Mutex<HashMap<u64, async_nats::Client>>,
+    /// Connections by a hash of servers, credentials and TLS material, with when each was last used.
+    clients: Mutex<HashMap<u64, (async_nats::Client, std::time::Instant)>>,
     dir: PathBuf,
     metrics: Arc<Metrics>,
     timeout: Duration,
@@ -118,8 +122,13 @@ impl Pool {
         let key = hasher.finish();
         let servers = material.servers.join(",");
         let mut clients = self.clients.lock().await;
-        let client = match clients.get(&key) {
-            Some(client) => client.clone(),
+        // Connections nobody used for a while (rotated credentials, deleted EventStores) are closed.
+        clients.retain(|k, (_, used)| *k == key || used.elapsed() < IDLE);
+        let client = match clients.get_mut(&key) {
+            Some((client, used)) => {
+                *used = std::time::Instant::now();
+                client.clone()
+            }
             None => {
                 let client =
                     self.connect(key, &material)
@@ -128,7 +137,7 @@ impl Pool {
                             servers: servers.clone(),
                             message: e.to_string(),
                         })?;
-                clients.insert(key, client.clone());
+                clients.insert(key, (client.clone(), std::time::Instant::now()));
                 client
             }
         };
