@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use common::{condition, eventually};
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Secret};
 use kube::Discovery;
 use kube::api::{Api, DynamicObject, PostParams};
@@ -384,10 +385,8 @@ async fn a_pod_gets_the_sidecar_and_the_read_model_equals_the_reference_fold() {
     let postgres = Postgres::start().await.expect("postgres");
     let db_url = postgres.fresh_database().await.expect("database");
     let namespaces: Api<Namespace> = Api::all(client.clone());
-    let ns: Namespace = serde_json::from_value(
-        json!({"metadata": {"name": APP, "labels": {"projectionist.dev/injection": "enabled"}}}),
-    )
-    .expect("ns");
+    let ns: Namespace = repo::read_yaml(&repo::user_management_example().join("namespace.yaml"))
+        .expect("namespace.yaml");
     namespaces
         .create(&PostParams::default(), &ns)
         .await
@@ -426,13 +425,25 @@ async fn a_pod_gets_the_sidecar_and_the_read_model_equals_the_reference_fold() {
     )
     .await;
 
-    // A Pod of the service, created through the API: it comes back with the sidecar.
+    // The service's Deployment, unchanged; a Pod from its template, created through the API as the ReplicaSet
+    // controller would (the emulator runs no controllers): it comes back with the sidecar.
+    let deployment: Deployment =
+        repo::read_yaml(&repo::user_management_example().join("deployment.yaml"))
+            .expect("deployment.yaml");
+    Api::<Deployment>::namespaced(client.clone(), APP)
+        .create(&PostParams::default(), &deployment)
+        .await
+        .expect("Deployment");
+    let template = deployment.spec.template;
     let pods: Api<Pod> = Api::namespaced(client.clone(), APP);
-    let pod: Pod = serde_json::from_value(json!({
-        "metadata": {"name": "user-management-0", "labels": {"app.kubernetes.io/name": "user-management"}},
-        "spec": {"containers": [{"name": "app", "image": "example.org/user-management:1.0"}]}
-    }))
-    .expect("pod");
+    let pod = Pod {
+        metadata: kube::api::ObjectMeta {
+            generate_name: Some("user-management-".into()),
+            ..template.metadata.unwrap_or_default()
+        },
+        spec: template.spec,
+        ..Pod::default()
+    };
     let created = pods
         .create(&PostParams::default(), &pod)
         .await

@@ -382,3 +382,22 @@ fn changing_the_projection_event_store_on_update_is_rejected() {
         "spec.eventStore",
     );
 }
+
+#[test]
+fn the_examples_built_in_manifests_pass_kubernetes_validate_strict() {
+    let bin = repo::root().join(".tools/bin/kubernetes-validate");
+    let dir = repo::user_management_example();
+    let files = ["namespace.yaml", "secrets.yaml", "deployment.yaml"].map(|f| dir.join(f));
+    let out = Command::new(bin)
+        .args(["--strict", "--kubernetes-version", "1.34.0"])
+        .args(&files)
+        .output()
+        .expect("runs kubernetes-validate");
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    assert_eq!(text.matches("passed").count(), 4, "{text}");
+}

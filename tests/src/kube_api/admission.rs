@@ -246,7 +246,7 @@ async fn invoke(
             .map_err(|e| e.to_string())?;
     tokio::spawn(connection);
     let uid = format!("{:x}", rand::random::<u128>());
-    let review = json!({
+    let mut review = json!({
         "apiVersion": "admission.k8s.io/v1",
         "kind": "AdmissionReview",
         "request": {
@@ -255,7 +255,6 @@ async fn invoke(
             "resource": {"group": "", "version": "v1", "resource": "pods"},
             "requestKind": {"group": "", "version": "v1", "kind": "Pod"},
             "requestResource": {"group": "", "version": "v1", "resource": "pods"},
-            "name": pod.pointer("/metadata/name").cloned().unwrap_or(Value::Null),
             "namespace": namespace,
             "operation": "CREATE",
             "userInfo": {"username": "system:admin", "groups": ["system:masters", "system:authenticated"]},
@@ -265,6 +264,10 @@ async fn invoke(
             "options": {"kind": "CreateOptions", "apiVersion": "meta.k8s.io/v1"}
         }
     });
+    // As in the API server, a pod created with generateName has no name yet when admission runs.
+    if let Some(name) = pod.pointer("/metadata/name").and_then(Value::as_str) {
+        review["request"]["name"] = json!(name);
+    }
     let request = hyper::Request::post(path)
         .header("content-type", "application/json")
         .header("accept", "application/json")
