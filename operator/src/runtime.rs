@@ -68,19 +68,23 @@ async fn start_webhook(
     let (stores, stores_writer) = reflector::store::<EventStore>();
     let watch_projections = reflector::reflector(
         projections_writer,
+        // The webhook needs specs, not field ownership: managedFields are not kept in memory.
         watcher::watcher(
             Api::<Projection>::all(client.clone()),
             watcher::Config::default(),
-        ),
+        )
+        .modify(|o| o.managed_fields_mut().clear()),
     )
     .default_backoff()
     .for_each(|_| futures::future::ready(()));
     let watch_stores = reflector::reflector(
         stores_writer,
+        // The webhook needs specs, not field ownership: managedFields are not kept in memory.
         watcher::watcher(
             Api::<EventStore>::all(client.clone()),
             watcher::Config::default(),
-        ),
+        )
+        .modify(|o| o.managed_fields_mut().clear()),
     )
     .default_backoff()
     .for_each(|_| futures::future::ready(()));

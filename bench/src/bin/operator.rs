@@ -3,7 +3,8 @@
 //! 1. N EventStores and M Projections (spread evenly over the stores) are created in the Kubernetes API emulator
 //!    before the operator starts; a real nats-server holds the streams.
 //! 2. Time until every EventStore and Projection is `Ready`, counted from the operator's start.
-//! 3. The operator's peak RSS (`VmHWM`).
+//! 3. The operator's peak RSS (`VmHWM`), with the injection webhook serving (its caches hold every Projection and
+//!    EventStore).
 //! 4. Steady state: over a quiet window, the JetStream API calls by operation and the reconciles; anything beyond the
 //!    status refresh (stream and consumer info) means the operator changes things when nothing changed.
 
@@ -162,6 +163,7 @@ async fn main() -> anyhow::Result<()> {
     let kubeconfig = dir.path().join("kubeconfig");
     api.write_kubeconfig(&kubeconfig)?;
     let admin = free_port()?;
+    let webhook = free_port()?;
     let log = std::fs::File::create(dir.path().join("operator.log"))?;
     let started = Instant::now();
     let mut child = Command::new(&args.operator)
@@ -169,6 +171,7 @@ async fn main() -> anyhow::Result<()> {
         .env("KUBECONFIG", &kubeconfig)
         .env("RUST_LOG", "warn")
         .args(["--admin-addr", &format!("127.0.0.1:{admin}")])
+        .args(["--webhook-addr", &format!("127.0.0.1:{webhook}")])
         .args([
             "--status-interval",
             &projectionist_crds::duration::format(args.status_interval),
