@@ -535,3 +535,38 @@ async fn watches_that_ask_for_bookmarks_get_them() {
         other => panic!("expected a bookmark, got {other:?}"),
     }
 }
+
+#[tokio::test]
+async fn a_watch_with_a_selector_sees_objects_move_in_and_out_of_it() {
+    let api = KubeApi::start().await.expect("emulator");
+    let maps: Api<ConfigMap> = Api::namespaced(api.client().expect("client"), "default");
+    let cm: ConfigMap =
+        serde_json::from_value(json!({"metadata": {"name": "a"}})).expect("configmap");
+    maps.create(&PostParams::default(), &cm)
+        .await
+        .expect("create");
+    let from = api.resource_version().to_string();
+    let label = |v: serde_json::Value| json!({"metadata": {"labels": {"team": v}}});
+    for value in [json!("x"), json!("y"), json!("x")] {
+        maps.patch("a", &PatchParams::default(), &Patch::Merge(label(value)))
+            .await
+            .expect("patch");
+    }
+    let events: Vec<_> = maps
+        .watch(&WatchParams::default().labels("team=x").timeout(1), &from)
+        .await
+        .expect("watch")
+        .try_collect()
+        .await
+        .expect("events");
+    let kinds: Vec<&str> = events
+        .iter()
+        .filter_map(|e| match e {
+            WatchEvent::Added(_) => Some("ADDED"),
+            WatchEvent::Modified(_) => Some("MODIFIED"),
+            WatchEvent::Deleted(_) => Some("DELETED"),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(kinds, ["ADDED", "DELETED", "ADDED"]);
+}

@@ -493,8 +493,7 @@ fn watch(
             Ok(rv) if rv > 0 => match store.changes_since(rv) {
                 Some(changes) => Ok(changes
                     .iter()
-                    .filter(|c| matches(&c.group, &c.plural, &c.namespace, &c.object))
-                    .map(|c| event_line(c.kind, &c.object))
+                    .filter_map(|c| seen_as(c, &matches).map(|k| event_line(k, &c.object)))
                     .collect()),
                 None => Err(gone(&requested)),
             },
@@ -540,10 +539,10 @@ fn watch(
                 change = live.recv() => match change {
                     Ok(c) => {
                         last_rv = last_rv.max(c.rv);
-                        if !matches(&c.group, &c.plural, &c.namespace, &c.object) {
+                        let Some(as_kind) = seen_as(&c, &matches) else {
                             continue;
-                        }
-                        event_line(c.kind, &c.object)
+                        };
+                        event_line(as_kind, &c.object)
                     }
                     Err(broadcast::error::RecvError::Lagged(_)) => {
                         let _ = tx.send(gone(&last_rv.to_string())).await;
@@ -565,6 +564,30 @@ fn watch(
         .header(header::CONTENT_TYPE, "application/json")
         .body(Body::from_stream(stream))
         .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response()))
+}
+
+/// How a watch with `matches` sees a change: an object modified into its selection is `ADDED`, out of it
+/// `DELETED` (as the API server's watch cache reports it); `None` when the watch does not see it at all.
+fn seen_as(
+    change: &store::Change,
+    matches: &impl Fn(&str, &str, &str, &Value) -> bool,
+) -> Option<&'static str> {
+    let now = matches(
+        &change.group,
+        &change.plural,
+        &change.namespace,
+        &change.object,
+    );
+    let before = change
+        .previous
+        .as_ref()
+        .map(|p| matches(&change.group, &change.plural, &change.namespace, p));
+    match (change.kind, before, now) {
+        ("MODIFIED", Some(false), true) => Some("ADDED"),
+        ("MODIFIED", Some(true), false) => Some("DELETED"),
+        (kind, _, true) => Some(kind),
+        _ => None,
+    }
 }
 
 fn selected_ns(

@@ -13,7 +13,8 @@
 //!   then streams live ones; without a resourceVersion (or `0`) it starts with synthetic `ADDED` events; a
 //!   resourceVersion older than the history gets an `ERROR` event with a `410 Gone` Status (and a list with
 //!   `resourceVersionMatch=Exact` on a compacted version a `410`); `BOOKMARK` events when asked for
-//!   (`allowWatchBookmarks`); `timeoutSeconds` ends the watch.
+//!   (`allowWatchBookmarks`); `timeoutSeconds` ends the watch. With a selector, an object modified into it arrives
+//!   as `ADDED` and out of it as `DELETED`.
 //! - **Writes**: create (POST, with `generateName`), replace (PUT), delete; JSON merge patch, JSON patch (RFC 6902),
 //!   and server-side apply (`application/apply-patch+yaml`) with `fieldManager` and `force`: field ownership is kept
 //!   in `metadata.managedFields` (`FieldsV1`), a different value for a field another manager owns is a `409`
@@ -38,8 +39,8 @@
 //! CRD validation (no defaults or validation for built-in kinds beyond the object name), strategic merge patch (it
 //! is applied as a JSON merge patch: lists are replaced, not merged), list-type-aware apply (lists are atomic),
 //! pagination (`limit`/`continue` are ignored: a list returns everything), `dryRun`, foreground/orphan deletion
-//! propagation (deletion is always background), watches of objects leaving a label selector (no synthetic
-//! `DELETED`), protobuf, CRD conversion (one served version per CRD), and controllers (no Deployment makes Pods).
+//! propagation (deletion is always background), protobuf, CRD conversion (one served version per CRD), and
+//! controllers (no Deployment makes Pods).
 
 mod admission;
 mod fields;

@@ -143,6 +143,9 @@ pub struct Change {
     pub namespace: String,
     pub kind: &'static str,
     pub object: Value,
+    /// The object before a `MODIFIED` change (a watch with a selector turns a change across it into
+    /// `ADDED`/`DELETED`).
+    pub previous: Option<Value>,
 }
 
 type Key = (String, String);
@@ -443,6 +446,11 @@ impl Store {
         let key = (kind.group.clone(), kind.plural.clone());
         let bucket = self.objects.entry(key).or_default();
         let id = (namespace.to_string(), name.to_string());
+        let previous = if change == "MODIFIED" {
+            bucket.get(&id).cloned()
+        } else {
+            None
+        };
         if change == "DELETED" {
             bucket.remove(&id);
             if let Some(uid) = object.pointer("/metadata/uid").and_then(Value::as_str) {
@@ -461,6 +469,7 @@ impl Store {
             namespace: namespace.to_string(),
             kind: change,
             object: object.clone(),
+            previous,
         });
         self.history.push_back(record.clone());
         while self.history.len() > self.history_limit {
