@@ -570,3 +570,31 @@ async fn a_watch_with_a_selector_sees_objects_move_in_and_out_of_it() {
         .collect();
     assert_eq!(kinds, ["ADDED", "DELETED", "ADDED"]);
 }
+
+#[tokio::test]
+async fn lists_are_paginated_with_limit_and_continue() {
+    let api = KubeApi::start().await.expect("emulator");
+    let maps: Api<ConfigMap> = Api::namespaced(api.client().expect("client"), "default");
+    for i in 0..5 {
+        let cm: ConfigMap =
+            serde_json::from_value(json!({"metadata": {"name": format!("cm-{i}")}}))
+                .expect("configmap");
+        maps.create(&PostParams::default(), &cm)
+            .await
+            .expect("create");
+    }
+    let mut names = Vec::new();
+    let mut params = ListParams::default().limit(2);
+    let mut pages = 0;
+    loop {
+        let page = maps.list(&params).await.expect("list");
+        pages += 1;
+        names.extend(page.items.iter().map(|c| c.name_any()));
+        match page.metadata.continue_ {
+            Some(token) if !token.is_empty() => params = params.continue_token(&token),
+            _ => break,
+        }
+    }
+    assert_eq!(pages, 3);
+    assert_eq!(names, ["cm-0", "cm-1", "cm-2", "cm-3", "cm-4"]);
+}

@@ -427,22 +427,69 @@ fn list(
             ),
         ));
     }
-    let items: Vec<Value> = store
+    let mut items: Vec<Value> = store
         .list(kind, namespace)
         .into_iter()
         .filter(|o| selected(o, &labels, &fields))
         .collect();
-    let rv = store.resource_version();
+    let mut rv = store.resource_version();
+    // Pagination: `continue` names the last (namespace, name) served and the list's resourceVersion.
+    if let Some(token) = params.get("continue").filter(|t| !t.is_empty()) {
+        use base64::Engine;
+        let bad = || ApiError::bad_request("the provided continue parameter is invalid");
+        let decoded = base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(token)
+            .map_err(|_| bad())?;
+        let cursor: Value = serde_json::from_slice(&decoded).map_err(|_| bad())?;
+        let after = (
+            cursor["ns"].as_str().unwrap_or_default().to_string(),
+            cursor["name"].as_str().unwrap_or_default().to_string(),
+        );
+        rv = cursor["rv"].as_u64().ok_or_else(bad)?;
+        items.retain(|o| key_of(o) > after);
+    }
+    let mut next = None;
+    if let Some(limit) = params
+        .get("limit")
+        .and_then(|l| l.parse::<usize>().ok())
+        .filter(|l| *l > 0)
+        && items.len() > limit
+    {
+        use base64::Engine;
+        let remaining = items.len() - limit;
+        items.truncate(limit);
+        let (ns, name) = items.last().map(key_of).unwrap_or_default();
+        let token = json!({"ns": ns, "name": name, "rv": rv}).to_string();
+        next = Some((
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(token),
+            remaining,
+        ));
+    }
     let as_table = headers
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|a| a.contains("as=Table"));
-    let body = if as_table {
+    let mut body = if as_table {
         store::table(kind, &items, rv)
     } else {
         store::list_object(kind, items, rv)
     };
+    if let Some((token, remaining)) = next {
+        body["metadata"]["continue"] = json!(token);
+        body["metadata"]["remainingItemCount"] = json!(remaining);
+    }
     Ok(json_response(StatusCode::OK, &body))
+}
+
+fn key_of(object: &Value) -> (String, String) {
+    let get = |p: &str| {
+        object
+            .pointer(p)
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_string()
+    };
+    (get("/metadata/namespace"), get("/metadata/name"))
 }
 
 fn event_line(kind: &str, object: &Value) -> Bytes {

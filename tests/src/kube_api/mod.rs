@@ -8,7 +8,8 @@
 //!   CustomResourceDefinitions — creating a CRD (through the API or [`KubeApi::apply_crd_yaml`]) serves its kind.
 //! - **Discovery**: `/version`, `/api`, `/api/v1`, `/apis`, `/apis/{group}`, `/apis/{group}/{version}`.
 //! - **Reads**: get; list (one namespace or all) with label and field (`metadata.name`/`metadata.namespace`)
-//!   selectors, as JSON or as a `Table` with the CRD's printer columns (`Accept: …;as=Table`).
+//!   selectors and pagination (`limit`, `continue`, `remainingItemCount`), as JSON or as a `Table` with the CRD's
+//!   printer columns (`Accept: …;as=Table`).
 //! - **Watch** with resourceVersions: a watch replays the changes after its resourceVersion from a bounded history,
 //!   then streams live ones; without a resourceVersion (or `0`) it starts with synthetic `ADDED` events; a
 //!   resourceVersion older than the history gets an `ERROR` event with a `410 Gone` Status (and a list with
@@ -38,9 +39,9 @@
 //! What it does not emulate: authentication and authorization (every request is allowed), admission other than
 //! CRD validation (no defaults or validation for built-in kinds beyond the object name), strategic merge patch (it
 //! is applied as a JSON merge patch: lists are replaced, not merged), list-type-aware apply (lists are atomic),
-//! pagination (`limit`/`continue` are ignored: a list returns everything), `dryRun`, foreground/orphan deletion
-//! propagation (deletion is always background), protobuf, CRD conversion (one served version per CRD), and
-//! controllers (no Deployment makes Pods).
+//! consistent pagination (a `continue` page is read from the current state, not the first page's snapshot),
+//! `dryRun`, foreground/orphan deletion propagation (deletion is always background), protobuf, CRD conversion (one
+//! served version per CRD), and controllers (no Deployment makes Pods).
 
 mod admission;
 mod fields;
