@@ -580,6 +580,79 @@ async fn a_pod_gets_the_sidecar_and_the_read_model_equals_the_reference_fold() {
         "the pinned sidecar is shown"
     );
 
+    // A rebuild: the token changes on the Projection; the operator updates the ConfigMap, the kubelet would update
+    // the mounted file (done here by writing the volume again), the running sidecar reloads it, rebuilds, and records
+    // it on the consumer; the Projection's Rebuilding condition goes True, then False with RebuildComplete.
+    projections
+        .patch(
+            "users-read-model",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(json!({"spec": {"rebuild": {"token": "2026-12-01"}}})),
+        )
+        .await
+        .expect("patch");
+    let maps: Api<ConfigMap> = Api::namespaced(client.clone(), APP);
+    eventually(
+        "the ConfigMap with the new token",
+        Duration::from_secs(30),
+        || async {
+            let cm = maps.get("users-read-model-sidecar-config").await.ok()?;
+            cm.data?
+                .get("users-read-model.yaml")?
+                .contains("2026-12-01")
+                .then_some(())
+        },
+        || operator.log_tail(),
+    )
+    .await;
+    eventually(
+        "Rebuilding",
+        Duration::from_secs(30),
+        || async {
+            let s = projections.get("users-read-model").await.ok()?.status?;
+            (condition(&s.conditions, "Rebuilding")?.0 == "True").then_some(())
+        },
+        || operator.log_tail(),
+    )
+    .await;
+    materialise_volumes(&client, &created, &injected, &root).await;
+    eventually(
+        "RebuildComplete",
+        Duration::from_secs(60),
+        || async {
+            let s = projections.get("users-read-model").await.ok()?.status?;
+            let c = condition(&s.conditions, "Rebuilding")?;
+            (c.0 == "False" && c.1 == "RebuildComplete").then_some(())
+        },
+        || {
+            format!(
+                "sidecar:\n{}\noperator:\n{}",
+                sidecar.log_tail(),
+                operator.log_tail()
+            )
+        },
+    )
+    .await;
+    assert_eq!(
+        rows(
+            &db_url,
+            "SELECT rebuild_token FROM projectionist_checkpoints"
+        )
+        .await,
+        Some(vec![vec!["2026-12-01".to_string()]])
+    );
+    let got_users = rows(&db_url, "SELECT id, email, name FROM users ORDER BY id").await;
+    let got_roles = rows(
+        &db_url,
+        "SELECT user_id, role FROM user_roles ORDER BY user_id, role",
+    )
+    .await;
+    assert_eq!(
+        (got_users, got_roles),
+        (Some(users), Some(roles)),
+        "the rebuilt read model is the fold again"
+    );
+
     // An opted-out pod is left alone.
     let opted_out: Pod = serde_json::from_value(json!({
         "metadata": {"name": "user-management-debug", "labels": {"app.kubernetes.io/name": "user-management"},
