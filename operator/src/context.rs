@@ -64,6 +64,17 @@ impl Context {
         }
     }
 
+    /// JetStream on the NATS servers of `store`, with the credentials its Secrets hold.
+    pub async fn jetstream(
+        &self,
+        store: &projectionist_crds::EventStore,
+    ) -> Result<crate::nats::JetStream, crate::error::Error> {
+        let namespace = store.namespace().unwrap_or_default();
+        self.nats
+            .jetstream(&self.client, &namespace, &store.spec.nats)
+            .await
+    }
+
     /// Records a Kubernetes Event on `object`; a failure to record is logged, never fatal.
     pub async fn event<K>(
         &self,

@@ -32,10 +32,7 @@ pub async fn reconcile(store: Arc<EventStore>, ctx: Arc<Context>) -> Result<Acti
     if store.meta().deletion_timestamp.is_some() {
         if has_finalizer {
             if store.spec.deletion_policy == DeletionPolicy::Delete {
-                let js = ctx
-                    .nats
-                    .jetstream(&ctx.client, &namespace, &store.spec.nats)
-                    .await?;
+                let js = ctx.jetstream(&store).await?;
                 let stream = store.stream_name();
                 if js.delete_stream(&stream).await? {
                     ctx.event(
@@ -107,11 +104,7 @@ async fn sync_stream(
             return Ok(());
         }
     };
-    let namespace = store.namespace().unwrap_or_default();
-    let js = ctx
-        .nats
-        .jetstream(&ctx.client, &namespace, &store.spec.nats)
-        .await?;
+    let js = ctx.jetstream(store).await?;
     let name = desired.name.clone();
     let Some(info) = js.stream_info(&name).await? else {
         let recreated = status.stream_name.as_deref() == Some(name.as_str());

@@ -100,11 +100,7 @@ async fn delete_consumer(
                 projection.spec.event_store, projection.consumer_name())).await;
         return Ok(());
     };
-    let namespace = projection.namespace().unwrap_or_default();
-    let js = ctx
-        .nats
-        .jetstream(&ctx.client, &namespace, &store.spec.nats)
-        .await?;
+    let js = ctx.jetstream(&store).await?;
     let consumer = projection.consumer_name();
     if js.delete_consumer(&store.stream_name(), &consumer).await? {
         ctx.event(
@@ -199,10 +195,7 @@ async fn sync(
 
     apply_config_map(projection, &resolved, ctx).await?;
 
-    let js = ctx
-        .nats
-        .jetstream(&ctx.client, &namespace, &store.spec.nats)
-        .await?;
+    let js = ctx.jetstream(&store).await?;
     let stream = store.stream_name();
     let consumer_name = projection.consumer_name();
     let info = match js.consumer_info(&stream, &consumer_name).await? {

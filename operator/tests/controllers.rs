@@ -12,6 +12,29 @@ use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
 use projectionist_crds::sidecar_config::SidecarConfig;
 use serde_json::json;
 
+async fn stream_info(
+    js: &async_nats::jetstream::Context,
+    stream: &str,
+) -> Option<async_nats::jetstream::stream::Info> {
+    Some(js.get_stream(stream).await.ok()?.cached_info().clone())
+}
+
+async fn consumer_info(
+    js: &async_nats::jetstream::Context,
+    stream: &str,
+    consumer: &str,
+) -> Option<async_nats::jetstream::consumer::Info> {
+    Some(
+        js.get_stream(stream)
+            .await
+            .ok()?
+            .consumer_info(consumer)
+            .await
+            .ok()?
+            .clone(),
+    )
+}
+
 async fn config_map(env: &Env, name: &str) -> Option<ConfigMap> {
     let maps: Api<ConfigMap> = Api::namespaced(env.client.clone(), NAMESPACE);
     maps.get_opt(name).await.ok().flatten()
@@ -269,12 +292,7 @@ async fn drift_is_repaired_mutable_changes_applied_and_immutable_ones_refused() 
         "stream repaired",
         Duration::from_secs(30),
         || async {
-            let info = js
-                .get_stream(&stream_name)
-                .await
-                .ok()?
-                .cached_info()
-                .clone();
+            let info = stream_info(&js, &stream_name).await?;
             (info.config.max_messages_per_subject == 100_000).then_some(())
         },
         || operator.log(),
@@ -313,14 +331,7 @@ async fn drift_is_repaired_mutable_changes_applied_and_immutable_ones_refused() 
         "consumer repaired",
         Duration::from_secs(30),
         || async {
-            let info = js
-                .get_stream(&stream_name)
-                .await
-                .ok()?
-                .consumer_info(&consumer_name)
-                .await
-                .ok()?
-                .clone();
+            let info = consumer_info(&js, &stream_name, &consumer_name).await?;
             (info.config.ack_wait == Duration::from_secs(30)).then_some(())
         },
         || operator.log(),
@@ -366,12 +377,7 @@ async fn drift_is_repaired_mutable_changes_applied_and_immutable_ones_refused() 
         "stream updated",
         Duration::from_secs(30),
         || async {
-            let info = js
-                .get_stream(&stream_name)
-                .await
-                .ok()?
-                .cached_info()
-                .clone();
+            let info = stream_info(&js, &stream_name).await?;
             (info.config.max_messages_per_subject == 5000).then_some(())
         },
         || operator.log(),
@@ -389,14 +395,7 @@ async fn drift_is_repaired_mutable_changes_applied_and_immutable_ones_refused() 
         "consumer updated",
         Duration::from_secs(30),
         || async {
-            let info = js
-                .get_stream(&stream_name)
-                .await
-                .ok()?
-                .consumer_info(&consumer_name)
-                .await
-                .ok()?
-                .clone();
+            let info = consumer_info(&js, &stream_name, &consumer_name).await?;
             (info.config.ack_wait == Duration::from_secs(45)).then_some(())
         },
         || operator.log(),
@@ -671,14 +670,7 @@ async fn only_the_leader_reconciles_and_a_standby_takes_over() {
         "consumer updated by the new leader",
         Duration::from_secs(30),
         || async {
-            let info = js
-                .get_stream(&stream_name)
-                .await
-                .ok()?
-                .consumer_info(&consumer_name)
-                .await
-                .ok()?
-                .clone();
+            let info = consumer_info(&js, &stream_name, &consumer_name).await?;
             (info.config.ack_wait == Duration::from_secs(50)).then_some(())
         },
         || standby.log(),
