@@ -192,36 +192,30 @@ async fn materialise_volumes(client: &kube::Client, pod: &Value, container: &Val
                 .get(source["configMap"]["name"].as_str().expect("configMap"))
                 .await
                 .expect("ConfigMap");
-            for item in source["configMap"]["items"]
-                .as_array()
-                .cloned()
-                .unwrap_or_default()
-            {
-                let data = cm
-                    .data
-                    .as_ref()
-                    .and_then(|d| d.get(item["key"].as_str().unwrap_or_default()))
-                    .expect("key");
-                std::fs::write(target.join(item["path"].as_str().expect("path")), data)
-                    .expect("write");
-            }
+            let data = cm.data.unwrap_or_default();
+            write_items(&target, &source["configMap"]["items"], |key| {
+                data.get(key).map(|v| v.clone().into_bytes())
+            });
         }
         if let Some(secret) = volume["secret"]["secretName"].as_str() {
-            let s = secrets.get(secret).await.expect("Secret");
-            for item in volume["secret"]["items"]
-                .as_array()
-                .cloned()
-                .unwrap_or_default()
-            {
-                let data = s
-                    .data
-                    .as_ref()
-                    .and_then(|d| d.get(item["key"].as_str().unwrap_or_default()))
-                    .expect("key");
-                std::fs::write(target.join(item["path"].as_str().expect("path")), &data.0)
-                    .expect("write");
-            }
+            let data = secrets
+                .get(secret)
+                .await
+                .expect("Secret")
+                .data
+                .unwrap_or_default();
+            write_items(&target, &volume["secret"]["items"], |key| {
+                data.get(key).map(|b| b.0.clone())
+            });
         }
+    }
+}
+
+/// Writes a volume's `items` (key → path) under `target`, as the kubelet projects them.
+fn write_items(target: &Path, items: &Value, value_of: impl Fn(&str) -> Option<Vec<u8>>) {
+    for item in items.as_array().cloned().unwrap_or_default() {
+        let data = value_of(item["key"].as_str().unwrap_or_default()).expect("key");
+        std::fs::write(target.join(item["path"].as_str().expect("path")), data).expect("write");
     }
 }
 
