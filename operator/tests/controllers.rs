@@ -35,6 +35,28 @@ async fn consumer_info(
     )
 }
 
+/// The chart's MutatingWebhookConfiguration, for the Service `projectionist-webhook` in `default`, with a CA
+/// bundle (as cert-manager's injector writes it) or without (the operator patches it in).
+async fn create_injector_config(env: &Env, ca_bundle: Option<&str>) {
+    use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
+    let mut client_config = json!({"service": {"name": "projectionist-webhook", "namespace": "default", "path": "/mutate"}});
+    if let Some(ca) = ca_bundle {
+        client_config["caBundle"] = json!(k8s_openapi::ByteString(ca.as_bytes().to_vec()));
+    }
+    let config: MutatingWebhookConfiguration = serde_json::from_value(json!({
+        "metadata": {"name": "projectionist-sidecar-injector"},
+        "webhooks": [{"name": "sidecar.projectionist.dev", "admissionReviewVersions": ["v1"], "sideEffects": "None",
+            "failurePolicy": "Fail", "clientConfig": client_config,
+            "namespaceSelector": {"matchLabels": {"projectionist.dev/injection": "enabled"}},
+            "rules": [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"]}]}]
+    }))
+    .expect("config");
+    Api::<MutatingWebhookConfiguration>::all(env.client.clone())
+        .create(&PostParams::default(), &config)
+        .await
+        .expect("create");
+}
+
 async fn config_map(env: &Env, name: &str) -> Option<ConfigMap> {
     let maps: Api<ConfigMap> = Api::namespaced(env.client.clone(), NAMESPACE);
     maps.get_opt(name).await.ok().flatten()
@@ -877,17 +899,7 @@ async fn the_webhook_certificate_is_issued_kept_in_a_secret_and_rotated_before_e
     use k8s_openapi::api::core::v1::Secret;
     let env = Env::start().await;
     let hooks: Api<MutatingWebhookConfiguration> = Api::all(env.client.clone());
-    let config: MutatingWebhookConfiguration = serde_json::from_value(json!({
-        "metadata": {"name": "projectionist-sidecar-injector"},
-        "webhooks": [{"name": "sidecar.projectionist.dev", "admissionReviewVersions": ["v1"], "sideEffects": "None",
-            "clientConfig": {"service": {"name": "projectionist-webhook", "namespace": "default", "path": "/mutate"}},
-            "rules": [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"]}]}]
-    }))
-    .expect("config");
-    hooks
-        .create(&PostParams::default(), &config)
-        .await
-        .expect("create");
+    create_injector_config(&env, None).await;
     let port = projectionist_tests::process::free_port().expect("port");
     let operator = env
         .operator_with(
@@ -978,7 +990,6 @@ async fn the_webhook_certificate_is_issued_kept_in_a_secret_and_rotated_before_e
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_certificate_from_files_is_served_as_with_cert_manager() {
-    use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
     use k8s_openapi::api::core::v1::{Namespace, Pod};
     let env = Env::start().await;
     // What cert-manager would write into the mounted Secret.
@@ -993,21 +1004,7 @@ async fn a_certificate_from_files_is_served_as_with_cert_manager() {
     std::fs::write(cert_dir.join("tls.key"), &cert.key_pem).expect("write");
     std::fs::write(cert_dir.join("ca.crt"), &cert.ca_bundle).expect("write");
     // cert-manager's CA injector fills the bundle.
-    let hooks: Api<MutatingWebhookConfiguration> = Api::all(env.client.clone());
-    let config: MutatingWebhookConfiguration = serde_json::from_value(json!({
-        "metadata": {"name": "projectionist-sidecar-injector"},
-        "webhooks": [{"name": "sidecar.projectionist.dev", "admissionReviewVersions": ["v1"], "sideEffects": "None",
-            "failurePolicy": "Fail",
-            "clientConfig": {"service": {"name": "projectionist-webhook", "namespace": "default", "path": "/mutate"},
-                "caBundle": k8s_openapi::ByteString(cert.ca_bundle.clone().into_bytes())},
-            "namespaceSelector": {"matchLabels": {"projectionist.dev/injection": "enabled"}},
-            "rules": [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"]}]}]
-    }))
-    .expect("config");
-    hooks
-        .create(&PostParams::default(), &config)
-        .await
-        .expect("create");
+    create_injector_config(&env, Some(&cert.ca_bundle)).await;
     let port = projectionist_tests::process::free_port().expect("port");
     let operator = env
         .operator_with(

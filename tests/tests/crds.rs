@@ -52,26 +52,12 @@ fn checked_in_crds_match_the_types() {
 
 #[test]
 fn crds_pass_kubernetes_validate_strict() {
-    let bin = repo::root().join(".tools/bin/kubernetes-validate");
-    assert!(
-        bin.exists(),
-        "kubernetes-validate missing: run scripts/setup.sh"
-    );
     let files: Vec<_> = crd::files()
         .iter()
         .map(|f| repo::crds().join(&f.file_name))
         .collect();
-    let out = Command::new(bin)
-        .args(["--strict", "--kubernetes-version", "1.37.0"])
-        .args(&files)
-        .output()
-        .expect("runs kubernetes-validate");
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(out.status.success(), "{text}");
+    let (ok, text) = kubernetes_validate("1.37.0", &files);
+    assert!(ok, "{text}");
     assert_eq!(text.matches("passed").count(), 2, "{text}");
 }
 
@@ -385,12 +371,23 @@ fn changing_the_projection_event_store_on_update_is_rejected() {
 
 #[test]
 fn the_examples_built_in_manifests_pass_kubernetes_validate_strict() {
-    let bin = repo::root().join(".tools/bin/kubernetes-validate");
     let dir = repo::user_management_example();
     let files = ["namespace.yaml", "secrets.yaml", "deployment.yaml"].map(|f| dir.join(f));
+    let (ok, text) = kubernetes_validate("1.34.0", &files);
+    assert!(ok, "{text}");
+    assert_eq!(text.matches("passed").count(), 4, "{text}");
+}
+
+/// Runs `kubernetes-validate --strict` on `files`: whether it passed, and what it printed.
+fn kubernetes_validate(version: &str, files: &[std::path::PathBuf]) -> (bool, String) {
+    let bin = repo::root().join(".tools/bin/kubernetes-validate");
+    assert!(
+        bin.exists(),
+        "kubernetes-validate missing: run scripts/setup.sh"
+    );
     let out = Command::new(bin)
-        .args(["--strict", "--kubernetes-version", "1.34.0"])
-        .args(&files)
+        .args(["--strict", "--kubernetes-version", version])
+        .args(files)
         .output()
         .expect("runs kubernetes-validate");
     let text = format!(
@@ -398,6 +395,5 @@ fn the_examples_built_in_manifests_pass_kubernetes_validate_strict() {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(out.status.success(), "{text}");
-    assert_eq!(text.matches("passed").count(), 4, "{text}");
+    (out.status.success(), text)
 }

@@ -446,7 +446,7 @@ fn list(
             cursor["name"].as_str().unwrap_or_default().to_string(),
         );
         rv = cursor["rv"].as_u64().ok_or_else(bad)?;
-        items.retain(|o| key_of(o) > after);
+        items.retain(|o| store::ident(o) > after);
     }
     let mut next = None;
     if let Some(limit) = params
@@ -458,7 +458,7 @@ fn list(
         use base64::Engine;
         let remaining = items.len() - limit;
         items.truncate(limit);
-        let (ns, name) = items.last().map(key_of).unwrap_or_default();
+        let (ns, name) = items.last().map(store::ident).unwrap_or_default();
         let token = json!({"ns": ns, "name": name, "rv": rv}).to_string();
         next = Some((
             base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(token),
@@ -479,17 +479,6 @@ fn list(
         body["metadata"]["remainingItemCount"] = json!(remaining);
     }
     Ok(json_response(StatusCode::OK, &body))
-}
-
-fn key_of(object: &Value) -> (String, String) {
-    let get = |p: &str| {
-        object
-            .pointer(p)
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_string()
-    };
-    (get("/metadata/namespace"), get("/metadata/name"))
 }
 
 fn event_line(kind: &str, object: &Value) -> Bytes {

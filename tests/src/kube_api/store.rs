@@ -1001,7 +1001,8 @@ impl Store {
     }
 }
 
-fn ident(object: &Value) -> (String, String) {
+/// An object's (namespace, name).
+pub(super) fn ident(object: &Value) -> (String, String) {
     let get = |p: &str| {
         object
             .pointer(p)
