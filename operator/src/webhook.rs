@@ -17,9 +17,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use k8s_openapi::api::core::v1::{Pod, ResourceRequirements};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
+use kube::ResourceExt;
 use kube::core::admission::{AdmissionRequest, AdmissionReview};
 use kube::runtime::reflector::Store;
-use kube::{Resource, ResourceExt};
 use projectionist_crds::event_store::EventStore;
 use projectionist_crds::projection::Projection;
 use projectionist_crds::sidecar_config::{SECRET_FILES_DIR, SecretSource, resolve};
@@ -375,13 +375,4 @@ pub async fn serve(
         .serve(app.into_make_service())
         .await?;
     Ok(())
-}
-
-/// The object reference of a pod for messages.
-pub fn describe(pod: &Pod) -> String {
-    format!(
-        "{}/{}",
-        pod.meta().namespace.clone().unwrap_or_default(),
-        pod.name_any()
-    )
 }

@@ -483,18 +483,15 @@ async fn drift_is_repaired_mutable_changes_applied_and_immutable_ones_refused() 
     );
 }
 
-async fn store_gone(env: &Env, operator: &common::Operator) {
+/// Waits until object `name` no longer exists.
+async fn gone<K>(api: &Api<K>, name: &str, operator: &common::Operator)
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
     eventually(
-        "EventStore gone",
+        &format!("{name} gone"),
         Duration::from_secs(30),
-        || async {
-            env.stores()
-                .get_opt("users")
-                .await
-                .ok()?
-                .is_none()
-                .then_some(())
-        },
+        || async { api.get_opt(name).await.ok()?.is_none().then_some(()) },
         || operator.log(),
     )
     .await;
@@ -516,20 +513,7 @@ async fn deletion_retains_or_deletes_the_stream_and_projections_take_only_their_
         .delete("users-read-model", &DeleteParams::default())
         .await
         .expect("delete");
-    eventually(
-        "Projection gone",
-        Duration::from_secs(30),
-        || async {
-            env.projections()
-                .get_opt("users-read-model")
-                .await
-                .ok()?
-                .is_none()
-                .then_some(())
-        },
-        || operator.log(),
-    )
-    .await;
+    gone(&env.projections(), "users-read-model", &operator).await;
     let stream = js
         .get_stream(&stream_name)
         .await
@@ -550,7 +534,7 @@ async fn deletion_retains_or_deletes_the_stream_and_projections_take_only_their_
         .delete("users", &DeleteParams::default())
         .await
         .expect("delete");
-    store_gone(&env, &operator).await;
+    gone(&env.stores(), "users", &operator).await;
     assert!(
         js.get_stream(&stream_name).await.is_ok(),
         "Retain keeps the stream"
@@ -576,7 +560,7 @@ async fn deletion_retains_or_deletes_the_stream_and_projections_take_only_their_
         .delete("users", &DeleteParams::default())
         .await
         .expect("delete");
-    store_gone(&env, &operator).await;
+    gone(&env.stores(), "users", &operator).await;
     assert!(
         js.get_stream(&stream_name).await.is_err(),
         "Delete removes the stream"

@@ -159,6 +159,17 @@ async fn rows(url: &str, sql: &str) -> Option<Vec<Vec<String>>> {
     out
 }
 
+/// The `users` and `user_roles` rows the reference fold describes, or `None` while the tables do not exist yet.
+async fn read_model(url: &str) -> Option<(Vec<Vec<String>>, Vec<Vec<String>>)> {
+    let users = rows(url, "SELECT id, email, name FROM users ORDER BY id").await?;
+    let roles = rows(
+        url,
+        "SELECT user_id, role FROM user_roles ORDER BY user_id, role",
+    )
+    .await?;
+    Some((users, roles))
+}
+
 /// Writes a projected volume's ConfigMap items (and Secret volumes) under `root`, at the container's mount paths.
 async fn materialise_volumes(client: &kube::Client, pod: &Value, container: &Value, root: &Path) {
     let maps: Api<ConfigMap> = Api::namespaced(client.clone(), APP);
@@ -532,12 +543,7 @@ async fn a_pod_gets_the_sidecar_and_the_read_model_equals_the_reference_fold() {
         "the read model equal to the reference fold",
         Duration::from_secs(60),
         || async {
-            let got_users = rows(&db_url, "SELECT id, email, name FROM users ORDER BY id").await?;
-            let got_roles = rows(
-                &db_url,
-                "SELECT user_id, role FROM user_roles ORDER BY user_id, role",
-            )
-            .await?;
+            let (got_users, got_roles) = read_model(&db_url).await?;
             (got_users == users && got_roles == roles).then_some(())
         },
         || {
@@ -635,15 +641,9 @@ async fn a_pod_gets_the_sidecar_and_the_read_model_equals_the_reference_fold() {
         .await,
         Some(vec![vec!["2026-12-01".to_string()]])
     );
-    let got_users = rows(&db_url, "SELECT id, email, name FROM users ORDER BY id").await;
-    let got_roles = rows(
-        &db_url,
-        "SELECT user_id, role FROM user_roles ORDER BY user_id, role",
-    )
-    .await;
     assert_eq!(
-        (got_users, got_roles),
-        (Some(users), Some(roles)),
+        read_model(&db_url).await,
+        Some((users, roles)),
         "the rebuilt read model is the fold again"
     );
 
