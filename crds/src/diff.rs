@@ -237,6 +237,13 @@ pub fn diff_stream(desired: &stream::Config, actual: &stream::Config) -> ConfigD
         &actual.allow_direct,
         InPlace,
     );
+    // Enabling atomic batch publish in place is allowed; the server refuses to turn it off again.
+    d.compare(
+        "allow_atomic",
+        &desired.allow_atomic_publish,
+        &actual.allow_atomic_publish,
+        one_way_flag(desired.allow_atomic_publish, actual.allow_atomic_publish),
+    );
     d
 }
 

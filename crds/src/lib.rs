@@ -8,6 +8,7 @@
 //! - [`consumer`]: Projection → durable pull consumer config.
 //! - [`diff`]: desired vs actual stream/consumer config, split into in-place and immutable changes.
 //! - [`sidecar_config`]: the resolved, versioned config file the sidecar runs from (`resolve`).
+//! - [`store_config`]: the config file of the sidecar's event-store API for one EventStore (`resolve_store`).
 //! - [`template`]: the SQL handler template parser (named parameters → driver placeholders).
 //! - [`subject`]: NATS subject syntax and subset checks.
 //! - [`crd`]: the generated CustomResourceDefinitions as YAML, as `crdgen` writes them.
@@ -22,6 +23,7 @@ pub mod duration;
 pub mod event_store;
 pub mod projection;
 pub mod sidecar_config;
+pub mod store_config;
 pub mod stream;
 pub mod subject;
 pub mod template;

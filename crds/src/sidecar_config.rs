@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
-use crate::common::SecretKeyRef;
+use crate::common::{NatsConnection, SecretKeyRef};
 use crate::consumer::{self, ConsumerSpecError, PRIORITY_GROUP};
 use crate::duration;
 use crate::event_store::EventStore;
@@ -41,6 +41,10 @@ pub struct SidecarConfig {
     pub nats: NatsConfig,
     /// The stream name.
     pub stream: String,
+    /// The EventStore's subjects, so that the event-store API can serve the store this projection reads. Empty in
+    /// files written before the API existed: the API then does not serve the store.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub store_subjects: Vec<String>,
     /// The durable consumer name.
     pub consumer: String,
     /// The priority group to pull from (one pinned client at a time).
@@ -266,6 +270,61 @@ pub fn secret_file_path(secret: &SecretKeyRef) -> PathBuf {
         .join(&secret.key)
 }
 
+/// A Secret key provided as an environment variable, recorded in `secrets`.
+fn env_source(secret: &SecretKeyRef, secrets: &mut BTreeSet<SecretMount>) -> SecretSource {
+    let source = SecretSource::Env(secret_env_name(secret));
+    secrets.insert(SecretMount {
+        secret: secret.clone(),
+        source: source.clone(),
+    });
+    source
+}
+
+/// A Secret key provided as a mounted file, recorded in `secrets`.
+fn file_source(secret: &SecretKeyRef, secrets: &mut BTreeSet<SecretMount>) -> SecretSource {
+    let source = SecretSource::File(secret_file_path(secret));
+    secrets.insert(SecretMount {
+        secret: secret.clone(),
+        source: source.clone(),
+    });
+    source
+}
+
+/// An EventStore's NATS connection with its credentials as sources (env vars; creds files and TLS material as
+/// files), every Secret key it needs recorded in `secrets`. Shared by projections and the event-store API.
+pub fn nats_config(spec: &NatsConnection, secrets: &mut BTreeSet<SecretMount>) -> NatsConfig {
+    let auth = spec.auth.as_ref().and_then(|a| {
+        if let Some(up) = &a.user_password {
+            Some(NatsAuthConfig::UserPassword {
+                user: env_source(&up.user, secrets),
+                password: env_source(&up.password, secrets),
+            })
+        } else if let Some(t) = &a.token {
+            Some(NatsAuthConfig::Token(env_source(t, secrets)))
+        } else if let Some(s) = &a.nkey_seed {
+            Some(NatsAuthConfig::NkeySeed(env_source(s, secrets)))
+        } else {
+            a.creds_file
+                .as_ref()
+                .map(|c| NatsAuthConfig::CredsFile(file_source(c, secrets)))
+        }
+    });
+    let tls = spec.tls.as_ref();
+    NatsConfig {
+        servers: spec.servers.clone(),
+        auth,
+        tls_ca: tls
+            .and_then(|t| t.ca.as_ref())
+            .map(|s| file_source(s, secrets)),
+        tls_client_cert: tls
+            .and_then(|t| t.client_cert.as_ref())
+            .map(|s| file_source(s, secrets)),
+        tls_client_key: tls
+            .and_then(|t| t.client_key.as_ref())
+            .map(|s| file_source(s, secrets)),
+    }
+}
+
 fn parse_duration(field: &'static str, text: &str) -> Result<Duration, ResolveError> {
     duration::parse(text).map_err(|source| ResolveError::Duration { field, source })
 }
@@ -294,56 +353,12 @@ pub fn resolve(store: &EventStore, projection: &Projection) -> Result<Resolved, 
     template::parse_handlers(&spec.handlers, spec.database.driver)?;
 
     let mut secrets = BTreeSet::new();
-    let mut env = |secret: &SecretKeyRef| {
-        let source = SecretSource::Env(secret_env_name(secret));
-        secrets.insert(SecretMount {
-            secret: secret.clone(),
-            source: source.clone(),
-        });
-        source
-    };
-    let mut file_mounts = Vec::new();
-    let mut file = |secret: &SecretKeyRef| {
-        let source = SecretSource::File(secret_file_path(secret));
-        file_mounts.push(SecretMount {
-            secret: secret.clone(),
-            source: source.clone(),
-        });
-        source
-    };
-
-    let nats_spec = &store.spec.nats;
-    let auth = nats_spec.auth.as_ref().and_then(|a| {
-        if let Some(up) = &a.user_password {
-            Some(NatsAuthConfig::UserPassword {
-                user: env(&up.user),
-                password: env(&up.password),
-            })
-        } else if let Some(t) = &a.token {
-            Some(NatsAuthConfig::Token(env(t)))
-        } else if let Some(s) = &a.nkey_seed {
-            Some(NatsAuthConfig::NkeySeed(env(s)))
-        } else {
-            a.creds_file
-                .as_ref()
-                .map(|c| NatsAuthConfig::CredsFile(file(c)))
-        }
-    });
-    let tls = nats_spec.tls.as_ref();
-    let nats = NatsConfig {
-        servers: nats_spec.servers.clone(),
-        auth,
-        tls_ca: tls.and_then(|t| t.ca.as_ref()).map(&mut file),
-        tls_client_cert: tls.and_then(|t| t.client_cert.as_ref()).map(&mut file),
-        tls_client_key: tls.and_then(|t| t.client_key.as_ref()).map(&mut file),
-    };
+    let nats = nats_config(&store.spec.nats, &mut secrets);
     let database = DatabaseConfig {
         driver: spec.database.driver,
-        url: env(&spec.database.url_secret),
+        url: env_source(&spec.database.url_secret, &mut secrets),
         max_connections: spec.database.max_connections,
     };
-    secrets.extend(file_mounts);
-
     let backoff_initial =
         parse_duration("onError.backoff.initial", &spec.on_error.backoff.initial)?;
     let backoff_max = parse_duration("onError.backoff.max", &spec.on_error.backoff.max)?;
@@ -367,6 +382,7 @@ pub fn resolve(store: &EventStore, projection: &Projection) -> Result<Resolved, 
         },
         nats,
         stream: store.stream_name(),
+        store_subjects: store.subjects(),
         consumer: projection.consumer_name(),
         priority_group: PRIORITY_GROUP.to_string(),
         database,

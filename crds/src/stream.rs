@@ -132,6 +132,8 @@ pub fn stream_config(store: &EventStore) -> Result<Config, StreamSpecError> {
         deny_purge: !guardrails.allow_purge,
         allow_rollup: false,
         allow_direct: true,
+        // Several events of one append request are stored all or none (the sidecar's event-store API).
+        allow_atomic_publish: true,
         ..Config::default()
     })
 }

@@ -1,6 +1,7 @@
 //! The EventStore controller: an EventStore becomes a JetStream stream with the event-store guardrails.
 //!
-//! Reconcile: finalizer per `deletionPolicy` → connect (credentials from Secrets) → desired stream config (pure) →
+//! Reconcile: finalizer per `deletionPolicy` → the owned ConfigMap with the store's config for the sidecar's
+//! event-store API → connect (credentials from Secrets) → desired stream config (pure) →
 //! create, update in place, or refuse an immutable change with a condition (nothing sent to NATS) → status with the
 //! stream's statistics. A stream changed or deleted out of band is put back on the next periodic check.
 
@@ -13,6 +14,7 @@ use kube::runtime::events::EventType;
 use kube::{Resource, ResourceExt};
 use projectionist_crds::diff::diff_stream;
 use projectionist_crds::event_store::{DeletionPolicy, EventStore, EventStoreStatus};
+use projectionist_crds::store_config::resolve_store;
 use projectionist_crds::stream::stream_config;
 
 use crate::conditions;
@@ -54,6 +56,7 @@ pub async fn reconcile(store: Arc<EventStore>, ctx: Arc<Context>) -> Result<Acti
         writes::set_finalizer(&api, &*store, FINALIZER, wants_finalizer).await?;
     }
 
+    apply_store_config(&store, &ctx).await?;
     let generation = store.meta().generation;
     let mut status = store.status.clone().unwrap_or_default();
     let result = sync_stream(&store, &ctx, &mut status, generation).await;
@@ -73,6 +76,41 @@ pub async fn reconcile(store: Arc<EventStore>, ctx: Arc<Context>) -> Result<Acti
     result?;
     ctx.succeeded(&key(&*store));
     Ok(Action::requeue(ctx.settings.resync))
+}
+
+/// Label on the ConfigMap holding an EventStore's config for the sidecar's event-store API.
+pub const EVENT_STORE_LABEL: &str = "projectionist.dev/event-store";
+
+/// The ConfigMap holding an EventStore's config for the event-store API (mounted into annotated pods).
+pub fn store_config_map_name(store: &str) -> String {
+    format!("{store}-store-config")
+}
+
+/// The key of the config file inside that ConfigMap.
+pub fn store_config_key(store: &str) -> String {
+    format!("{store}.store.yaml")
+}
+
+/// Keeps the EventStore's StoreConfig in its owned ConfigMap, for pods that get the event-store API.
+async fn apply_store_config(store: &EventStore, ctx: &Context) -> Result<(), Error> {
+    let name = store.name_any();
+    let resolved = resolve_store(store);
+    let yaml = resolved.config.to_yaml().map_err(|e| Error::JetStream {
+        action: "rendering the store config".into(),
+        message: e.to_string(),
+    })?;
+    writes::apply_config_map(
+        &ctx.client,
+        store,
+        writes::ConfigFile {
+            config_map: store_config_map_name(&name),
+            key: store_config_key(&name),
+            yaml,
+            secrets: &resolved.secrets,
+            label: (EVENT_STORE_LABEL, name.clone()),
+        },
+    )
+    .await
 }
 
 fn statistics(status: &mut EventStoreStatus, info: &stream::Info) {

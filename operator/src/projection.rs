@@ -6,12 +6,10 @@
 //! Projection) → create, update in place, or refuse an immutable change of the consumer → status from consumer info.
 //! Deleting a Projection deletes its consumer and (by ownership) its ConfigMap; the read model is never touched.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 
 use async_nats::jetstream::consumer;
-use k8s_openapi::api::core::v1::ConfigMap;
-use kube::api::{Api, ObjectMeta, Patch, PatchParams};
+use kube::api::Api;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use kube::{Resource, ResourceExt};
@@ -20,10 +18,9 @@ use projectionist_crds::diff::diff_consumer;
 use projectionist_crds::event_store::EventStore;
 use projectionist_crds::projection::{Projection, ProjectionStatus};
 use projectionist_crds::sidecar_config::{ResolveError, resolve};
-use serde_json::json;
 
 use crate::conditions;
-use crate::context::{Context, MANAGER, key};
+use crate::context::{Context, key};
 use crate::error::Error;
 use crate::writes;
 
@@ -31,8 +28,7 @@ use crate::writes;
 pub const FINALIZER: &str = "projectionist.dev/delete-consumer";
 /// Label on the ConfigMaps the operator owns.
 pub const PROJECTION_LABEL: &str = "projectionist.dev/projection";
-/// Annotation on the ConfigMap listing the Secret keys the sidecar needs (JSON), for the injection webhook.
-pub const SECRETS_ANNOTATION: &str = "projectionist.dev/secrets";
+pub use crate::writes::SECRETS_ANNOTATION;
 use projectionist_crds::consumer::METADATA_REBUILT_TOKEN as REBUILT_METADATA;
 
 /// The ConfigMap holding a Projection's sidecar config.
@@ -382,66 +378,21 @@ async fn apply_config_map(
     resolved: &projectionist_crds::sidecar_config::Resolved,
     ctx: &Context,
 ) -> Result<(), Error> {
-    let namespace = projection.namespace().unwrap_or_default();
     let name = projection.name_any();
-    let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &namespace);
     let yaml = resolved.config.to_yaml().map_err(|e| Error::JetStream {
         action: "rendering the sidecar config".into(),
         message: e.to_string(),
     })?;
-    let secrets = serde_json::to_string(&resolved.secrets).map_err(|e| Error::JetStream {
-        action: "rendering the secret list".into(),
-        message: e.to_string(),
-    })?;
-    let data = BTreeMap::from([(config_key(&name), yaml)]);
-    let annotations = BTreeMap::from([(SECRETS_ANNOTATION.to_string(), secrets)]);
-    let labels = BTreeMap::from([
-        (
-            "app.kubernetes.io/managed-by".to_string(),
-            MANAGER.to_string(),
-        ),
-        (PROJECTION_LABEL.to_string(), name.clone()),
-    ]);
-    let cm_name = config_map_name(&name);
-    if let Some(existing) = api.get_opt(&cm_name).await?
-        && existing.data.as_ref() == Some(&data)
-        && existing
-            .metadata
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(SECRETS_ANNOTATION))
-            == annotations.get(SECRETS_ANNOTATION)
-        && existing
-            .metadata
-            .owner_references
-            .as_ref()
-            .is_some_and(|o| !o.is_empty())
-    {
-        return Ok(());
-    }
-    let cm = ConfigMap {
-        metadata: ObjectMeta {
-            name: Some(cm_name.clone()),
-            namespace: Some(namespace),
-            labels: Some(labels),
-            annotations: Some(annotations),
-            owner_references: projection.controller_owner_ref(&()).map(|o| vec![o]),
-            ..ObjectMeta::default()
+    writes::apply_config_map(
+        &ctx.client,
+        projection,
+        writes::ConfigFile {
+            config_map: config_map_name(&name),
+            key: config_key(&name),
+            yaml,
+            secrets: &resolved.secrets,
+            label: (PROJECTION_LABEL, name.clone()),
         },
-        data: Some(data),
-        ..ConfigMap::default()
-    };
-    let mut value = serde_json::to_value(&cm).map_err(|e| Error::JetStream {
-        action: "rendering the ConfigMap".into(),
-        message: e.to_string(),
-    })?;
-    value["apiVersion"] = json!("v1");
-    value["kind"] = json!("ConfigMap");
-    api.patch(
-        &cm_name,
-        &PatchParams::apply(MANAGER).force(),
-        &Patch::Apply(&value),
     )
-    .await?;
-    Ok(())
+    .await
 }

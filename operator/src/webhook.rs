@@ -1,7 +1,9 @@
 //! The sidecar injection webhook: pods created in a namespace that opted in (the webhook configuration's
 //! `namespaceSelector` on the label `projectionist.dev/injection=enabled`), without the opt-out annotation
 //! `projectionist.dev/inject: "false"`, and matched by the `podSelector` of one or more Projections of their namespace,
-//! get one `projectionist-sidecar` running those projections.
+//! get one `projectionist-sidecar` running those projections. A pod annotated `projectionist.dev/event-stores:
+//! "users,orders"` gets the sidecar with the event-store API for those EventStores of its namespace, whether or not a
+//! Projection selects it.
 //!
 //! [`inject`] is the pure decision (pod + projections → JSON patch); [`serve`] is the HTTPS server every replica runs.
 
@@ -22,9 +24,11 @@ use kube::core::admission::{AdmissionRequest, AdmissionReview};
 use kube::runtime::reflector::Store;
 use projectionist_crds::event_store::EventStore;
 use projectionist_crds::projection::Projection;
-use projectionist_crds::sidecar_config::{SECRET_FILES_DIR, SecretSource, resolve};
+use projectionist_crds::sidecar_config::{SECRET_FILES_DIR, SecretMount, SecretSource, resolve};
+use projectionist_crds::store_config::{EVENT_STORES_ANNOTATION, annotated_stores, resolve_store};
 use serde_json::{Value, json};
 
+use crate::event_store::{store_config_key, store_config_map_name};
 use crate::projection::{config_key, config_map_name};
 
 /// Name of the injected container.
@@ -74,6 +78,9 @@ pub fn selector_matches(selector: &LabelSelector, labels: &BTreeMap<String, Stri
     labels_ok && expressions_ok
 }
 
+/// Pod annotation the webhook sets to the event stores the injected API serves.
+pub const INJECTED_STORES_ANNOTATION: &str = "projectionist.dev/injected-event-stores";
+
 /// What injection decided.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Decision {
@@ -81,19 +88,24 @@ pub struct Decision {
     pub patch: Vec<Value>,
     /// The projections injected.
     pub projections: Vec<String>,
+    /// The event stores the injected API serves by the pod's annotation.
+    pub stores: Vec<String>,
     /// Why something was left out.
     pub warnings: Vec<String>,
 }
 
-/// Decides the injection for `pod` given the Projections (with their EventStores) of its namespace.
+/// Decides the injection for `pod` given the Projections (with their EventStores) and the EventStores of its
+/// namespace.
 pub fn inject(
     pod: &Pod,
     candidates: &[(Projection, Option<EventStore>)],
+    stores: &[EventStore],
     settings: &Injection,
 ) -> Decision {
     let mut decision = Decision {
         patch: Vec::new(),
         projections: Vec::new(),
+        stores: Vec::new(),
         warnings: Vec::new(),
     };
     let annotations = pod.metadata.annotations.clone().unwrap_or_default();
@@ -127,6 +139,24 @@ pub fn inject(
     let mut sources = Vec::new();
     let mut env = BTreeMap::new();
     let mut file_secrets: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    let mut need = |secrets: &BTreeSet<SecretMount>| {
+        for mount in secrets {
+            match &mount.source {
+                SecretSource::Env(var) => {
+                    env.insert(
+                        var.clone(),
+                        (mount.secret.name.clone(), mount.secret.key.clone()),
+                    );
+                }
+                SecretSource::File(_) => {
+                    file_secrets
+                        .entry(mount.secret.name.clone())
+                        .or_default()
+                        .insert(mount.secret.key.clone());
+                }
+            }
+        }
+    };
     for (projection, store) in matched {
         let name = projection.name_any();
         let Some(store) = store else {
@@ -145,27 +175,28 @@ pub fn inject(
                 continue;
             }
         };
-        for mount in &resolved.secrets {
-            match &mount.source {
-                SecretSource::Env(var) => {
-                    env.insert(
-                        var.clone(),
-                        (mount.secret.name.clone(), mount.secret.key.clone()),
-                    );
-                }
-                SecretSource::File(_) => {
-                    file_secrets
-                        .entry(mount.secret.name.clone())
-                        .or_default()
-                        .insert(mount.secret.key.clone());
-                }
-            }
-        }
+        need(&resolved.secrets);
         sources.push(json!({"configMap": {"name": config_map_name(&name),
             "items": [{"key": config_key(&name), "path": config_key(&name)}]}}));
         decision.projections.push(name);
     }
-    if decision.projections.is_empty() {
+    let wanted = annotations
+        .get(EVENT_STORES_ANNOTATION)
+        .map(|v| annotated_stores(v))
+        .unwrap_or_default();
+    for name in wanted {
+        let Some(store) = stores.iter().find(|s| s.name_any() == name) else {
+            decision.warnings.push(format!(
+                "event store {name} not served by the sidecar's API: no EventStore {name} in the namespace"
+            ));
+            continue;
+        };
+        need(&resolve_store(store).secrets);
+        sources.push(json!({"configMap": {"name": store_config_map_name(&name),
+            "items": [{"key": store_config_key(&name), "path": store_config_key(&name)}]}}));
+        decision.stores.push(name);
+    }
+    if decision.projections.is_empty() && decision.stores.is_empty() {
         return decision;
     }
 
@@ -250,14 +281,19 @@ pub fn inject(
             json!({"op": "add", "path": "/metadata/labels", "value": {SIDECAR_LABEL: "injected"}}),
         );
     }
-    let injected = decision.projections.join(",");
+    let mut injected = BTreeMap::from([(INJECTED_ANNOTATION, decision.projections.join(","))]);
+    if !decision.stores.is_empty() {
+        injected.insert(INJECTED_STORES_ANNOTATION, decision.stores.join(","));
+    }
     if pod.metadata.annotations.is_some() {
-        let key = INJECTED_ANNOTATION.replace('~', "~0").replace('/', "~1");
-        patch.push(
-            json!({"op": "add", "path": format!("/metadata/annotations/{key}"), "value": injected}),
-        );
+        for (name, value) in injected {
+            let key = name.replace('~', "~0").replace('/', "~1");
+            patch.push(
+                json!({"op": "add", "path": format!("/metadata/annotations/{key}"), "value": value}),
+            );
+        }
     } else {
-        patch.push(json!({"op": "add", "path": "/metadata/annotations", "value": {INJECTED_ANNOTATION: injected}}));
+        patch.push(json!({"op": "add", "path": "/metadata/annotations", "value": injected}));
     }
     decision
 }
@@ -281,10 +317,13 @@ struct WebhookState {
     settings: Arc<Injection>,
 }
 
+/// The Projections (with their EventStores) and the EventStores of one namespace.
+pub type Candidates = (Vec<(Projection, Option<EventStore>)>, Vec<EventStore>);
+
 /// Answers one AdmissionReview body. A body that is not an AdmissionReview gets `400` with the reason.
 pub fn review(
     body: &[u8],
-    candidates: impl Fn(&str) -> Vec<(Projection, Option<EventStore>)>,
+    candidates: impl Fn(&str) -> Candidates,
     settings: &Injection,
 ) -> Result<Value, String> {
     let review: AdmissionReview<Pod> =
@@ -304,7 +343,8 @@ pub fn review(
         .clone()
         .or_else(|| pod.namespace())
         .unwrap_or_else(|| "default".into());
-    let decision = inject(pod, &candidates(&namespace), settings);
+    let (projections, stores) = candidates(&namespace);
+    let decision = inject(pod, &projections, &stores, settings);
     if !decision.warnings.is_empty() {
         response["warnings"] = json!(decision.warnings);
     }
@@ -315,7 +355,7 @@ pub fn review(
         response["patchType"] = json!("JSONPatch");
         response["patch"] = json!(base64::engine::general_purpose::STANDARD.encode(patch));
         tracing::info!(namespace, pod = pod.metadata.name.as_deref().or(pod.metadata.generate_name.as_deref()).unwrap_or(""),
-            projections = ?decision.projections, "injected the sidecar");
+            projections = ?decision.projections, stores = ?decision.stores, "injected the sidecar");
     }
     Ok(
         json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "response": response}),
@@ -324,8 +364,15 @@ pub fn review(
 
 async fn mutate(State(state): State<WebhookState>, body: Bytes) -> Response {
     let candidates = |namespace: &str| {
-        let stores = state.caches.stores.state();
-        state
+        let stores: Vec<EventStore> = state
+            .caches
+            .stores
+            .state()
+            .iter()
+            .filter(|s| s.namespace().as_deref() == Some(namespace))
+            .map(|s| (**s).clone())
+            .collect();
+        let projections = state
             .caches
             .projections
             .state()
@@ -334,14 +381,12 @@ async fn mutate(State(state): State<WebhookState>, body: Bytes) -> Response {
             .map(|p| {
                 let store = stores
                     .iter()
-                    .find(|s| {
-                        s.namespace().as_deref() == Some(namespace)
-                            && s.name_any() == p.spec.event_store
-                    })
-                    .map(|s| (**s).clone());
+                    .find(|s| s.name_any() == p.spec.event_store)
+                    .cloned();
                 ((*p).clone(), store)
             })
-            .collect()
+            .collect();
+        (projections, stores)
     };
     match review(&body, candidates, &state.settings) {
         Ok(value) => (StatusCode::OK, axum::Json(value)).into_response(),

@@ -1,10 +1,14 @@
-//! The two writes both controllers make on their own resources: a finalizer added or removed (guarded by the
-//! resourceVersion), and the status applied with server-side apply when it changed.
+//! The writes both controllers make: a finalizer added or removed (guarded by the resourceVersion), the status
+//! applied with server-side apply when it changed, and an owned ConfigMap holding a sidecar config file.
 
 use std::fmt::Debug;
 
-use kube::api::{Api, Patch, PatchParams};
+use std::collections::{BTreeMap, BTreeSet};
+
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::api::{Api, ObjectMeta, Patch, PatchParams};
 use kube::{Resource, ResourceExt};
+use projectionist_crds::sidecar_config::SecretMount;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::json;
@@ -65,6 +69,90 @@ where
         &object.name_any(),
         &PatchParams::apply(MANAGER).force(),
         &Patch::Apply(&patch),
+    )
+    .await?;
+    Ok(())
+}
+
+/// Annotation on a config ConfigMap listing the Secret keys the sidecar needs (JSON), for the injection webhook.
+pub const SECRETS_ANNOTATION: &str = "projectionist.dev/secrets";
+
+/// A sidecar config file to keep in an owned ConfigMap.
+#[derive(Debug)]
+pub struct ConfigFile<'a> {
+    /// The ConfigMap's name.
+    pub config_map: String,
+    /// The file's key (and name in the mounted directory).
+    pub key: String,
+    /// The file's content.
+    pub yaml: String,
+    /// The Secret keys the config refers to.
+    pub secrets: &'a BTreeSet<SecretMount>,
+    /// The label naming the owner (`projectionist.dev/projection: NAME`, …).
+    pub label: (&'static str, String),
+}
+
+/// Writes `file` into a ConfigMap owned by `owner` (garbage collected with it), with server-side apply, when its
+/// content, secret list or ownership differ.
+pub async fn apply_config_map<K>(
+    client: &kube::Client,
+    owner: &K,
+    file: ConfigFile<'_>,
+) -> Result<(), Error>
+where
+    K: Resource<DynamicType = ()> + ResourceExt,
+{
+    let namespace = owner.namespace().unwrap_or_default();
+    let api: Api<ConfigMap> = Api::namespaced(client.clone(), &namespace);
+    let render = |what: &str, e: serde_json::Error| Error::JetStream {
+        action: format!("rendering {what}"),
+        message: e.to_string(),
+    };
+    let secrets = serde_json::to_string(file.secrets).map_err(|e| render("the secret list", e))?;
+    let data = BTreeMap::from([(file.key.clone(), file.yaml)]);
+    let annotations = BTreeMap::from([(SECRETS_ANNOTATION.to_string(), secrets)]);
+    let labels = BTreeMap::from([
+        (
+            "app.kubernetes.io/managed-by".to_string(),
+            MANAGER.to_string(),
+        ),
+        (file.label.0.to_string(), file.label.1),
+    ]);
+    if let Some(existing) = api.get_opt(&file.config_map).await?
+        && existing.data.as_ref() == Some(&data)
+        && existing
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(SECRETS_ANNOTATION))
+            == annotations.get(SECRETS_ANNOTATION)
+        && existing
+            .metadata
+            .owner_references
+            .as_ref()
+            .is_some_and(|o| !o.is_empty())
+    {
+        return Ok(());
+    }
+    let cm = ConfigMap {
+        metadata: ObjectMeta {
+            name: Some(file.config_map.clone()),
+            namespace: Some(namespace),
+            labels: Some(labels),
+            annotations: Some(annotations),
+            owner_references: owner.controller_owner_ref(&()).map(|o| vec![o]),
+            ..ObjectMeta::default()
+        },
+        data: Some(data),
+        ..ConfigMap::default()
+    };
+    let mut value = serde_json::to_value(&cm).map_err(|e| render("the ConfigMap", e))?;
+    value["apiVersion"] = json!("v1");
+    value["kind"] = json!("ConfigMap");
+    api.patch(
+        &file.config_map,
+        &PatchParams::apply(MANAGER).force(),
+        &Patch::Apply(&value),
     )
     .await?;
     Ok(())

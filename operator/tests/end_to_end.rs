@@ -496,6 +496,8 @@ async fn a_pod_gets_the_sidecar_and_the_read_model_equals_the_reference_fold() {
     cmd.args(&args)
         .env_clear()
         .envs(env)
+        // Tests run side by side: the API on a free port instead of the pod's fixed one.
+        .env("PROJECTIONIST_API_ADDR", "127.0.0.1:0")
         .env("RUST_LOG", "info");
     let sidecar = ServerProcess::spawn(
         "projectionist-sidecar",

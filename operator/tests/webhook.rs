@@ -58,7 +58,7 @@ fn sidecar(pod: &Value, list: &str) -> Value {
 fn a_matching_pod_gets_a_native_sidecar_with_config_secrets_and_hardening() {
     let (store, projection) = examples();
     let pod = app_pod();
-    let decision = inject(&pod, &[(projection, Some(store))], &settings(true));
+    let decision = inject(&pod, &[(projection, Some(store))], &[], &settings(true));
     assert_eq!(decision.projections, ["users-read-model"]);
     let after = patched(&pod, &decision.patch);
     let c = sidecar(&after, "initContainers");
@@ -128,7 +128,7 @@ fn a_matching_pod_gets_a_native_sidecar_with_config_secrets_and_hardening() {
 fn regular_container_mode_appends_to_containers() {
     let (store, projection) = examples();
     let pod = app_pod();
-    let decision = inject(&pod, &[(projection, Some(store))], &settings(false));
+    let decision = inject(&pod, &[(projection, Some(store))], &[], &settings(false));
     let after = patched(&pod, &decision.patch);
     let c = sidecar(&after, "containers");
     assert!(c.get("restartPolicy").is_none());
@@ -145,24 +145,33 @@ fn opted_out_or_unmatched_pods_are_left_alone() {
         Some(json!({"projectionist.dev/inject": "false"})),
     );
     assert!(
-        inject(&opted_out, &candidates, &settings(true))
+        inject(&opted_out, &candidates, &[], &settings(true))
             .patch
             .is_empty()
     );
     let other = pod(json!({"app.kubernetes.io/name": "billing"}), None);
     assert!(
-        inject(&other, &candidates, &settings(true))
+        inject(&other, &candidates, &[], &settings(true))
             .patch
             .is_empty()
     );
     let mut no_selector = projection;
     no_selector.spec.pod_selector = None;
     assert!(
-        inject(&app_pod(), &[(no_selector, Some(store))], &settings(true))
+        inject(
+            &app_pod(),
+            &[(no_selector, Some(store))],
+            &[],
+            &settings(true)
+        )
+        .patch
+        .is_empty()
+    );
+    assert!(
+        inject(&app_pod(), &[], &[], &settings(true))
             .patch
             .is_empty()
     );
-    assert!(inject(&app_pod(), &[], &settings(true)).patch.is_empty());
 }
 
 #[test]
@@ -170,9 +179,13 @@ fn injection_is_idempotent() {
     let (store, projection) = examples();
     let candidates = [(projection, Some(store))];
     let pod = app_pod();
-    let once = patched(&pod, &inject(&pod, &candidates, &settings(true)).patch);
+    let once = patched(&pod, &inject(&pod, &candidates, &[], &settings(true)).patch);
     let once: Pod = serde_json::from_value(once).expect("pod");
-    assert!(inject(&once, &candidates, &settings(true)).patch.is_empty());
+    assert!(
+        inject(&once, &candidates, &[], &settings(true))
+            .patch
+            .is_empty()
+    );
 }
 
 #[test]
@@ -184,6 +197,7 @@ fn several_projections_share_one_sidecar() {
     let decision = inject(
         &pod,
         &[(projection, Some(store.clone())), (second, Some(store))],
+        &[],
         &settings(true),
     );
     assert_eq!(decision.projections, ["user-emails", "users-read-model"]);
@@ -206,7 +220,7 @@ fn several_projections_share_one_sidecar() {
 #[test]
 fn a_projection_whose_store_is_missing_is_skipped_with_a_warning() {
     let (_, projection) = examples();
-    let decision = inject(&app_pod(), &[(projection, None)], &settings(true));
+    let decision = inject(&app_pod(), &[(projection, None)], &[], &settings(true));
     assert!(decision.patch.is_empty());
     assert!(
         decision.warnings[0].contains("EventStore users not found"),
@@ -218,7 +232,12 @@ fn a_projection_whose_store_is_missing_is_skipped_with_a_warning() {
 #[test]
 fn reviews_are_answered_and_malformed_ones_refused_with_a_reason() {
     let (store, projection) = examples();
-    let candidates = |_: &str| vec![(projection.clone(), Some(store.clone()))];
+    let candidates = |_: &str| {
+        (
+            vec![(projection.clone(), Some(store.clone()))],
+            vec![store.clone()],
+        )
+    };
     let request = json!({
         "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
         "request": {
@@ -264,4 +283,50 @@ fn reviews_are_answered_and_malformed_ones_refused_with_a_reason() {
         )
         .is_err()
     );
+}
+
+#[test]
+fn an_annotated_pod_gets_the_sidecar_with_the_api_for_its_stores_and_their_credentials() {
+    let (store, _) = examples();
+    let pod = pod(
+        json!({"app.kubernetes.io/name": "user-commands"}),
+        Some(json!({"projectionist.dev/event-stores": "users, missing"})),
+    );
+    let decision = inject(&pod, &[], std::slice::from_ref(&store), &settings(true));
+    assert!(decision.projections.is_empty());
+    assert_eq!(decision.stores, vec!["users".to_string()]);
+    assert!(
+        decision.warnings.iter().any(|w| w.contains("missing")),
+        "{:?}",
+        decision.warnings
+    );
+    let patched = patched(&pod, &decision.patch);
+    let sidecar = sidecar(&patched, "initContainers");
+    let sources = patched["spec"]["volumes"][0]["projected"]["sources"].clone();
+    assert_eq!(sources[0]["configMap"]["name"], "users-store-config");
+    assert_eq!(
+        sources[0]["configMap"]["items"][0]["path"],
+        "users.store.yaml"
+    );
+    let env: Vec<&Value> = sidecar["env"].as_array().expect("env").iter().collect();
+    assert!(
+        env.iter()
+            .any(|e| e["valueFrom"]["secretKeyRef"]["name"].is_string()),
+        "the store's NATS credentials come from its Secrets: {env:?}"
+    );
+    assert_eq!(
+        patched["metadata"]["annotations"]["projectionist.dev/injected-event-stores"],
+        "users"
+    );
+
+    let unknown = pod_with_stores("nothing-here");
+    let decision = inject(&unknown, &[], std::slice::from_ref(&store), &settings(true));
+    assert!(decision.patch.is_empty());
+}
+
+fn pod_with_stores(stores: &str) -> Pod {
+    pod(
+        json!({"app.kubernetes.io/name": "user-commands"}),
+        Some(json!({"projectionist.dev/event-stores": stores})),
+    )
 }

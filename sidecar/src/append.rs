@@ -1,55 +1,47 @@
-//! Appending events: CloudEvents in structured JSON (one per NDJSON line) published in the NATS binding — `ce-*`
-//! headers, the event's `data` as the body, and `Nats-Msg-Id` set to the event id so the stream drops an append
-//! retried within its duplicate window.
-//!
-//! The NATS subject is `<store prefix>.<event subject>`, where the prefix is the EventStore's subject without its
-//! trailing `.>` and the event's `subject` names the aggregate, e.g. `user.u-42`.
+//! The `append` command's input: CloudEvents in structured JSON, one per NDJSON line, each naming its aggregate in
+//! `subject` (`<type>.<id>`, e.g. `user.u-42`). They are appended through the same path as the event-store API
+//! ([`crate::store::Store::append`]): the NATS binding's `ce-*` headers, the data as the body, `Nats-Msg-Id` = the
+//! event id, on `<store prefix>.<type>.<id>`.
 
-use async_nats::HeaderMap;
-use async_nats::jetstream;
+use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::Value;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
+use crate::store::{Aggregate, Appended, Expected, NewEvent, Store};
+
 /// One event as read from NDJSON (CloudEvents structured mode).
 #[derive(Debug, Clone, Deserialize)]
-pub struct Event {
-    /// `specversion`, default `1.0`.
-    #[serde(default = "default_spec_version")]
-    pub specversion: String,
-    /// Unique event id; also the de-duplication id.
-    pub id: String,
-    /// The event type, e.g. `UserCreated`.
+struct Line {
+    #[serde(default)]
+    specversion: Option<String>,
+    id: String,
     #[serde(rename = "type")]
-    pub type_: String,
-    /// Producer, default `projectionist-sidecar`.
-    #[serde(default = "default_source")]
-    pub source: String,
-    /// The aggregate, e.g. `user.u-42`; appended to the store prefix to form the NATS subject.
-    pub subject: String,
-    /// RFC 3339 time; default now.
+    type_: String,
     #[serde(default)]
-    pub time: Option<String>,
-    /// Content type of `data`, default `application/json`.
+    source: Option<String>,
+    subject: String,
     #[serde(default)]
-    pub datacontenttype: Option<String>,
-    /// The payload.
+    time: Option<String>,
     #[serde(default)]
-    pub data: Value,
+    datacontenttype: Option<String>,
+    #[serde(default)]
+    data: Value,
 }
 
-fn default_spec_version() -> String {
-    "1.0".into()
-}
-
-fn default_source() -> String {
-    "projectionist-sidecar".into()
+/// An event of the file with its aggregate.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FileEvent {
+    /// The aggregate, from `subject`.
+    pub aggregate: Aggregate,
+    /// The event.
+    pub event: NewEvent,
 }
 
 /// Why events cannot be appended.
 #[derive(Debug, thiserror::Error)]
-pub enum AppendError {
+pub enum AppendFileError {
     /// A line is not a valid event; nothing was appended.
     #[error("line {line}: {message}")]
     Line {
@@ -58,130 +50,101 @@ pub enum AppendError {
         /// What is wrong.
         message: String,
     },
-    /// The store's subjects have no `<prefix>.>` form to append under.
-    #[error("the EventStore's subject {0:?} does not end in `.>`; cannot derive where to append")]
-    NoPrefix(String),
-    /// Publishing failed.
-    #[error("appending event {id}: {source}")]
-    Publish {
-        /// The event's id.
-        id: String,
-        /// The client error.
-        #[source]
-        source: Box<dyn std::error::Error + Send + Sync>,
-    },
-}
-
-/// The result of appending one event.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Appended {
-    /// The event id.
-    pub id: String,
-    /// The event type.
-    pub type_: String,
-    /// The NATS subject it went to.
-    pub subject: String,
-    /// Its stream sequence.
-    pub sequence: u64,
-    /// Whether the stream had it already (an earlier append with the same id inside the duplicate window).
-    pub duplicate: bool,
+    /// `--expected-version` needs the events of one aggregate.
+    #[error("--expected-version applies to one aggregate, but the events name {0} and {1}")]
+    SeveralAggregates(String, String),
+    /// The append failed.
+    #[error(transparent)]
+    Append(#[from] crate::store::AppendError),
 }
 
 /// Parses NDJSON; blank lines are skipped. All lines are checked before anything is appended.
-pub fn parse_ndjson(text: &str) -> Result<Vec<Event>, AppendError> {
+pub fn parse_ndjson(text: &str) -> Result<Vec<FileEvent>, AppendFileError> {
+    let now = OffsetDateTime::now_utc()
+        .format(&Rfc3339)
+        .unwrap_or_default();
     let mut events = Vec::new();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
             continue;
         }
-        let err = |message: String| AppendError::Line {
+        let err = |message: String| AppendFileError::Line {
             line: i + 1,
             message,
         };
-        let event: Event = serde_json::from_str(line).map_err(|e| err(e.to_string()))?;
-        if event.id.is_empty() || event.type_.is_empty() {
-            return Err(err("id and type must not be empty".into()));
+        let l: Line = serde_json::from_str(line).map_err(|e| err(e.to_string()))?;
+        if l.specversion.as_deref().is_some_and(|v| v != "1.0") {
+            return Err(err("only CloudEvents specversion 1.0 is supported".into()));
         }
-        if event.subject.is_empty()
-            || event
-                .subject
-                .split('.')
-                .any(|t| t.is_empty() || t.contains(['*', '>']) || t.contains(char::is_whitespace))
-        {
-            return Err(err(format!(
-                "subject {:?} is not a valid subject suffix",
-                event.subject
-            )));
-        }
-        if let Some(t) = &event.time
+        let (type_, id) = l.subject.split_once('.').unwrap_or((&l.subject, ""));
+        let aggregate = Aggregate::new(type_, id).map_err(|e| {
+            err(format!(
+                "subject {:?} is not <type>.<id> (one subject token each): {e}",
+                l.subject
+            ))
+        })?;
+        if let Some(t) = &l.time
             && OffsetDateTime::parse(t, &Rfc3339).is_err()
         {
             return Err(err(format!("time {t:?} is not RFC 3339")));
         }
-        events.push(event);
+        let event = NewEvent {
+            id: l.id,
+            type_: l.type_,
+            source: l.source.unwrap_or_else(|| "projectionist-sidecar".into()),
+            time: l.time.unwrap_or_else(|| now.clone()),
+            datacontenttype: l
+                .datacontenttype
+                .unwrap_or_else(|| "application/json".into()),
+            extensions: Default::default(),
+            data: Bytes::from(serde_json::to_vec(&l.data).unwrap_or_default()),
+        };
+        event.validate("event").map_err(|e| err(e.to_string()))?;
+        events.push(FileEvent { aggregate, event });
     }
     Ok(events)
 }
 
-/// The prefix events are appended under: the store's first subject without its trailing `.>`.
-pub fn subject_prefix(store_subjects: &[String]) -> Result<String, AppendError> {
-    let first = store_subjects.first().cloned().unwrap_or_default();
-    first
-        .strip_suffix(".>")
-        .map(str::to_string)
-        .ok_or(AppendError::NoPrefix(first))
-}
-
-/// Appends `events` in order under `prefix`, waiting for each acknowledgement so the order is the file's.
+/// Appends the file's events. Without an expected version each event is appended on its own, in file order; with
+/// one, the events must all be of one aggregate and are appended atomically, if the aggregate is at that version.
 pub async fn append(
-    js: &jetstream::Context,
-    prefix: &str,
-    events: &[Event],
-) -> Result<Vec<Appended>, AppendError> {
+    store: &Store,
+    events: &[FileEvent],
+    expected: Option<u64>,
+) -> Result<Vec<(FileEvent, u64, bool)>, AppendFileError> {
     let mut out = Vec::with_capacity(events.len());
-    for event in events {
-        let subject = format!("{prefix}.{}", event.subject);
-        let time = match &event.time {
-            Some(t) => t.clone(),
-            None => OffsetDateTime::now_utc()
-                .format(&Rfc3339)
-                .unwrap_or_default(),
-        };
-        let mut headers = HeaderMap::new();
-        headers.insert("Nats-Msg-Id", event.id.as_str());
-        headers.insert("ce-specversion", event.specversion.as_str());
-        headers.insert("ce-id", event.id.as_str());
-        headers.insert("ce-type", event.type_.as_str());
-        headers.insert("ce-source", event.source.as_str());
-        headers.insert("ce-subject", event.subject.as_str());
-        headers.insert("ce-time", time.as_str());
-        headers.insert(
-            "content-type",
-            event
-                .datacontenttype
-                .as_deref()
-                .unwrap_or("application/json"),
-        );
-        let body = serde_json::to_vec(&event.data).unwrap_or_default();
-        let publish_err = |e: Box<dyn std::error::Error + Send + Sync>| AppendError::Publish {
-            id: event.id.clone(),
-            source: e,
-        };
-        let ack = js
-            .publish_with_headers(subject.clone(), headers, body.into())
-            .await
-            .map_err(|e| publish_err(Box::new(e)))?
-            .await
-            .map_err(|e| publish_err(Box::new(e)))?;
-        out.push(Appended {
-            id: event.id.clone(),
-            type_: event.type_.clone(),
-            subject,
-            sequence: ack.sequence,
-            duplicate: ack.duplicate,
-        });
+    let Some(version) = expected else {
+        for e in events {
+            let a = store
+                .append(&e.aggregate, Expected::Any, std::slice::from_ref(&e.event))
+                .await?;
+            out.push((e.clone(), a.version, a.duplicate));
+        }
+        return Ok(out);
+    };
+    let Some(first) = events.first() else {
+        return Ok(out);
+    };
+    if let Some(other) = events.iter().find(|e| e.aggregate != first.aggregate) {
+        return Err(AppendFileError::SeveralAggregates(
+            first.aggregate.key(),
+            other.aggregate.key(),
+        ));
     }
-    Ok(out)
+    let batch: Vec<NewEvent> = events.iter().map(|e| e.event.clone()).collect();
+    let Appended {
+        sequences,
+        duplicate,
+        ..
+    } = store
+        .append(&first.aggregate, Expected::Version(version), &batch)
+        .await?;
+    Ok(events
+        .iter()
+        .cloned()
+        .zip(sequences)
+        .map(|(e, s)| (e, s, duplicate))
+        .collect())
 }
 
 #[cfg(test)]
@@ -191,23 +154,20 @@ mod tests {
     #[test]
     fn parses_structured_cloudevents_and_names_the_bad_line() {
         let ok = "{\"id\":\"1\",\"type\":\"UserCreated\",\"subject\":\"user.u-1\",\"data\":{\"a\":1}}\n\n";
-        assert_eq!(parse_ndjson(ok).expect("parses").len(), 1);
+        let parsed = parse_ndjson(ok).expect("parses");
+        assert_eq!(parsed.len(), 1);
+        assert_eq!(parsed[0].aggregate.key(), "user.u-1");
+        assert_eq!(parsed[0].event.data.as_ref(), b"{\"a\":1}");
         let bad = format!("{ok}{{\"id\":\"2\",\"type\":\"X\",\"subject\":\"user.*\"}}\n");
         let e = parse_ndjson(&bad).expect_err("bad subject");
         assert!(e.to_string().starts_with("line 3:"), "{e}");
-        let e = parse_ndjson("{\"type\":\"X\",\"subject\":\"a\"}").expect_err("no id");
+        let e =
+            parse_ndjson("{\"id\":\"2\",\"type\":\"X\",\"subject\":\"user\"}").expect_err("no id");
+        assert!(e.to_string().contains("<type>.<id>"), "{e}");
+        let e = parse_ndjson("{\"type\":\"X\",\"subject\":\"a.b\"}").expect_err("no id");
         assert!(e.to_string().contains("id"), "{e}");
-        let e = parse_ndjson("{\"id\":\"1\",\"type\":\"X\",\"subject\":\"a\",\"time\":\"noon\"}")
+        let e = parse_ndjson("{\"id\":\"1\",\"type\":\"X\",\"subject\":\"a.b\",\"time\":\"noon\"}")
             .expect_err("time");
         assert!(e.to_string().contains("RFC 3339"), "{e}");
-    }
-
-    #[test]
-    fn prefix_comes_from_the_store_subject() {
-        assert_eq!(
-            subject_prefix(&["ns.users.>".into()]).expect("prefix"),
-            "ns.users"
-        );
-        assert!(subject_prefix(&["ns.users.*".into()]).is_err());
     }
 }

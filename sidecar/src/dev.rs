@@ -7,8 +7,9 @@ use anyhow::Context;
 use projectionist_crds::manifest::Manifests;
 use projectionist_crds::projection::Driver;
 use projectionist_crds::sidecar_config::resolve;
+use projectionist_crds::store_config::resolve_store;
 
-use crate::runtime::Launch;
+use crate::runtime::{Launch, StoreLaunch, Workload};
 
 /// The driver a connection URL speaks, from its scheme.
 pub fn driver_of(url: &str) -> anyhow::Result<Driver> {
@@ -23,20 +24,28 @@ pub fn driver_of(url: &str) -> anyhow::Result<Driver> {
     })
 }
 
-/// The launches for every Projection in `manifests`: each with `database` (or its own SQLite file under
-/// `data_dir`) and `nats_url`.
-pub fn launches(
+/// What `dev` runs for `manifests`: every Projection (each with `database`, or its own SQLite file under
+/// `data_dir`) and every EventStore for the event-store API, all on `nats_url`.
+pub fn workload(
     manifests: &Manifests,
     database: Option<&str>,
     data_dir: &Path,
     nats_url: &str,
-) -> anyhow::Result<Vec<Launch>> {
-    if manifests.projections.is_empty() {
-        anyhow::bail!("no Projection in the given files");
+) -> anyhow::Result<Workload> {
+    if manifests.projections.is_empty() && manifests.event_stores.is_empty() {
+        anyhow::bail!("no EventStore or Projection in the given files");
     }
     std::fs::create_dir_all(data_dir)
         .with_context(|| format!("creating {}", data_dir.display()))?;
-    manifests
+    let stores = manifests
+        .event_stores
+        .iter()
+        .map(|store| StoreLaunch {
+            config: resolve_store(store).config,
+            nats_url: Some(nats_url.to_string()),
+        })
+        .collect();
+    let projections = manifests
         .projections
         .iter()
         .map(|projection| {
@@ -69,5 +78,9 @@ pub fn launches(
                 nats_url: Some(nats_url.to_string()),
             })
         })
-        .collect()
+        .collect::<anyhow::Result<Vec<Launch>>>()?;
+    Ok(Workload {
+        projections,
+        stores,
+    })
 }

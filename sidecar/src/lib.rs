@@ -12,11 +12,14 @@
 //! - [`dead_letter`]: the dead-letter table.
 //! - [`status`]: liveness, readiness and Prometheus metrics.
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics`.
+//! - [`api`]: the event-store API for the pod's own containers (append, read an aggregate, wait for a projection).
+//! - [`store`]: the event store on JetStream — appends with expected versions (atomic batches), aggregate reads.
 //! - [`secrets`]: reading credentials from the env vars and files the config names.
-//! - [`provision`] and [`append`]: the local developer tooling (stream/consumer provisioning, appending events).
+//! - [`provision`] and [`append`]: the local developer tooling (stream/consumer provisioning, appending NDJSON events).
 //! - [`dev`]: the local developer loop.
 
 pub mod admin;
+pub mod api;
 pub mod append;
 pub mod checkpoint;
 pub mod database;
@@ -31,3 +34,4 @@ pub mod provision;
 pub mod runtime;
 pub mod secrets;
 pub mod status;
+pub mod store;

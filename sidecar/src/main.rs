@@ -9,7 +9,7 @@ use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use projectionist_crds::manifest::Manifests;
 use projectionist_crds::sidecar_config::resolve;
-use projectionist_sidecar::{append, dev, provision, runtime};
+use projectionist_sidecar::{append, dev, provision, runtime, store};
 
 /// Projectionist's sidecar: consumes a Projection's durable JetStream consumer in order and applies each event to
 /// the service's database (Postgres, MySQL/MariaDB or SQLite) with the SQL handlers declared in the Projection.
@@ -40,6 +40,10 @@ struct Serve {
     /// Address of the admin HTTP server (`/healthz`, `/readyz`, `/metrics`).
     #[arg(long, env = "PROJECTIONIST_ADMIN_ADDR", default_value = "0.0.0.0:9464")]
     admin_addr: String,
+    /// Address of the event-store API (append, read, wait). Loopback by default: only the pod's own containers
+    /// reach it. `off` serves no API.
+    #[arg(long, env = "PROJECTIONIST_API_ADDR", default_value = "127.0.0.1:9465")]
+    api_addr: String,
     /// How long to wait, after SIGTERM/SIGINT, for batches in flight to commit or roll back before exiting.
     #[arg(long, env = "PROJECTIONIST_GRACE_PERIOD", default_value = "25s", value_parser = parse_duration)]
     grace_period: std::time::Duration,
@@ -128,6 +132,10 @@ enum Command {
         /// NDJSON file of events; `-` reads standard input.
         #[arg(long, default_value = "-")]
         events: PathBuf,
+        /// Append only if the aggregate is at this version (the stream sequence of its last event; 0 = it has no
+        /// events yet). The events must then all be of one aggregate; they are appended atomically.
+        #[arg(long)]
+        expected_version: Option<u64>,
     },
     /// Prints each EventStore's stream state and each Projection's consumer lag.
     Status(Local),
@@ -190,7 +198,8 @@ async fn main() -> ExitCode {
             local,
             store,
             events,
-        } => append_cmd(&local, store.as_deref(), &events).await,
+            expected_version,
+        } => append_cmd(&local, store.as_deref(), &events, expected_version).await,
         Command::Status(local) => status_cmd(&local).await,
     };
     match result {
@@ -215,20 +224,41 @@ fn init_logging(format: LogFormat) {
 }
 
 async fn run_cmd(config_dir: &std::path::Path, serve: &Serve) -> anyhow::Result<()> {
-    let configs = runtime::read_config_dir(config_dir)?;
-    let launches = configs
-        .into_iter()
-        .map(|(file, config)| runtime::Launch {
-            config,
-            file: Some(file),
-            database_url: None,
-            nats_url: None,
-        })
-        .collect();
-    let listener = runtime::bind_admin(&serve.admin_addr).await?;
+    let dir = runtime::read_config_dir(config_dir)?;
+    let workload = runtime::Workload {
+        projections: dir
+            .projections
+            .into_iter()
+            .map(|(file, config)| runtime::Launch {
+                config,
+                file: Some(file),
+                database_url: None,
+                nats_url: None,
+            })
+            .collect(),
+        stores: dir
+            .stores
+            .into_iter()
+            .map(|(_, config)| runtime::StoreLaunch {
+                config,
+                nats_url: None,
+            })
+            .collect(),
+    };
+    serve_workload(workload, serve).await
+}
+
+async fn serve_workload(workload: runtime::Workload, serve: &Serve) -> anyhow::Result<()> {
+    let listeners = runtime::Listeners {
+        admin: runtime::bind("admin", &serve.admin_addr).await?,
+        api: match serve.api_addr.as_str() {
+            "off" => None,
+            addr => Some(runtime::bind("event-store API", addr).await?),
+        },
+    };
     runtime::run(
-        launches,
-        listener,
+        workload,
+        listeners,
         runtime::shutdown_signal(),
         serve.grace_period,
         serve.reload_interval,
@@ -243,21 +273,13 @@ async fn dev_cmd(
     serve: &Serve,
 ) -> anyhow::Result<()> {
     let manifests = local.manifests()?;
-    let launches = dev::launches(&manifests, database, data_dir, &local.nats_url)?;
+    let workload = dev::workload(&manifests, database, data_dir, &local.nats_url)?;
     let js = local.jetstream().await?;
     for (what, outcome) in provision::provision(&js, &manifests).await? {
         tracing::info!(what = %what, outcome = ?outcome, "provisioned");
     }
-    let listener = runtime::bind_admin(&serve.admin_addr).await?;
-    tracing::info!(admin = %listener.local_addr()?, "dev mode running; Ctrl-C to stop");
-    runtime::run(
-        launches,
-        listener,
-        runtime::shutdown_signal(),
-        serve.grace_period,
-        serve.reload_interval,
-    )
-    .await
+    tracing::info!(admin = %serve.admin_addr, api = %serve.api_addr, "dev mode running; Ctrl-C to stop");
+    serve_workload(workload, serve).await
 }
 
 async fn query_cmd(url: &str, sql: &str) -> anyhow::Result<()> {
@@ -335,7 +357,18 @@ async fn query_cmd(url: &str, sql: &str) -> anyhow::Result<()> {
 }
 
 fn check(dir: &std::path::Path) -> anyhow::Result<()> {
-    for (file, config) in runtime::read_config_dir(dir)? {
+    let configs = runtime::read_config_dir(dir)?;
+    for (file, config) in &configs.stores {
+        println!(
+            "{}: event store {}/{} (stream {}, subjects {}) for the event-store API",
+            file.display(),
+            config.event_store.namespace,
+            config.event_store.name,
+            config.stream,
+            config.subjects.join(", ")
+        );
+    }
+    for (file, config) in configs.projections {
         println!(
             "{}: projection {}/{} reads stream {} through consumer {} into {} ({} handlers)",
             file.display(),
@@ -382,6 +415,7 @@ async fn append_cmd(
     local: &Local,
     store: Option<&str>,
     events: &std::path::Path,
+    expected_version: Option<u64>,
 ) -> anyhow::Result<()> {
     let manifests = local.manifests()?;
     let store = match store {
@@ -402,17 +436,30 @@ async fn append_cmd(
         std::fs::read_to_string(events).with_context(|| format!("reading {}", events.display()))?
     };
     let parsed = append::parse_ndjson(&text).with_context(|| format!("{}", events.display()))?;
-    let prefix = append::subject_prefix(&store.subjects())?;
+    let subjects = store.subjects();
+    let prefix = store::subject_prefix(&subjects).with_context(|| {
+        format!("the EventStore's subject {subjects:?} does not end in `.>`; cannot derive where to append")
+    })?;
     let js = local.jetstream().await?;
-    for a in append::append(&js, &prefix, &parsed).await? {
-        let note = if a.duplicate {
+    let target = store::Store::new(
+        store.metadata.name.as_deref().unwrap_or_default(),
+        &store.stream_name(),
+        &prefix,
+        js.client(),
+    );
+    for (e, sequence, duplicate) in append::append(&target, &parsed, expected_version).await? {
+        let note = if duplicate {
             "  (duplicate: already in the stream)"
         } else {
             ""
         };
         println!(
-            "{:>8}  {:<24} {:<12} {}{note}",
-            a.sequence, a.type_, a.id, a.subject
+            "{:>8}  {:<24} {:<12} {}.{}{note}",
+            sequence,
+            e.event.type_,
+            e.event.id,
+            prefix,
+            e.aggregate.key()
         );
     }
     Ok(())

@@ -357,7 +357,7 @@ impl Projector {
 
     fn publish_checkpoint(&self) {
         let seq = self.checkpoint.last_sequence;
-        self.state.checkpoint.store(seq, Ordering::Relaxed);
+        self.state.set_checkpoint(seq);
         self.metrics
             .checkpoint
             .get_or_create(&self.label)
@@ -419,6 +419,11 @@ impl Projector {
             .await
             .map_err(|e| Transient(format!("consumer: {e}")))?;
         let info = consumer.cached_info().clone();
+        let mut filters = info.config.filter_subjects.clone();
+        if !info.config.filter_subject.is_empty() {
+            filters.push(info.config.filter_subject.clone());
+        }
+        self.state.set_filters(filters);
 
         let delivered = info.delivered.stream_sequence;
         if self.checkpoint.last_sequence < delivered

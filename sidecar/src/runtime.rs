@@ -1,26 +1,30 @@
 //! Runs every configured projection concurrently and independently (one failing projection never stops another),
-//! serves the admin endpoints, and shuts down gracefully: on the shutdown signal each projection finishes or rolls
+//! serves the admin endpoints and the event-store API, and shuts down gracefully: on the shutdown signal each projection finishes or rolls
 //! back its batch in flight and acknowledges only what was committed; whatever has not finished within the grace
 //! period is abandoned (its open transaction is rolled back by the database when the connection closes).
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use projectionist_crds::SidecarConfig;
+use projectionist_crds::store_config::{self, StoreConfig};
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tracing::{error, info, warn};
 
 use crate::admin::{self, AdminState};
+use crate::api;
 use crate::database::Database;
 use crate::handler::Handlers;
 use crate::pipeline::Pipeline;
 use crate::projector::{Exit, Projector};
 use crate::secrets;
 use crate::status::{Metrics, ProjectionState};
+use crate::store::{self, Store};
 
 /// One projection to run, with local overrides.
 #[derive(Debug, Clone)]
@@ -36,9 +40,18 @@ pub struct Launch {
     pub nats_url: Option<String>,
 }
 
-/// Reads every `*.yaml`/`*.yml` SidecarConfig in `dir` (sorted by name), with the file it came from. Any bad file
-/// fails the whole start, with the file and field named.
-pub fn read_config_dir(dir: &Path) -> anyhow::Result<Vec<(PathBuf, SidecarConfig)>> {
+/// What a config directory holds: projections (`SidecarConfig`) and event stores for the API (`StoreConfig`).
+#[derive(Debug, Default)]
+pub struct ConfigDir {
+    /// Each projection's file and config.
+    pub projections: Vec<(PathBuf, SidecarConfig)>,
+    /// Each store's file and config.
+    pub stores: Vec<(PathBuf, StoreConfig)>,
+}
+
+/// Reads every `*.yaml`/`*.yml` file in `dir` (sorted by name): a `SidecarConfig` or a `StoreConfig`, by its
+/// `kind`. Any bad file fails the whole start, with the file and field named.
+pub fn read_config_dir(dir: &Path) -> anyhow::Result<ConfigDir> {
     let mut files: Vec<_> = std::fs::read_dir(dir)
         .with_context(|| format!("reading config directory {}", dir.display()))?
         .filter_map(|e| e.ok().map(|e| e.path()))
@@ -46,24 +59,120 @@ pub fn read_config_dir(dir: &Path) -> anyhow::Result<Vec<(PathBuf, SidecarConfig
         .collect();
     files.sort();
     if files.is_empty() {
-        anyhow::bail!("{}: no SidecarConfig files (*.yaml)", dir.display());
+        anyhow::bail!(
+            "{}: no SidecarConfig or StoreConfig files (*.yaml)",
+            dir.display()
+        );
     }
-    files
-        .into_iter()
-        .map(|f| {
-            let text =
-                std::fs::read_to_string(&f).with_context(|| format!("reading {}", f.display()))?;
-            let config = SidecarConfig::from_yaml(&f.display().to_string(), &text)?;
-            Ok((f, config))
-        })
-        .collect()
+    let mut out = ConfigDir::default();
+    for f in files {
+        let text =
+            std::fs::read_to_string(&f).with_context(|| format!("reading {}", f.display()))?;
+        let path = f.display().to_string();
+        if store_config::kind_of(&text).as_deref() == Some(store_config::KIND) {
+            out.stores.push((f, StoreConfig::from_yaml(&path, &text)?));
+        } else {
+            out.projections
+                .push((f, SidecarConfig::from_yaml(&path, &text)?));
+        }
+    }
+    Ok(out)
 }
 
-/// Binds the admin server's address.
-pub async fn bind_admin(addr: &str) -> anyhow::Result<TcpListener> {
+/// Binds a server's address; `what` names it in the error.
+pub async fn bind(what: &str, addr: &str) -> anyhow::Result<TcpListener> {
     TcpListener::bind(addr)
         .await
-        .with_context(|| format!("binding the admin address {addr}"))
+        .with_context(|| format!("binding the {what} address {addr}"))
+}
+
+/// An event store the API serves, with a local override.
+#[derive(Debug, Clone)]
+pub struct StoreLaunch {
+    /// The resolved config.
+    pub config: StoreConfig,
+    /// NATS URL to use instead of the config's servers and credentials (the `dev` mode).
+    pub nats_url: Option<String>,
+}
+
+/// Everything one sidecar runs.
+#[derive(Debug, Default)]
+pub struct Workload {
+    /// Projections.
+    pub projections: Vec<Launch>,
+    /// Event stores for the API, besides those of the projections.
+    pub stores: Vec<StoreLaunch>,
+}
+
+/// The servers' listeners.
+#[derive(Debug)]
+pub struct Listeners {
+    /// `/healthz`, `/readyz`, `/metrics`.
+    pub admin: TcpListener,
+    /// The event-store API; `None` serves no API.
+    pub api: Option<TcpListener>,
+}
+
+/// Connects to NATS as a config says, or to a local URL; the connection is retried in the background, so a NATS
+/// outage never fails the start.
+async fn connect_nats(
+    nats: &projectionist_crds::sidecar_config::NatsConfig,
+    local: Option<&str>,
+) -> anyhow::Result<async_nats::Client> {
+    Ok(match local {
+        Some(url) => {
+            async_nats::ConnectOptions::new()
+                .retry_on_initial_connect()
+                .connect(url)
+                .await?
+        }
+        None => {
+            secrets::nats_options(nats)
+                .await?
+                .connect(nats.servers.join(","))
+                .await?
+        }
+    })
+}
+
+/// The stores the API serves: those named by StoreConfigs, and those the projections read. One connection per
+/// store; a store whose connection cannot even be set up (a missing credential) is logged and left out.
+async fn api_stores(workload: &Workload) -> BTreeMap<String, Arc<Store>> {
+    let from_projections = workload.projections.iter().filter_map(|l| {
+        let c = &l.config;
+        (!c.store_subjects.is_empty()).then(|| StoreLaunch {
+            config: StoreConfig {
+                api_version: c.api_version.clone(),
+                kind: store_config::KIND.to_string(),
+                event_store: c.event_store.clone(),
+                nats: c.nats.clone(),
+                stream: c.stream.clone(),
+                subjects: c.store_subjects.clone(),
+            },
+            nats_url: l.nats_url.clone(),
+        })
+    });
+    let mut stores = BTreeMap::new();
+    for launch in workload.stores.iter().cloned().chain(from_projections) {
+        let name = launch.config.event_store.name.clone();
+        if stores.contains_key(&name) {
+            continue;
+        }
+        let Some(prefix) = store::subject_prefix(&launch.config.subjects) else {
+            warn!(store = %name, subjects = ?launch.config.subjects, "the store's subject has no `<prefix>.>` form; the API does not serve it");
+            continue;
+        };
+        match connect_nats(&launch.config.nats, launch.nats_url.as_deref()).await {
+            Ok(client) => {
+                let store = Store::new(&name, &launch.config.stream, &prefix, client);
+                stores.insert(name, Arc::new(store));
+            }
+            Err(e) => {
+                error!(store = %name, error = %format!("{e:#}"), "cannot connect to the store's NATS; the API does not serve it")
+            }
+        }
+    }
+    stores
 }
 
 async fn start_projection(
@@ -84,20 +193,7 @@ async fn start_projection(
         config.database.max_connections,
     )
     .context("database URL")?;
-    let nats = match &launch.nats_url {
-        Some(url) => {
-            async_nats::ConnectOptions::new()
-                .retry_on_initial_connect()
-                .connect(url.as_str())
-                .await?
-        }
-        None => {
-            secrets::nats_options(&config.nats)
-                .await?
-                .connect(config.nats.servers.join(","))
-                .await?
-        }
-    };
+    let nats = connect_nats(&config.nats, launch.nats_url.as_deref()).await?;
     let pipeline = Pipeline::new(&url);
     Ok(
         Projector::new(config, handlers, db, nats, state, metrics, shutdown)
@@ -105,35 +201,62 @@ async fn start_projection(
     )
 }
 
-/// Runs `launches` until `shutdown` resolves, then waits up to `grace` for them to stop.
+/// Runs `workload` until `shutdown` resolves, then waits up to `grace` for the projections to stop.
 pub async fn run(
-    launches: Vec<Launch>,
-    admin_listener: TcpListener,
+    workload: Workload,
+    listeners: Listeners,
     shutdown: impl std::future::Future<Output = ()>,
     grace: Duration,
     reload: Duration,
 ) -> anyhow::Result<()> {
+    if workload.projections.is_empty() && workload.stores.is_empty() {
+        anyhow::bail!("nothing to run: no projection and no event store configured");
+    }
     let mut registry = Registry::default();
     let metrics = Metrics::new(&mut registry);
+    let api_metrics = api::ApiMetrics::new(&mut registry);
+    let stores = api_stores(&workload).await;
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut states = Vec::new();
+    let mut waits = BTreeMap::new();
     let mut tasks = tokio::task::JoinSet::new();
-    for launch in launches {
+    for launch in workload.projections {
         let key = format!(
             "{}/{}",
             launch.config.projection.namespace, launch.config.projection.name
         );
         let state = ProjectionState::new(&key);
         states.push(state.clone());
+        if let Some(store) = stores.get(&launch.config.event_store.name) {
+            waits
+                .entry(launch.config.projection.name.clone())
+                .or_insert_with(|| api::WaitTarget {
+                    state: state.clone(),
+                    store: store.clone(),
+                    consumer: launch.config.consumer.clone(),
+                });
+        }
         let (metrics, stop_rx) = (metrics.clone(), stop_rx.clone());
         tasks.spawn(supervise(key, launch, state, metrics, stop_rx, reload));
     }
+    let api_task = listeners.api.map(|listener| {
+        info!(api = ?listener.local_addr().ok(), stores = ?stores.keys().collect::<Vec<_>>(), "event-store API listening");
+        let state = Arc::new(api::ApiState {
+            stores,
+            projections: waits,
+            metrics: Some(api_metrics),
+        });
+        let mut api_stop = stop_rx.clone();
+        tokio::spawn(api::serve(listener, state, async move {
+            let _ = api_stop.wait_for(|s| *s).await;
+        }))
+    });
     let admin_state = Arc::new(AdminState {
         projections: states,
         registry,
     });
     let mut admin_stop = stop_rx.clone();
-    let admin = tokio::spawn(admin::serve(admin_listener, admin_state, async move {
+    let admin = tokio::spawn(admin::serve(listeners.admin, admin_state, async move {
         let _ = admin_stop.wait_for(|s| *s).await;
     }));
 
@@ -154,6 +277,9 @@ pub async fn run(
         tasks.abort_all();
     }
     let _ = tokio::time::timeout(Duration::from_secs(1), admin).await;
+    if let Some(api) = api_task {
+        let _ = tokio::time::timeout(Duration::from_secs(1), api).await;
+    }
     Ok(())
 }
 

@@ -175,6 +175,10 @@ pub struct ProjectionState {
     pub checkpoint: AtomicU64,
     /// Consumer lag at the last batch (-1 unknown).
     pub lag: AtomicI64,
+    /// Wakes the event-store API's waiters when the checkpoint moves or the projection halts.
+    changes: tokio::sync::watch::Sender<u64>,
+    /// The consumer's filter subjects, once known: which events the projection applies.
+    filters: Mutex<Option<Vec<String>>>,
 }
 
 impl ProjectionState {
@@ -189,6 +193,8 @@ impl ProjectionState {
             rebuilding: AtomicBool::new(false),
             checkpoint: AtomicU64::new(0),
             lag: AtomicI64::new(-1),
+            changes: tokio::sync::watch::Sender::new(0),
+            filters: Mutex::new(None),
         })
     }
 
@@ -212,6 +218,35 @@ impl ProjectionState {
         if let Ok(mut h) = self.halted.lock() {
             *h = Some(reason);
         }
+        self.changes.send_modify(|_| {});
+    }
+
+    /// The last applied stream sequence.
+    pub fn checkpoint(&self) -> u64 {
+        self.checkpoint.load(Ordering::Relaxed)
+    }
+
+    /// Records the checkpoint and wakes waiters.
+    pub fn set_checkpoint(&self, sequence: u64) {
+        self.checkpoint.store(sequence, Ordering::Relaxed);
+        self.changes.send_replace(sequence);
+    }
+
+    /// A receiver that sees every checkpoint move and halt.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    /// Records the consumer's filter subjects.
+    pub fn set_filters(&self, filters: Vec<String>) {
+        if let Ok(mut f) = self.filters.lock() {
+            *f = Some(filters);
+        }
+    }
+
+    /// The consumer's filter subjects, once the projection has read them.
+    pub fn filters(&self) -> Option<Vec<String>> {
+        self.filters.lock().ok().and_then(|f| f.clone())
     }
 
     /// Clears a halt (the projection is started again with a new config).

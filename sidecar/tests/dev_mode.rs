@@ -50,6 +50,7 @@ async fn project_the_example(data_dir: &Path, database: Option<&str>, read_url: 
         .arg(data_dir)
         .arg("--admin-addr")
         .arg(format!("127.0.0.1:{admin_port}"))
+        .env("PROJECTIONIST_API_ADDR", "127.0.0.1:0")
         .env("PROJECTIONIST_NATS_URL", nats.url())
         .stdin(Stdio::null())
         .stdout(Stdio::null())

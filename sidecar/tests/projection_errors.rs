@@ -399,6 +399,7 @@ fn a_malformed_config_file_names_the_file_and_field_and_exits_non_zero() {
         .arg(dir.path())
         .arg("--admin-addr")
         .arg("127.0.0.1:0")
+        .env("PROJECTIONIST_API_ADDR", "127.0.0.1:0")
         .output()
         .expect("runs");
     assert!(!out.status.success());
@@ -415,6 +416,7 @@ fn a_malformed_config_file_names_the_file_and_field_and_exits_non_zero() {
     .expect("write");
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_projectionist-sidecar"))
         .args(["run", "--admin-addr", "127.0.0.1:0", "--config-dir"])
+        .env("PROJECTIONIST_API_ADDR", "127.0.0.1:0")
         .arg(dir.path())
         .output()
         .expect("runs");

@@ -7,6 +7,7 @@
 //! - [`sqlite`]: SQLite files in a temporary directory.
 //! - [`crd_validation`]: validation of objects against the generated CRDs' `openAPIV3Schema` and CEL rules, the way
 //!   the API server does it (defaults first, then schema, then CEL).
+//! - [`http`]: a small real HTTP/1.1 client for the sidecar's servers.
 //! - [`helm`]: the chart rendered, linted and its values checked by Helm's own engine.
 //! - [`kube_api`]: a Kubernetes API emulator the real `kube::Client` talks to (its module docs list what it
 //!   emulates and what not).
@@ -17,6 +18,7 @@
 
 pub mod crd_validation;
 pub mod helm;
+pub mod http;
 pub mod kube_api;
 pub mod mariadb;
 pub mod nats;

@@ -76,3 +76,12 @@ fn which(name: &str) -> crate::Result<PathBuf> {
         .find(|p| p.is_file())
         .with_context(|| format!("{name} is not on the PATH"))
 }
+
+/// `schemathesis` (property-based tests of an OpenAPI document): `.tools/bin/schemathesis` as setup installs it.
+pub fn schemathesis() -> crate::Result<PathBuf> {
+    let local = repo::root().join(".tools/bin/schemathesis");
+    if local.exists() {
+        return Ok(local);
+    }
+    which("schemathesis").with_context(|| format!("schemathesis not found; {}", setup_hint()))
+}

@@ -310,26 +310,44 @@ where
 /// A sidecar runtime running in this process.
 pub struct InProcess {
     pub admin: SocketAddr,
+    /// The event-store API.
+    pub api: SocketAddr,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     handle: Option<JoinHandle<anyhow::Result<()>>>,
 }
 
 impl InProcess {
     pub async fn start(config: SidecarConfig, database_url: &str, nats_url: &str) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
-        let admin = listener.local_addr().expect("addr");
-        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let launch = Launch {
             config,
             file: None,
             database_url: Some(database_url.to_string()),
             nats_url: Some(nats_url.to_string()),
         };
+        Self::run(runtime::Workload {
+            projections: vec![launch],
+            stores: Vec::new(),
+        })
+        .await
+    }
+
+    /// Runs a whole workload, the admin server and the API on free loopback ports.
+    pub async fn run(workload: runtime::Workload) -> Self {
+        let bind = || async {
+            tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind")
+        };
+        let (listener, api_listener) = (bind().await, bind().await);
+        let admin = listener.local_addr().expect("addr");
+        let api = api_listener.local_addr().expect("addr");
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let handle = tokio::spawn(runtime::run(
-            vec![launch],
-            listener,
+            workload,
+            runtime::Listeners {
+                admin: listener,
+                api: Some(api_listener),
+            },
             async move {
                 let _ = rx.await;
             },
@@ -338,6 +356,7 @@ impl InProcess {
         ));
         Self {
             admin,
+            api,
             stop: Some(tx),
             handle: Some(handle),
         }
@@ -436,6 +455,7 @@ pub fn spawn_sidecar(
             .arg(config_dir)
             .arg("--admin-addr")
             .arg(format!("127.0.0.1:{admin_port}"))
+            .env("PROJECTIONIST_API_ADDR", "127.0.0.1:0")
             .env(db_env, db_url)
             .env("RUST_LOG", "warn")
             .env("PROJECTIONIST_RELOAD_INTERVAL", "500ms")

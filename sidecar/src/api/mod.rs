@@ -1,0 +1,112 @@
+//! The event-store API: the sidecar's HTTP API for the pod's own containers, on a loopback address by default.
+//! JSON in and out, errors as problem details, the OpenAPI document at `GET /v1/openapi.json`.
+//!
+//! - [`events`]: append to an aggregate with an expected version (several events atomically) and read it back.
+//! - [`wait`]: read-your-writes — wait until a projection has applied every event of its filter up to a sequence.
+//! - [`problem`]: errors as `application/problem+json`.
+//! - [`metrics`]: requests by route and status, append latency, conflicts, duplicates.
+
+pub mod events;
+pub mod metrics;
+pub mod problem;
+pub mod wait;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use tokio::net::TcpListener;
+
+use crate::status::ProjectionState;
+use crate::store::Store;
+pub use metrics::ApiMetrics;
+use problem::Problem;
+
+/// The OpenAPI document, kept in the repository and served as is.
+pub const OPENAPI: &str = include_str!("openapi.json");
+
+/// The largest request body: 1,000 events of 64 KiB each.
+pub const MAX_BODY_BYTES: usize = 64 * 1024 * 1024;
+
+/// A projection the `wait` endpoint can wait on.
+#[derive(Debug, Clone)]
+pub struct WaitTarget {
+    /// The projection's live state (checkpoint, halt).
+    pub state: Arc<ProjectionState>,
+    /// The store it reads.
+    pub store: Arc<Store>,
+    /// Its durable consumer, whose filter says which events it applies.
+    pub consumer: String,
+}
+
+/// What the API serves.
+#[derive(Debug, Default)]
+pub struct ApiState {
+    /// Stores by EventStore name.
+    pub stores: BTreeMap<String, Arc<Store>>,
+    /// Projections by Projection name.
+    pub projections: BTreeMap<String, WaitTarget>,
+    /// Request metrics.
+    pub metrics: Option<Arc<ApiMetrics>>,
+}
+
+/// The API's routes.
+pub fn router(state: Arc<ApiState>) -> Router {
+    Router::new()
+        .route("/v1/openapi.json", get(openapi))
+        .route(
+            "/v1/stores/{store}/aggregates/{type}/{id}/events",
+            post(events::append).get(events::read),
+        )
+        .route("/v1/projections/{name}/wait", get(wait::wait))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn_with_state(state.clone(), count))
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state)
+}
+
+/// Serves until `shutdown` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<ApiState>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+async fn openapi() -> impl IntoResponse {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI)
+}
+
+async fn not_found() -> Problem {
+    Problem::not_found("no such endpoint; see GET /v1/openapi.json")
+}
+
+async fn method_not_allowed() -> Problem {
+    Problem::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method not allowed on this endpoint; see GET /v1/openapi.json",
+    )
+}
+
+/// Counts every request by route template and status.
+async fn count(State(state): State<Arc<ApiState>>, request: Request, next: Next) -> Response {
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
+    let method = request.method().to_string();
+    let response = next.run(request).await;
+    if let Some(m) = &state.metrics {
+        m.request(&method, &route, response.status().as_u16());
+    }
+    response
+}
