@@ -271,3 +271,73 @@ async fn a_webhook_that_does_not_answer_in_time_fails_the_create() {
         other => panic!("expected a timeout, got {other:?}"),
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pod_annotated_with_event_stores_gets_the_sidecar_with_the_api_and_no_projection() {
+    let s = setup().await;
+    let hooks: Api<MutatingWebhookConfiguration> = Api::all(s.client.clone());
+    hooks
+        .create(
+            &PostParams::default(),
+            &config("inject", service_config(&s.ca), "Fail", 5, json!({})),
+        )
+        .await
+        .expect("config");
+    // A command service: no Projection selects it, the annotation asks for the API on the `users` store.
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "commands", "labels": {"app.kubernetes.io/name": "user-commands"},
+            "annotations": {"projectionist.dev/event-stores": "users"}},
+        "spec": {"containers": [{"name": "app", "image": "app:1"}]}
+    }))
+    .expect("pod");
+    let created = create(&s, NS, &pod).await.expect("create");
+    assert!(injected(&created), "annotated pod");
+    let spec = created.spec.expect("spec");
+    let sidecar = spec
+        .init_containers
+        .iter()
+        .flatten()
+        .find(|c| c.name == "projectionist-sidecar")
+        .expect("sidecar");
+    let env = sidecar.env.clone().unwrap_or_default();
+    let secret_refs: Vec<String> = env
+        .iter()
+        .filter_map(|e| e.value_from.as_ref()?.secret_key_ref.as_ref())
+        .map(|r| format!("{}/{}", r.name, r.key))
+        .collect();
+    assert!(
+        secret_refs
+            .iter()
+            .any(|r| r.starts_with("nats-user-management/")),
+        "the store's NATS credentials: {secret_refs:?}"
+    );
+    let volumes = serde_json::to_value(spec.volumes.unwrap_or_default()).expect("json");
+    assert!(
+        volumes.to_string().contains("users-store-config"),
+        "the store's config is mounted: {volumes}"
+    );
+    let annotations = created.metadata.annotations.unwrap_or_default();
+    assert_eq!(
+        annotations
+            .get("projectionist.dev/injected-event-stores")
+            .map(String::as_str),
+        Some("users")
+    );
+    assert!(
+        !injected(
+            &create(&s, NS, &app_pod_named_elsewhere())
+                .await
+                .expect("create")
+        ),
+        "neither selected nor annotated"
+    );
+    let _ = &s.api;
+}
+
+fn app_pod_named_elsewhere() -> Pod {
+    serde_json::from_value(json!({
+        "metadata": {"name": "plain", "labels": {"app.kubernetes.io/name": "unrelated"}},
+        "spec": {"containers": [{"name": "app", "image": "app:1"}]}
+    }))
+    .expect("pod")
+}

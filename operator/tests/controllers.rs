@@ -151,6 +151,25 @@ async fn examples_become_a_stream_a_consumer_and_ready_resources() {
     let owner = &cm.metadata.owner_references.as_ref().expect("owner")[0];
     assert_eq!(owner.kind, "Projection");
     assert_eq!(owner.controller, Some(true));
+    assert_eq!(config.store_subjects, ["user-management.users.>"]);
+
+    // The store's config for the event-store API, owned by the EventStore.
+    let store_cm = config_map(&env, "users-store-config")
+        .await
+        .expect("the store's ConfigMap");
+    let store_yaml = store_cm
+        .data
+        .as_ref()
+        .and_then(|d| d.get("users.store.yaml"))
+        .expect("store config key");
+    let store_config =
+        projectionist_crds::store_config::StoreConfig::from_yaml("users.store.yaml", store_yaml)
+            .expect("a valid StoreConfig");
+    assert_eq!(store_config.stream, stream_name);
+    assert_eq!(
+        store_cm.metadata.owner_references.as_ref().expect("owner")[0].kind,
+        "EventStore"
+    );
     assert!(
         cm.metadata
             .annotations

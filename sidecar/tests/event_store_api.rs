@@ -622,7 +622,7 @@ async fn property_based_requests_from_the_openapi_document_find_no_server_error_
             "--checks",
             "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance",
         ])
-        .args(["--max-examples", "60", "--seed", "20261201", "--max-time", "240"])
+        .args(["--max-examples", "25", "--seed", "20261201", "--max-time", "100"])
         .args(["--request-timeout", "30", "--workers", "2"])
         .arg("--report-dir")
         .arg(reports.path())
@@ -640,4 +640,71 @@ async fn property_based_requests_from_the_openapi_document_find_no_server_error_
         String::from_utf8_lossy(&out.stderr)
     );
     f.sidecar.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sidecar_run_with_only_a_store_config_serves_the_api_for_that_store() {
+    let nats = NatsServer::start().await.expect("nats");
+    let (store, projection) = ledger(&nats.url(), Driver::Sqlite, ErrorPolicy::Halt, "5s");
+    provision(&nats.jetstream().await.expect("js"), &store, &projection).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let config = projectionist_crds::store_config::resolve_store(&store).config;
+    std::fs::write(
+        dir.path().join("bank.store.yaml"),
+        config.to_yaml().expect("yaml"),
+    )
+    .expect("write");
+
+    let check = std::process::Command::new(env!("CARGO_BIN_EXE_projectionist-sidecar"))
+        .args(["check", "--config-dir"])
+        .arg(dir.path())
+        .output()
+        .expect("check");
+    assert!(check.status.success());
+    assert!(String::from_utf8_lossy(&check.stdout).contains("event store test/bank"));
+
+    let port = common::free_port();
+    let _sidecar = common::SidecarProcess::spawn(
+        std::process::Command::new(env!("CARGO_BIN_EXE_projectionist-sidecar"))
+            .args([
+                "run",
+                "--admin-addr",
+                "127.0.0.1:0",
+                "--api-addr",
+                &format!("127.0.0.1:{port}"),
+                "--config-dir",
+            ])
+            .arg(dir.path()),
+    );
+    let api: SocketAddr = format!("127.0.0.1:{port}").parse().expect("addr");
+    let body = json!({"expectedVersion": 0, "events": [tick("only-1", "only", 1)]});
+    let mut answer = None;
+    for _ in 0..100 {
+        if let Ok(r) = request(
+            api,
+            "POST",
+            &format!("{EVENTS}/account/only/events"),
+            Some(&body),
+            Duration::from_secs(5),
+        )
+        .await
+        {
+            answer = Some(r);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let answer = answer.expect("the API answers");
+    assert_eq!(
+        answer.status,
+        200,
+        "{}",
+        String::from_utf8_lossy(&answer.body)
+    );
+    assert_eq!(
+        read(api, "account/only", "").await["events"]
+            .as_array()
+            .map(Vec::len),
+        Some(1)
+    );
 }

@@ -434,6 +434,21 @@ impl std::ops::DerefMut for SidecarProcess {
     }
 }
 
+impl SidecarProcess {
+    /// Spawns `command` (quiet unless it fails) as a sidecar process.
+    pub fn spawn(command: &mut Command) -> Self {
+        Self(
+            command
+                .env("RUST_LOG", "warn")
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::inherit())
+                .spawn()
+                .expect("spawn sidecar"),
+        )
+    }
+}
+
 impl Drop for SidecarProcess {
     fn drop(&mut self) {
         let _ = self.0.kill();
