@@ -5,6 +5,7 @@
 #     engine, for the chart's tests) and schemathesis (property-based tests of the event-store API) into .tools/venv
 #   - MariaDB server binaries from Debian's packages (never started as a system service; tests start their own)
 #   - a check that PostgreSQL 15's server binaries (initdb, postgres) are present
+#   - kube-apiserver, kube-controller-manager, kubectl, etcd and helm built from pinned Go modules (scripts/kube-tools.sh)
 #
 # Environment: PROJECTIONIST_SKIP_APT=1 skips the Debian package step (for machines without root).
 set -euo pipefail
@@ -85,5 +86,8 @@ if [ "$(id -u)" = 0 ] && ! id postgres >/dev/null 2>&1; then
   useradd --system --user-group --no-create-home --shell /usr/sbin/nologin postgres
 fi
 printf '%s\n' "$pg_bin" > "$tools/pg_bin"
+
+# --- Kubernetes control plane and CLIs, built from Go modules ----------------------------------------------------------
+bash "$root/scripts/kube-tools.sh"
 
 log "ready"
