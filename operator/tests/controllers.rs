@@ -5,7 +5,7 @@ mod common;
 use std::time::Duration;
 
 use async_nats::jetstream::stream::{DiscardPolicy, StorageType};
-use common::{Env, NAMESPACE, condition, eventually, projection_reason, store_ready, store_reason};
+use common::{Env, condition, eventually, projection_reason, store_ready, store_reason};
 use k8s_openapi::api::core::v1::ConfigMap;
 use k8s_openapi::api::events::v1::Event;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
@@ -37,17 +37,20 @@ async fn consumer_info(
 
 /// The chart's MutatingWebhookConfiguration, for the Service `projectionist-webhook` in `default`, with a CA
 /// bundle (as cert-manager's injector writes it) or without (the operator patches it in).
-async fn create_injector_config(env: &Env, ca_bundle: Option<&str>) {
+/// The webhook configuration the chart installs, for this test's namespace only. The API server reaches the webhook
+/// served on loopback through a `url` client config (a Service cannot point at 127.0.0.1).
+async fn create_injector_config(env: &Env, port: u16, ca_bundle: Option<&str>) {
     use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
-    let mut client_config = json!({"service": {"name": "projectionist-webhook", "namespace": "default", "path": "/mutate"}});
+    let mut client_config = json!({"url": format!("https://127.0.0.1:{port}/mutate")});
     if let Some(ca) = ca_bundle {
         client_config["caBundle"] = json!(k8s_openapi::ByteString(ca.as_bytes().to_vec()));
     }
     let config: MutatingWebhookConfiguration = serde_json::from_value(json!({
-        "metadata": {"name": "projectionist-sidecar-injector"},
+        "metadata": {"name": env.webhook_config()},
         "webhooks": [{"name": "sidecar.projectionist.dev", "admissionReviewVersions": ["v1"], "sideEffects": "None",
             "failurePolicy": "Fail", "clientConfig": client_config,
-            "namespaceSelector": {"matchLabels": {"projectionist.dev/injection": "enabled"}},
+            "namespaceSelector": {"matchLabels": {"projectionist.dev/injection": "enabled",
+                "kubernetes.io/metadata.name": env.namespace}},
             "rules": [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"]}]}]
     }))
     .expect("config");
@@ -58,12 +61,12 @@ async fn create_injector_config(env: &Env, ca_bundle: Option<&str>) {
 }
 
 async fn config_map(env: &Env, name: &str) -> Option<ConfigMap> {
-    let maps: Api<ConfigMap> = Api::namespaced(env.client.clone(), NAMESPACE);
+    let maps: Api<ConfigMap> = Api::namespaced(env.client.clone(), &env.namespace);
     maps.get_opt(name).await.ok().flatten()
 }
 
 async fn event_reasons(env: &Env) -> Vec<String> {
-    let events: Api<Event> = Api::namespaced(env.client.clone(), NAMESPACE);
+    let events: Api<Event> = Api::namespaced(env.client.clone(), &env.namespace);
     events
         .list(&ListParams::default())
         .await
@@ -73,7 +76,8 @@ async fn event_reasons(env: &Env) -> Vec<String> {
 
 async fn table(env: &Env, plural: &str) -> serde_json::Value {
     let request = http::Request::get(format!(
-        "/apis/projectionist.dev/v1alpha1/namespaces/{NAMESPACE}/{plural}"
+        "/apis/projectionist.dev/v1alpha1/namespaces/{}/{plural}",
+        env.namespace
     ))
     .header("Accept", "application/json;as=Table;v=v1;g=meta.k8s.io")
     .body(Vec::new())
@@ -393,7 +397,7 @@ async fn drift_is_repaired_mutable_changes_applied_and_immutable_ones_refused() 
     );
 
     // The sidecar config's ConfigMap deleted: put back.
-    let maps: Api<ConfigMap> = Api::namespaced(env.client.clone(), NAMESPACE);
+    let maps: Api<ConfigMap> = Api::namespaced(env.client.clone(), &env.namespace);
     maps.delete("users-read-model-sidecar-config", &DeleteParams::default())
         .await
         .expect("delete");
@@ -541,12 +545,19 @@ async fn deletion_retains_or_deletes_the_stream_and_projections_take_only_their_
         stream.consumer_info(&consumer_name).await.is_err(),
         "consumer deleted"
     );
-    assert!(
-        config_map(&env, "users-read-model-sidecar-config")
-            .await
-            .is_none(),
-        "ConfigMap collected"
-    );
+    // The controller manager's garbage collector removes the owned ConfigMap (asynchronously).
+    eventually(
+        "the ConfigMap collected",
+        Duration::from_secs(60),
+        || async {
+            config_map(&env, "users-read-model-sidecar-config")
+                .await
+                .is_none()
+                .then_some(())
+        },
+        || operator.log(),
+    )
+    .await;
 
     // Retain (the default): the EventStore goes, the stream and its events stay.
     env.stores()
@@ -627,7 +638,7 @@ async fn only_the_leader_reconciles_and_a_standby_takes_over() {
     let first = env.operator("op-a").await;
     let second = env.operator("op-b").await;
     let leases: Api<k8s_openapi::api::coordination::v1::Lease> =
-        Api::namespaced(env.client.clone(), "default");
+        Api::namespaced(env.client.clone(), &env.namespace);
     let holder = eventually(
         "a lease holder",
         Duration::from_secs(30),
@@ -730,7 +741,7 @@ async fn bad_resources_are_refused_or_reported_without_an_error_loop() {
     bad["spec"]["stream"]["replicas"] = json!(9);
     let raw: Api<kube::api::DynamicObject> = Api::namespaced_with(
         env.client.clone(),
-        NAMESPACE,
+        &env.namespace,
         &kube::api::ApiResource::erase::<projectionist_crds::event_store::EventStore>(&()),
     );
     let object: kube::api::DynamicObject = serde_json::from_value(bad).expect("object");
@@ -902,8 +913,8 @@ async fn the_webhook_certificate_is_issued_kept_in_a_secret_and_rotated_before_e
     use k8s_openapi::api::core::v1::Secret;
     let env = Env::start().await;
     let hooks: Api<MutatingWebhookConfiguration> = Api::all(env.client.clone());
-    create_injector_config(&env, None).await;
     let port = projectionist_tests::process::free_port().expect("port");
+    create_injector_config(&env, port, None).await;
     let operator = env
         .operator_with(
             "op-1",
@@ -919,7 +930,8 @@ async fn the_webhook_certificate_is_issued_kept_in_a_secret_and_rotated_before_e
             ],
         )
         .await;
-    let secrets: Api<Secret> = Api::namespaced(env.client.clone(), "default");
+    // The operator keeps the certificate in its own namespace.
+    let secrets: Api<Secret> = Api::namespaced(env.client.clone(), &env.namespace);
     let read = || async {
         let s = secrets.get_opt("projectionist-webhook-tls").await.ok()??;
         let not_after = s
@@ -939,7 +951,7 @@ async fn the_webhook_certificate_is_issued_kept_in_a_secret_and_rotated_before_e
     )
     .await;
     let bundle = || async {
-        let c = hooks.get("projectionist-sidecar-injector").await.ok()?;
+        let c = hooks.get(&env.webhook_config()).await.ok()?;
         let b = c.webhooks?.first()?.client_config.ca_bundle.clone()?;
         String::from_utf8(b.0).ok()
     };
@@ -996,19 +1008,19 @@ async fn a_certificate_from_files_is_served_as_with_cert_manager() {
     use k8s_openapi::api::core::v1::{Namespace, Pod};
     let env = Env::start().await;
     // What cert-manager would write into the mounted Secret.
-    let cert = projectionist_operator::certs::generate(
-        &projectionist_operator::certs::service_names("projectionist-webhook", "default"),
-        Duration::from_secs(3600),
-    )
-    .expect("cert");
+    let mut names =
+        projectionist_operator::certs::service_names("projectionist-webhook", "default");
+    names.push("127.0.0.1".into());
+    let cert =
+        projectionist_operator::certs::generate(&names, Duration::from_secs(3600)).expect("cert");
     let cert_dir = env.dir.path().join("webhook-tls");
     std::fs::create_dir_all(&cert_dir).expect("dir");
     std::fs::write(cert_dir.join("tls.crt"), &cert.cert_pem).expect("write");
     std::fs::write(cert_dir.join("tls.key"), &cert.key_pem).expect("write");
     std::fs::write(cert_dir.join("ca.crt"), &cert.ca_bundle).expect("write");
     // cert-manager's CA injector fills the bundle.
-    create_injector_config(&env, Some(&cert.ca_bundle)).await;
     let port = projectionist_tests::process::free_port().expect("port");
+    create_injector_config(&env, port, Some(&cert.ca_bundle)).await;
     let operator = env
         .operator_with(
             "op-1",
@@ -1020,17 +1032,12 @@ async fn a_certificate_from_files_is_served_as_with_cert_manager() {
             ],
         )
         .await;
-    env.api.route_service(
-        "default",
-        "projectionist-webhook",
-        ([127, 0, 0, 1], port).into(),
-    );
     env.apply_examples().await;
     projection_reason(&env, &operator, "users-read-model", "ConsumerReady").await;
     let namespaces: Api<Namespace> = Api::all(env.client.clone());
     namespaces
         .patch(
-            NAMESPACE,
+            &env.namespace,
             &PatchParams::default(),
             &Patch::Merge(
                 json!({"metadata": {"labels": {"projectionist.dev/injection": "enabled"}}}),
@@ -1038,7 +1045,7 @@ async fn a_certificate_from_files_is_served_as_with_cert_manager() {
         )
         .await
         .expect("label");
-    let pods: Api<Pod> = Api::namespaced(env.client.clone(), NAMESPACE);
+    let pods: Api<Pod> = Api::namespaced(env.client.clone(), &env.namespace);
     let pod: Pod = serde_json::from_value(json!({
         "metadata": {"name": "app", "labels": {"app.kubernetes.io/name": "user-management"}},
         "spec": {"containers": [{"name": "app", "image": "app:1"}]}

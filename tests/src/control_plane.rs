@@ -33,6 +33,8 @@ pub struct ControlPlane {
     ca_pem: String,
     /// The servers, stopped in reverse order on drop.
     processes: Vec<ServerProcess>,
+    /// Whether [`ControlPlane::install_crds`] ran.
+    crds_installed: std::sync::Mutex<bool>,
 }
 
 /// Where a tool built by `scripts/kube-tools.sh` is.
@@ -164,6 +166,7 @@ impl ControlPlane {
             port,
             ca_pem: ca_cert.pem(),
             processes,
+            crds_installed: std::sync::Mutex::new(false),
         };
         plane.write_kubeconfig(&plane.admin_kubeconfig(), "admin", ADMIN_TOKEN)?;
         plane.wait_ready(Duration::from_secs(120))?;
@@ -196,6 +199,40 @@ impl ControlPlane {
             std::thread::sleep(Duration::from_millis(200));
         }
         Ok(plane)
+    }
+
+    /// Applies the CRDs of `crds/` (server-side) and waits until they are established; once per control plane.
+    pub fn install_crds(&self) -> crate::Result<()> {
+        let mut installed = self
+            .crds_installed
+            .lock()
+            .map_err(|_| anyhow::anyhow!("poisoned"))?;
+        if *installed {
+            return Ok(());
+        }
+        let crds = repo::root().join("crds").display().to_string();
+        let out = self.kubectl(&["apply", "--server-side", "-f", &crds])?;
+        if !out.status.success() {
+            bail!(
+                "applying the CRDs: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        let out = self.kubectl(&[
+            "wait",
+            "--for=condition=Established",
+            "crd/eventstores.projectionist.dev",
+            "crd/projections.projectionist.dev",
+            "--timeout=60s",
+        ])?;
+        if !out.status.success() {
+            bail!(
+                "the CRDs are not established: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        *installed = true;
+        Ok(())
     }
 
     /// `https://127.0.0.1:<port>`.

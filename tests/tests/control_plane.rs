@@ -11,30 +11,9 @@ use serde_json::{Value, json};
 
 fn plane() -> &'static ControlPlane {
     let plane = ControlPlane::shared().expect("control plane");
-    // The CRDs once per binary; applying them again is a no-op.
-    let crds = repo::root().join("crds");
-    let out = plane
-        .kubectl(&["apply", "--server-side", "-f", &crds.display().to_string()])
-        .expect("kubectl");
-    assert!(
-        out.status.success(),
-        "the real API server accepts the CRDs: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let out = plane
-        .kubectl(&[
-            "wait",
-            "--for=condition=Established",
-            "crd/eventstores.projectionist.dev",
-            "crd/projections.projectionist.dev",
-            "--timeout=60s",
-        ])
-        .expect("kubectl");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    plane
+        .install_crds()
+        .expect("the real API server accepts the CRDs");
     plane
 }
 

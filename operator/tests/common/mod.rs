@@ -1,4 +1,5 @@
-//! The operator binary as a process against the Kubernetes API emulator and a real nats-server.
+//! The operator binary as a process against the real Kubernetes control plane (shared by the tests of a binary, each
+//! test in a namespace of its own, watched by its own operator) and a real nats-server.
 
 #![allow(dead_code)]
 
@@ -11,17 +12,18 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, PostParams};
 use projectionist_crds::event_store::EventStore;
 use projectionist_crds::projection::Projection;
-use projectionist_tests::kube_api::KubeApi;
+use projectionist_tests::control_plane::ControlPlane;
 use projectionist_tests::nats::NatsServer;
 use projectionist_tests::process::{ServerProcess, free_port, wait_for_port};
 use projectionist_tests::repo;
 use tempfile::TempDir;
 
-pub const NAMESPACE: &str = "user-management";
-
-/// The emulator, a nats-server requiring the example's credentials, and the example's namespace and Secrets.
+/// The control plane, a nats-server requiring the example's credentials, and a namespace of the test's own with the
+/// example's Secrets.
 pub struct Env {
-    pub api: KubeApi,
+    pub plane: &'static ControlPlane,
+    /// This test's namespace (the examples' resources are created in it).
+    pub namespace: String,
     pub nats: NatsServer,
     pub client: kube::Client,
     pub dir: TempDir,
@@ -70,17 +72,32 @@ impl Operator {
 
 impl Env {
     pub async fn start() -> Self {
-        let api = KubeApi::start().await.expect("emulator");
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let namespace = format!(
+            "um-{}",
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
+        let plane = {
+            let namespace = namespace.clone();
+            tokio::task::spawn_blocking(move || {
+                let plane = ControlPlane::shared().expect("control plane");
+                plane.install_crds().expect("CRDs");
+                plane.create_namespace(&namespace, &[]).expect("namespace");
+                plane
+            })
+            .await
+            .expect("join")
+        };
         let nats = NatsServer::start_with_user("user-management", "change-me")
             .await
             .expect("nats-server");
-        api.create_namespace(NAMESPACE).expect("namespace");
-        let client = api.client().expect("client");
-        let secrets: Api<Secret> = Api::namespaced(client.clone(), NAMESPACE);
+        let client = plane.client().await.expect("client");
+        let secrets: Api<Secret> = Api::namespaced(client.clone(), &namespace);
         let text = std::fs::read_to_string(repo::user_management_example().join("secrets.yaml"))
             .expect("secrets.yaml");
         for doc in serde_yaml::Deserializer::from_str(&text) {
-            let secret: Secret = serde::Deserialize::deserialize(doc).expect("secret");
+            let mut secret: Secret = serde::Deserialize::deserialize(doc).expect("secret");
+            secret.metadata.namespace = Some(namespace.clone());
             secrets
                 .create(&PostParams::default(), &secret)
                 .await
@@ -90,10 +107,10 @@ impl Env {
             .prefix("projectionist-operator-test-")
             .tempdir()
             .expect("tempdir");
-        let kubeconfig = dir.path().join("kubeconfig");
-        api.write_kubeconfig(&kubeconfig).expect("kubeconfig");
+        let kubeconfig = plane.admin_kubeconfig();
         Self {
-            api,
+            plane,
+            namespace,
             nats,
             client,
             dir,
@@ -114,6 +131,9 @@ impl Env {
             .env("KUBECONFIG", &self.kubeconfig)
             .env("RUST_LOG", "info,projectionist_operator=debug,kube=warn")
             .env("POD_NAME", identity)
+            .env("POD_NAMESPACE", &self.namespace)
+            .args(["--watch-namespace", &self.namespace])
+            .args(["--webhook-config", &self.webhook_config()])
             .args(["--admin-addr", &format!("127.0.0.1:{admin_port}")])
             .args([
                 "--lease-duration",
@@ -149,23 +169,30 @@ impl Env {
         }
     }
 
+    /// This test's webhook configuration (cluster-scoped, so named after the namespace).
+    pub fn webhook_config(&self) -> String {
+        format!("projectionist-sidecar-injector-{}", self.namespace)
+    }
+
     pub fn stores(&self) -> Api<EventStore> {
-        Api::namespaced(self.client.clone(), NAMESPACE)
+        Api::namespaced(self.client.clone(), &self.namespace)
     }
 
     pub fn projections(&self) -> Api<Projection> {
-        Api::namespaced(self.client.clone(), NAMESPACE)
+        Api::namespaced(self.client.clone(), &self.namespace)
     }
 
-    /// The example EventStore, pointed at the test's nats-server.
+    /// The example EventStore in this test's namespace, pointed at the test's nats-server.
     pub fn example_store(&self) -> EventStore {
         let (mut store, _) = repo::user_management_resources().expect("example");
         store.spec.nats.servers = vec![self.nats.url()];
+        store.metadata.namespace = Some(self.namespace.clone());
         store
     }
 
     pub fn example_projection(&self) -> Projection {
-        let (_, projection) = repo::user_management_resources().expect("example");
+        let (_, mut projection) = repo::user_management_resources().expect("example");
+        projection.metadata.namespace = Some(self.namespace.clone());
         projection
     }
 
