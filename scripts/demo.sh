@@ -14,6 +14,7 @@ work=$(mktemp -d)
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }
 nats_port=$(free_port)
 admin_port=$(free_port)
+api_port=$(free_port)
 pids=()
 cleanup() {
   for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
@@ -31,7 +32,8 @@ step() { printf '\n== %s\n' "$*"; }
 step "nats-server $(.tools/bin/nats-server --version | awk '{print $2}') on $PROJECTIONIST_NATS_URL"
 
 step "projectionist-sidecar dev -f $example   (read model: SQLite under $work/data)"
-"$sidecar" dev -f "$example" --data-dir "$work/data" --admin-addr "127.0.0.1:$admin_port" >"$work/dev.log" 2>&1 &
+"$sidecar" dev -f "$example" --data-dir "$work/data" --admin-addr "127.0.0.1:$admin_port" \
+  --api-addr "127.0.0.1:$api_port" >"$work/dev.log" 2>&1 &
 pids+=($!)
 for _ in $(seq 1 100); do (exec 3<>"/dev/tcp/127.0.0.1/$admin_port") 2>/dev/null && break; sleep 0.1; done
 
@@ -50,6 +52,31 @@ except Exception as e: print(e)")
 done
 step "/readyz"
 printf '%s\n' "$ready"
+
+# The command side through the event-store API: append with an expected version, lose a race, read your write.
+api() { # METHOD PATH [JSON]
+  python3 - "$1" "http://127.0.0.1:$api_port$2" "${3:-}" <<'PY'
+import sys, urllib.request, urllib.error
+method, url, body = sys.argv[1], sys.argv[2], sys.argv[3]
+req = urllib.request.Request(url, method=method, data=body.encode() if body else None,
+                             headers={"content-type": "application/json"})
+try:
+    with urllib.request.urlopen(req, timeout=10) as r: print(r.status, r.read().decode())
+except urllib.error.HTTPError as e: print(e.code, e.read().decode())
+PY
+}
+created='{"expectedVersion": 0, "events": [{"id": "demo-grace-1", "type": "UserCreated", "source": "/demo",
+  "data": {"userId": "u-grace", "email": "grace@example.com", "name": "Grace Hopper"}}]}'
+step "POST /v1/stores/users/aggregates/user/u-grace/events  (expectedVersion 0: the user does not exist yet)"
+answer=$(api POST /v1/stores/users/aggregates/user/u-grace/events "$created")
+printf '%s\n' "$answer"
+version=$(printf '%s' "$answer" | python3 -c 'import json,sys; print(json.loads(sys.stdin.read().split(" ",1)[1])["version"])')
+step "the same create with another event id: 409, the user exists (currentVersion $version)"
+api POST /v1/stores/users/aggregates/user/u-grace/events "${created/demo-grace-1/demo-grace-2}"
+step "GET /v1/projections/users-read-model/wait?sequence=$version  (read-your-writes)"
+api GET "/v1/projections/users-read-model/wait?sequence=$version&timeout=5s"
+step "GET /v1/stores/users/aggregates/user/u-grace/events"
+api GET /v1/stores/users/aggregates/user/u-grace/events
 
 db="sqlite://$work/data/user-management_users-read-model.db"
 step "users"

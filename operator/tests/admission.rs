@@ -1,6 +1,7 @@
-//! The emulator calls mutating webhooks on pod create as the API server does — namespace and object selectors,
-//! `failurePolicy`, `timeoutSeconds`, TLS verified against the `caBundle` — here against the operator's webhook
-//! server running in process with a generated certificate.
+//! The real API server's admission chain calls the operator's webhook server (running in process with a generated
+//! certificate) on pod create — namespace and object selectors, `failurePolicy`, `timeoutSeconds`, TLS verified
+//! against the `caBundle`. The webhook is served on loopback, so the configurations reach it with a `url` client
+//! config; each test has namespaces and configurations of its own (named after it) on the shared control plane.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -8,32 +9,63 @@ use std::time::Duration;
 use axum_server::tls_rustls::RustlsConfig;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
-use k8s_openapi::api::core::v1::{Namespace, Pod, ResourceRequirements};
+use k8s_openapi::api::core::v1::{Pod, ResourceRequirements};
 use kube::api::{Api, PostParams};
 use kube::runtime::{reflector, watcher};
 use projectionist_operator::certs;
 use projectionist_operator::webhook::{self, Caches, Injection};
-use projectionist_tests::kube_api::KubeApi;
+use projectionist_tests::control_plane::ControlPlane;
 use projectionist_tests::process::free_port;
 use projectionist_tests::repo;
 use serde_json::json;
 
-const NS: &str = "user-management";
-
 struct Setup {
-    api: KubeApi,
     client: kube::Client,
+    /// This test's opted-in namespace.
+    ns: String,
+    /// This test's namespace that did not opt in.
+    other: String,
     addr: SocketAddr,
     ca: String,
     _stop: tokio::sync::oneshot::Sender<()>,
 }
 
-/// The emulator, a webhook server knowing the example Projection, and its Service routed.
+impl Setup {
+    /// A configuration name of this test's own.
+    fn name(&self, base: &str) -> String {
+        format!("{base}-{}", self.ns)
+    }
+
+    /// A `url` client config for the webhook server, trusting `ca`.
+    fn url_config(&self, ca: &str) -> serde_json::Value {
+        json!({"url": format!("https://{}/mutate", self.addr), "caBundle": ByteString(ca.as_bytes().to_vec())})
+    }
+}
+
+/// The control plane, two namespaces of this test, and a webhook server knowing the example Projection (in the
+/// opted-in namespace).
 async fn setup() -> Setup {
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let api = KubeApi::start().await.expect("emulator");
-    let client = api.client().expect("client");
-    let (store, projection) = repo::user_management_resources().expect("example");
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let (ns, other) = (format!("adm-{n}"), format!("adm-{n}-other"));
+    let plane = {
+        let (ns, other) = (ns.clone(), other.clone());
+        tokio::task::spawn_blocking(move || {
+            let plane = ControlPlane::shared().expect("control plane");
+            plane
+                .create_namespace(&ns, &[("projectionist.dev/injection", "enabled")])
+                .expect("namespace");
+            plane.create_namespace(&other, &[]).expect("namespace");
+            plane
+        })
+        .await
+        .expect("join")
+    };
+    let client = plane.client().await.expect("client");
+    let (mut store, mut projection) = repo::user_management_resources().expect("example");
+    store.metadata.namespace = Some(ns.clone());
+    projection.metadata.namespace = Some(ns.clone());
     let (projections, mut pw) = reflector::store();
     let (stores, mut sw) = reflector::store();
     for e in [
@@ -50,11 +82,9 @@ async fn setup() -> Setup {
     ] {
         sw.apply_watcher_event(&e);
     }
-    let cert = certs::generate(
-        &certs::service_names("hook", "system"),
-        Duration::from_secs(3600),
-    )
-    .expect("cert");
+    let mut names = certs::service_names("hook", "system");
+    names.push("127.0.0.1".into());
+    let cert = certs::generate(&names, Duration::from_secs(3600)).expect("cert");
     let tls = RustlsConfig::from_pem(cert.cert_pem.into_bytes(), cert.key_pem.into_bytes())
         .await
         .expect("tls");
@@ -81,20 +111,10 @@ async fn setup() -> Setup {
         },
     ));
     tokio::time::sleep(Duration::from_millis(300)).await;
-    api.route_service("system", "hook", addr);
-    let namespaces: Api<Namespace> = Api::all(client.clone());
-    let ns: Namespace = serde_json::from_value(
-        json!({"metadata": {"name": NS, "labels": {"projectionist.dev/injection": "enabled"}}}),
-    )
-    .expect("ns");
-    namespaces
-        .create(&PostParams::default(), &ns)
-        .await
-        .expect("namespace");
-    api.create_namespace("other").expect("namespace");
     Setup {
-        api,
         client,
+        ns,
+        other,
         addr,
         ca: cert.ca_bundle,
         _stop: stop,
@@ -102,6 +122,7 @@ async fn setup() -> Setup {
 }
 
 fn config(
+    s: &Setup,
     name: &str,
     client_config: serde_json::Value,
     failure: &str,
@@ -116,16 +137,12 @@ fn config(
             "failurePolicy": failure, "timeoutSeconds": timeout,
             "clientConfig": client_config,
             "rules": [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"], "resources": ["pods"]}],
-            "namespaceSelector": {"matchLabels": {"projectionist.dev/injection": "enabled"}},
+            "namespaceSelector": {"matchLabels": {"projectionist.dev/injection": "enabled"},
+                "matchExpressions": [{"key": "kubernetes.io/metadata.name", "operator": "In", "values": [s.ns, s.other]}]},
             "objectSelector": object_selector
         }]
     }))
     .expect("config")
-}
-
-fn service_config(ca: &str) -> serde_json::Value {
-    json!({"service": {"name": "hook", "namespace": "system", "path": "/mutate", "port": 443},
-        "caBundle": ByteString(ca.as_bytes().to_vec())})
 }
 
 fn app_pod(name: &str) -> Pod {
@@ -157,8 +174,9 @@ async fn selectors_decide_which_pods_reach_the_webhook() {
         .create(
             &PostParams::default(),
             &config(
-                "inject",
-                service_config(&s.ca),
+                &s,
+                &s.name("inject"),
+                s.url_config(&s.ca),
                 "Fail",
                 5,
                 json!({"matchExpressions": [{"key": "skip", "operator": "DoesNotExist"}]}),
@@ -167,11 +185,11 @@ async fn selectors_decide_which_pods_reach_the_webhook() {
         .await
         .expect("config");
     assert!(
-        injected(&create(&s, NS, &app_pod("a")).await.expect("create")),
+        injected(&create(&s, &s.ns, &app_pod("a")).await.expect("create")),
         "opted-in namespace"
     );
     assert!(
-        !injected(&create(&s, "other", &app_pod("b")).await.expect("create")),
+        !injected(&create(&s, &s.other, &app_pod("b")).await.expect("create")),
         "namespace not opted in"
     );
     let mut skipped = app_pod("c");
@@ -181,10 +199,9 @@ async fn selectors_decide_which_pods_reach_the_webhook() {
         .get_or_insert_default()
         .insert("skip".into(), "yes".into());
     assert!(
-        !injected(&create(&s, NS, &skipped).await.expect("create")),
+        !injected(&create(&s, &s.ns, &skipped).await.expect("create")),
         "objectSelector"
     );
-    let _ = &s.api;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -201,8 +218,9 @@ async fn the_ca_bundle_is_verified_and_failure_policy_decides() {
         .create(
             &PostParams::default(),
             &config(
-                "strict",
-                service_config(&other.ca_bundle),
+                &s,
+                &s.name("strict"),
+                s.url_config(&other.ca_bundle),
                 "Fail",
                 5,
                 json!({}),
@@ -210,12 +228,12 @@ async fn the_ca_bundle_is_verified_and_failure_policy_decides() {
         )
         .await
         .expect("config");
-    match create(&s, NS, &app_pod("a")).await {
+    match create(&s, &s.ns, &app_pod("a")).await {
         Err(kube::Error::Api(e)) => {
             assert_eq!(e.code, 500);
             assert!(
                 e.message
-                    .contains("failed calling webhook \"strict.projectionist.dev\""),
+                    .contains(&format!("failed calling webhook \"{}.projectionist.dev\"", s.name("strict"))),
                 "{}",
                 e.message
             );
@@ -224,20 +242,19 @@ async fn the_ca_bundle_is_verified_and_failure_policy_decides() {
         other => panic!("expected a refusal, got {other:?}"),
     }
     // The same with failurePolicy Ignore: the pod is created, unmutated.
-    let mut lenient = hooks.get("strict").await.expect("get");
+    let mut lenient = hooks.get(&s.name("strict")).await.expect("get");
     lenient.metadata.managed_fields = None;
     if let Some(w) = lenient.webhooks.as_mut().and_then(|w| w.first_mut()) {
         w.failure_policy = Some("Ignore".into());
     }
     hooks
-        .replace("strict", &PostParams::default(), &lenient)
+        .replace(&s.name("strict"), &PostParams::default(), &lenient)
         .await
         .expect("replace");
-    let pod = create(&s, NS, &app_pod("b"))
+    let pod = create(&s, &s.ns, &app_pod("b"))
         .await
         .expect("created despite the failing webhook");
     assert!(!injected(&pod));
-    let _ = s.addr;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -259,11 +276,11 @@ async fn a_webhook_that_does_not_answer_in_time_fails_the_create() {
     hooks
         .create(
             &PostParams::default(),
-            &config("slow", client_config, "Fail", 1, json!({})),
+            &config(&s, &s.name("slow"), client_config, "Fail", 1, json!({})),
         )
         .await
         .expect("config");
-    match create(&s, NS, &app_pod("a")).await {
+    match create(&s, &s.ns, &app_pod("a")).await {
         Err(kube::Error::Api(e)) => {
             assert_eq!(e.code, 500);
             assert!(e.message.contains("deadline"), "{}", e.message);
@@ -279,7 +296,7 @@ async fn a_pod_annotated_with_event_stores_gets_the_sidecar_with_the_api_and_no_
     hooks
         .create(
             &PostParams::default(),
-            &config("inject", service_config(&s.ca), "Fail", 5, json!({})),
+            &config(&s, &s.name("inject"), s.url_config(&s.ca), "Fail", 5, json!({})),
         )
         .await
         .expect("config");
@@ -290,7 +307,7 @@ async fn a_pod_annotated_with_event_stores_gets_the_sidecar_with_the_api_and_no_
         "spec": {"containers": [{"name": "app", "image": "app:1"}]}
     }))
     .expect("pod");
-    let created = create(&s, NS, &pod).await.expect("create");
+    let created = create(&s, &s.ns, &pod).await.expect("create");
     assert!(injected(&created), "annotated pod");
     let spec = created.spec.expect("spec");
     let sidecar = spec
@@ -325,13 +342,12 @@ async fn a_pod_annotated_with_event_stores_gets_the_sidecar_with_the_api_and_no_
     );
     assert!(
         !injected(
-            &create(&s, NS, &app_pod_named_elsewhere())
+            &create(&s, &s.ns, &app_pod_named_elsewhere())
                 .await
                 .expect("create")
         ),
         "neither selected nor annotated"
     );
-    let _ = &s.api;
 }
 
 fn app_pod_named_elsewhere() -> Pod {
