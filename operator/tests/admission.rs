@@ -45,6 +45,11 @@ impl Setup {
 /// The control plane, two namespaces of this test, and a webhook server knowing the example Projection (in the
 /// opted-in namespace).
 async fn setup() -> Setup {
+    setup_with(&[]).await
+}
+
+/// [`setup`] with more labels on the opted-in namespace.
+async fn setup_with(labels: &'static [(&'static str, &'static str)]) -> Setup {
     static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let _ = rustls::crypto::ring::default_provider().install_default();
     let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -53,9 +58,9 @@ async fn setup() -> Setup {
         let (ns, other) = (ns.clone(), other.clone());
         tokio::task::spawn_blocking(move || {
             let plane = ControlPlane::shared().expect("control plane");
-            plane
-                .create_namespace(&ns, &[("projectionist.dev/injection", "enabled")])
-                .expect("namespace");
+            let mut all = vec![("projectionist.dev/injection", "enabled")];
+            all.extend_from_slice(labels);
+            plane.create_namespace(&ns, &all).expect("namespace");
             plane.create_namespace(&other, &[]).expect("namespace");
             plane
         })
@@ -356,4 +361,45 @@ fn app_pod_named_elsewhere() -> Pod {
         "spec": {"containers": [{"name": "app", "image": "app:1"}]}
     }))
     .expect("pod")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pod_security_restricted_admits_the_injected_sidecar_and_refuses_a_weakened_one() {
+    let s = setup_with(&[("pod-security.kubernetes.io/enforce", "restricted")]).await;
+    let hooks: Api<MutatingWebhookConfiguration> = Api::all(s.client.clone());
+    hooks
+        .create(
+            &PostParams::default(),
+            &config(&s, &s.name("inject"), s.url_config(&s.ca), "Fail", 5, json!({})),
+        )
+        .await
+        .expect("config");
+    let hardened = json!({"runAsNonRoot": true, "allowPrivilegeEscalation": false,
+        "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}});
+    let pod: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "restricted", "labels": {"app.kubernetes.io/name": "user-management"}},
+        "spec": {"containers": [{"name": "app", "image": "app:1", "securityContext": hardened}]}
+    }))
+    .expect("pod");
+    let created = create(&s, &s.ns, &pod)
+        .await
+        .expect("PodSecurity (restricted) admits the pod with the injected sidecar");
+    assert!(injected(&created));
+
+    // The same pod carrying a sidecar that may escalate privileges: the webhook leaves it, PodSecurity refuses it.
+    let weakened: Pod = serde_json::from_value(json!({
+        "metadata": {"name": "weakened", "labels": {"app.kubernetes.io/name": "user-management"}},
+        "spec": {"containers": [{"name": "app", "image": "app:1", "securityContext": hardened}],
+            "initContainers": [{"name": "projectionist-sidecar", "image": "sidecar:test", "restartPolicy": "Always",
+                "securityContext": {"runAsNonRoot": true, "allowPrivilegeEscalation": true,
+                    "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}}}]}
+    }))
+    .expect("pod");
+    match create(&s, &s.ns, &weakened).await {
+        Err(kube::Error::Api(e)) => {
+            assert_eq!(e.code, 403, "{}", e.message);
+            assert!(e.message.contains("allowPrivilegeEscalation"), "{}", e.message);
+        }
+        other => panic!("expected PodSecurity to refuse, got {other:?}"),
+    }
 }
