@@ -65,18 +65,18 @@ try:
 except urllib.error.HTTPError as e: print(e.code, e.read().decode())
 PY
 }
-created='{"expectedVersion": 0, "events": [{"id": "demo-grace-1", "type": "UserCreated", "source": "/demo",
-  "data": {"userId": "u-grace", "email": "grace@example.com", "name": "Grace Hopper"}}]}'
-step "POST /v1/stores/users/aggregates/user/u-grace/events  (expectedVersion 0: the user does not exist yet)"
-answer=$(api POST /v1/stores/users/aggregates/user/u-grace/events "$created")
+created='{"expectedVersion": 0, "events": [{"id": "demo-barbara-1", "type": "UserCreated", "source": "/demo",
+  "data": {"userId": "u-barbara", "email": "barbara@example.com", "name": "Barbara Liskov"}}]}'
+step "POST /v1/stores/users/aggregates/user/u-barbara/events  (expectedVersion 0: the user does not exist yet)"
+answer=$(api POST /v1/stores/users/aggregates/user/u-barbara/events "$created")
 printf '%s\n' "$answer"
 version=$(printf '%s' "$answer" | python3 -c 'import json,sys; print(json.loads(sys.stdin.read().split(" ",1)[1])["version"])')
 step "the same create with another event id: 409, the user exists (currentVersion $version)"
-api POST /v1/stores/users/aggregates/user/u-grace/events "${created/demo-grace-1/demo-grace-2}"
+api POST /v1/stores/users/aggregates/user/u-barbara/events "${created/demo-barbara-1/demo-barbara-2}"
 step "GET /v1/projections/users-read-model/wait?sequence=$version  (read-your-writes)"
 api GET "/v1/projections/users-read-model/wait?sequence=$version&timeout=5s"
-step "GET /v1/stores/users/aggregates/user/u-grace/events"
-api GET /v1/stores/users/aggregates/user/u-grace/events
+step "GET /v1/stores/users/aggregates/user/u-barbara/events"
+api GET /v1/stores/users/aggregates/user/u-barbara/events
 
 db="sqlite://$work/data/user-management_users-read-model.db"
 step "users"

@@ -237,8 +237,10 @@ async fn the_ca_bundle_is_verified_and_failure_policy_decides() {
         Err(kube::Error::Api(e)) => {
             assert_eq!(e.code, 500);
             assert!(
-                e.message
-                    .contains(&format!("failed calling webhook \"{}.projectionist.dev\"", s.name("strict"))),
+                e.message.contains(&format!(
+                    "failed calling webhook \"{}.projectionist.dev\"",
+                    s.name("strict")
+                )),
                 "{}",
                 e.message
             );
@@ -301,7 +303,14 @@ async fn a_pod_annotated_with_event_stores_gets_the_sidecar_with_the_api_and_no_
     hooks
         .create(
             &PostParams::default(),
-            &config(&s, &s.name("inject"), s.url_config(&s.ca), "Fail", 5, json!({})),
+            &config(
+                &s,
+                &s.name("inject"),
+                s.url_config(&s.ca),
+                "Fail",
+                5,
+                json!({}),
+            ),
         )
         .await
         .expect("config");
@@ -370,7 +379,14 @@ async fn pod_security_restricted_admits_the_injected_sidecar_and_refuses_a_weake
     hooks
         .create(
             &PostParams::default(),
-            &config(&s, &s.name("inject"), s.url_config(&s.ca), "Fail", 5, json!({})),
+            &config(
+                &s,
+                &s.name("inject"),
+                s.url_config(&s.ca),
+                "Fail",
+                5,
+                json!({}),
+            ),
         )
         .await
         .expect("config");
@@ -398,7 +414,11 @@ async fn pod_security_restricted_admits_the_injected_sidecar_and_refuses_a_weake
     match create(&s, &s.ns, &weakened).await {
         Err(kube::Error::Api(e)) => {
             assert_eq!(e.code, 403, "{}", e.message);
-            assert!(e.message.contains("allowPrivilegeEscalation"), "{}", e.message);
+            assert!(
+                e.message.contains("allowPrivilegeEscalation"),
+                "{}",
+                e.message
+            );
         }
         other => panic!("expected PodSecurity to refuse, got {other:?}"),
     }

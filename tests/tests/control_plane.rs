@@ -6,7 +6,6 @@
 use std::time::{Duration, Instant};
 
 use projectionist_tests::control_plane::ControlPlane;
-use projectionist_tests::repo;
 use serde_json::{Value, json};
 
 fn plane() -> &'static ControlPlane {
