@@ -443,23 +443,33 @@ pub enum ConfigFileError {
     },
 }
 
+/// Renders a config file: secret sources and NATS credentials as one-key maps (`url: {env: NAME}`).
+pub(crate) fn render_file<T: Serialize>(config: &T) -> Result<String, serde_yaml::Error> {
+    let mut out = Vec::new();
+    let mut ser = serde_yaml::Serializer::new(&mut out);
+    serde_yaml::with::singleton_map_recursive::serialize(config, &mut ser)?;
+    Ok(String::from_utf8_lossy(&out).into_owned())
+}
+
+/// Parses a config file rendered by [`render_file`].
+pub(crate) fn parse_file<T: serde::de::DeserializeOwned>(
+    text: &str,
+) -> Result<T, serde_yaml::Error> {
+    serde_yaml::with::singleton_map_recursive::deserialize(serde_yaml::Deserializer::from_str(text))
+}
+
 impl SidecarConfig {
     /// Renders the file. Secret sources and NATS credentials are written as one-key maps (`url: {env: NAME}`).
     pub fn to_yaml(&self) -> Result<String, serde_yaml::Error> {
-        let mut out = Vec::new();
-        let mut ser = serde_yaml::Serializer::new(&mut out);
-        serde_yaml::with::singleton_map_recursive::serialize(self, &mut ser)?;
-        Ok(String::from_utf8_lossy(&out).into_owned())
+        render_file(self)
     }
 
     /// Parses a file's content; `path` is only used in errors.
     pub fn from_yaml(path: &str, text: &str) -> Result<Self, ConfigFileError> {
-        let de = serde_yaml::Deserializer::from_str(text);
-        let config: SidecarConfig = serde_yaml::with::singleton_map_recursive::deserialize(de)
-            .map_err(|source| ConfigFileError::Parse {
-                path: path.to_string(),
-                source,
-            })?;
+        let config: SidecarConfig = parse_file(text).map_err(|source| ConfigFileError::Parse {
+            path: path.to_string(),
+            source,
+        })?;
         if config.api_version != API_VERSION || config.kind != KIND {
             return Err(ConfigFileError::Version {
                 path: path.to_string(),

@@ -8,7 +8,9 @@ use std::collections::BTreeSet;
 use serde::{Deserialize, Serialize};
 
 use crate::event_store::EventStore;
-use crate::sidecar_config::{API_VERSION, NatsConfig, ObjectRef, SecretMount, nats_config};
+use crate::sidecar_config::{
+    API_VERSION, NatsConfig, ObjectRef, SecretMount, nats_config, parse_file, render_file,
+};
 
 /// `kind` of the file.
 pub const KIND: &str = "StoreConfig";
@@ -94,20 +96,15 @@ pub enum StoreConfigError {
 impl StoreConfig {
     /// Renders the file (secret sources as one-key maps, as in the SidecarConfig).
     pub fn to_yaml(&self) -> Result<String, serde_yaml::Error> {
-        let mut out = Vec::new();
-        let mut ser = serde_yaml::Serializer::new(&mut out);
-        serde_yaml::with::singleton_map_recursive::serialize(self, &mut ser)?;
-        Ok(String::from_utf8_lossy(&out).into_owned())
+        render_file(self)
     }
 
     /// Parses a file's content; `path` is only used in errors.
     pub fn from_yaml(path: &str, text: &str) -> Result<Self, StoreConfigError> {
-        let de = serde_yaml::Deserializer::from_str(text);
-        let config: StoreConfig = serde_yaml::with::singleton_map_recursive::deserialize(de)
-            .map_err(|source| StoreConfigError::Parse {
-                path: path.to_string(),
-                source,
-            })?;
+        let config: StoreConfig = parse_file(text).map_err(|source| StoreConfigError::Parse {
+            path: path.to_string(),
+            source,
+        })?;
         if config.api_version != API_VERSION || config.kind != KIND {
             return Err(StoreConfigError::Version {
                 path: path.to_string(),
