@@ -252,6 +252,7 @@ impl ControlPlane {
 
     /// A kube client from a kubeconfig file.
     pub async fn client_from(kubeconfig: &Path) -> crate::Result<kube::Client> {
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let config = kube::config::Kubeconfig::read_from(kubeconfig)?;
         let config = kube::Config::from_custom_kubeconfig(config, &Default::default()).await?;
         Ok(kube::Client::try_from(config)?)

@@ -3,28 +3,118 @@
 
 use std::process::Command;
 
+use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams};
 use projectionist_crds::crd;
-use projectionist_tests::crd_validation::{CrdValidator, Violation};
+use projectionist_tests::control_plane::ControlPlane;
 use projectionist_tests::repo;
 use serde_json::{Value, json};
 
-fn validator(file: &str) -> CrdValidator {
-    let text = std::fs::read_to_string(repo::crds().join(file)).expect("CRD file");
-    CrdValidator::from_yaml(&text).expect("CRD compiles")
-}
-
-fn eventstores() -> CrdValidator {
-    validator("projectionist.dev_eventstores.yaml")
-}
-
-fn projections() -> CrdValidator {
-    validator("projectionist.dev_projections.yaml")
+/// One field the API server refused, and why.
+#[derive(Debug)]
+struct Violation {
+    field: String,
+    message: String,
 }
 
 fn example(file: &str) -> Value {
     let text =
         std::fs::read_to_string(repo::user_management_example().join(file)).expect("example");
     serde_yaml::from_str(&text).expect("example YAML")
+}
+
+/// The real API server, with the CRDs installed, and a namespace of the calling test's own.
+async fn server() -> (kube::Client, String) {
+    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let ns = format!(
+        "crds-{}",
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
+    let plane = {
+        let ns = ns.clone();
+        tokio::task::spawn_blocking(move || {
+            let plane = ControlPlane::shared().expect("control plane");
+            plane.install_crds().expect("CRDs");
+            plane.create_namespace(&ns, &[]).expect("namespace");
+            plane
+        })
+        .await
+        .expect("join")
+    };
+    (plane.client().await.expect("client"), ns)
+}
+
+fn api(client: &kube::Client, ns: &str, object: &Value) -> (Api<DynamicObject>, String) {
+    let kind = object["kind"].as_str().expect("kind");
+    let resource = ApiResource {
+        group: "projectionist.dev".into(),
+        version: "v1alpha1".into(),
+        api_version: "projectionist.dev/v1alpha1".into(),
+        kind: kind.into(),
+        plural: format!("{}s", kind.to_lowercase()),
+    };
+    let name = object["metadata"]["name"]
+        .as_str()
+        .expect("name")
+        .to_string();
+    (Api::namespaced_with(client.clone(), ns, &resource), name)
+}
+
+/// Server-side apply with strict field validation: the object as stored (defaults applied), or every field refused.
+async fn apply(
+    client: &kube::Client,
+    ns: &str,
+    object: &Value,
+    dry_run: bool,
+) -> Result<Value, Vec<Violation>> {
+    let mut object = object.clone();
+    object["metadata"]["namespace"] = json!(ns);
+    let (api, name) = api(client, ns, &object);
+    let mut params = PatchParams::apply("crd-tests").force().validation_strict();
+    if dry_run {
+        params = params.dry_run();
+    }
+    match api.patch(&name, &params, &Patch::Apply(&object)).await {
+        Ok(stored) => Ok(serde_json::to_value(stored).expect("json")),
+        Err(kube::Error::Api(status)) => {
+            let causes: Vec<Violation> = status
+                .details
+                .as_ref()
+                .map(|d| {
+                    d.causes
+                        .iter()
+                        .map(|c| Violation {
+                            field: c.field.clone(),
+                            message: c.message.clone(),
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            if causes.is_empty() {
+                Err(vec![Violation {
+                    field: String::new(),
+                    message: status.message,
+                }])
+            } else {
+                Err(causes)
+            }
+        }
+        Err(other) => panic!("the API server did not answer: {other}"),
+    }
+}
+
+/// What the API server makes of creating `object` (a dry run: nothing is stored).
+async fn validate_create(object: &Value) -> Result<Value, Vec<Violation>> {
+    let (client, ns) = server().await;
+    apply(&client, &ns, object, true).await
+}
+
+/// What the API server makes of changing `old` (stored first) into `new` (a dry run).
+async fn validate_update(new: &Value, old: &Value) -> Result<Value, Vec<Violation>> {
+    let (client, ns) = server().await;
+    apply(&client, &ns, old, false)
+        .await
+        .expect("the old object is valid");
+    apply(&client, &ns, new, true).await
 }
 
 fn rejected(result: Result<Value, Vec<Violation>>) -> Vec<Violation> {
@@ -133,15 +223,15 @@ fn printer_columns_are_as_designed() {
     }
 }
 
-#[test]
-fn examples_are_accepted_and_defaulted() {
-    let store = eventstores()
-        .validate_create(&example("eventstore.yaml"))
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn examples_are_accepted_and_defaulted() {
+    let store = validate_create(&example("eventstore.yaml"))
+        .await
         .expect("EventStore example");
     assert_eq!(store["spec"]["stream"]["storage"], json!("File"));
     assert_eq!(store["spec"]["stream"]["discard"], json!("New"));
-    let projection = projections()
-        .validate_create(&example("projection.yaml"))
+    let projection = validate_create(&example("projection.yaml"))
+        .await
         .expect("Projection example");
     assert_eq!(projection["spec"]["batch"]["maxEvents"], json!(500));
     // A minimal EventStore is valid too: every stream setting has a safe default.
@@ -150,9 +240,7 @@ fn examples_are_accepted_and_defaulted() {
         "metadata": {"name": "orders", "namespace": "shop"},
         "spec": {"nats": {"servers": ["nats://nats:4222"]}}
     });
-    let defaulted = eventstores()
-        .validate_create(&minimal)
-        .expect("minimal EventStore");
+    let defaulted = validate_create(&minimal).await.expect("minimal EventStore");
     assert_eq!(defaulted["spec"]["deletionPolicy"], json!("Retain"));
     assert_eq!(defaulted["spec"]["stream"]["replicas"], json!(1));
 }
@@ -168,93 +256,71 @@ fn examples_deserialize_and_resolve() {
     projectionist_crds::consumer::consumer_config(&projection, &store).expect("consumer config");
 }
 
-#[test]
-fn bad_enum_is_rejected_naming_the_field() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_enum_is_rejected_naming_the_field() {
     let mut p = example("projection.yaml");
     p["spec"]["database"]["driver"] = json!("oracle");
-    assert_names(
-        &rejected(projections().validate_create(&p)),
-        "spec.database.driver",
-    );
+    assert_names(&rejected(validate_create(&p).await), "spec.database.driver");
 
     let mut s = example("eventstore.yaml");
     s["spec"]["deletionPolicy"] = json!("Shred");
-    assert_names(
-        &rejected(eventstores().validate_create(&s)),
-        "spec.deletionPolicy",
-    );
+    assert_names(&rejected(validate_create(&s).await), "spec.deletionPolicy");
 }
 
-#[test]
-fn out_of_range_bounds_are_rejected_naming_the_field() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn out_of_range_bounds_are_rejected_naming_the_field() {
     let mut p = example("projection.yaml");
     p["spec"]["batch"]["maxEvents"] = json!(10_001);
-    assert_names(
-        &rejected(projections().validate_create(&p)),
-        "spec.batch.maxEvents",
-    );
+    assert_names(&rejected(validate_create(&p).await), "spec.batch.maxEvents");
     p["spec"]["batch"]["maxEvents"] = json!(0);
-    assert_names(
-        &rejected(projections().validate_create(&p)),
-        "spec.batch.maxEvents",
-    );
+    assert_names(&rejected(validate_create(&p).await), "spec.batch.maxEvents");
 
     let mut s = example("eventstore.yaml");
     s["spec"]["stream"]["replicas"] = json!(7);
-    assert_names(
-        &rejected(eventstores().validate_create(&s)),
-        "spec.stream.replicas",
-    );
+    assert_names(&rejected(validate_create(&s).await), "spec.stream.replicas");
 }
 
-#[test]
-fn malformed_durations_and_urls_are_rejected() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_durations_and_urls_are_rejected() {
     let mut p = example("projection.yaml");
     p["spec"]["ackWait"] = json!("thirty seconds");
-    assert_names(&rejected(projections().validate_create(&p)), "spec.ackWait");
+    assert_names(&rejected(validate_create(&p).await), "spec.ackWait");
 
     let mut s = example("eventstore.yaml");
     s["spec"]["nats"]["servers"] = json!(["http://nats:4222"]);
-    assert_names(
-        &rejected(eventstores().validate_create(&s)),
-        "spec.nats.servers.0",
-    );
+    assert_names(&rejected(validate_create(&s).await), "spec.nats.servers[0]");
 }
 
-#[test]
-fn secret_reference_missing_its_key_is_rejected() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn secret_reference_missing_its_key_is_rejected() {
     let mut p = example("projection.yaml");
     p["spec"]["database"]["urlSecret"] = json!({"name": "users-db"});
     assert_names(
-        &rejected(projections().validate_create(&p)),
+        &rejected(validate_create(&p).await),
         "spec.database.urlSecret.key",
     );
 
     let mut s = example("eventstore.yaml");
     s["spec"]["nats"]["auth"]["userPassword"]["password"] = json!({"key": "password"});
     assert_names(
-        &rejected(eventstores().validate_create(&s)),
+        &rejected(validate_create(&s).await),
         "spec.nats.auth.userPassword.password.name",
     );
 }
 
-#[test]
-fn unknown_fields_are_rejected() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_fields_are_rejected() {
     let mut p = example("projection.yaml");
     p["spec"]["handlers"][0]["sqll"] = json!(["SELECT 1"]);
-    let v = rejected(projections().validate_create(&p));
-    assert!(
-        v.iter()
-            .any(|v| v.field == "spec.handlers.0" && v.message.contains("sqll")),
-        "{v:?}"
-    );
+    let v = rejected(validate_create(&p).await);
+    assert!(v.iter().any(|v| v.message.contains("sqll")), "{v:?}");
 }
 
-#[test]
-fn two_credential_methods_are_rejected() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_credential_methods_are_rejected() {
     let mut s = example("eventstore.yaml");
     s["spec"]["nats"]["auth"]["token"] = json!({"name": "nats-token", "key": "token"});
-    let v = rejected(eventstores().validate_create(&s));
+    let v = rejected(validate_create(&s).await);
     assert!(
         v.iter()
             .any(|v| v.field == "spec.nats.auth" && v.message.contains("exactly one")),
@@ -262,15 +328,15 @@ fn two_credential_methods_are_rejected() {
     );
 }
 
-#[test]
-fn duplicate_handler_event_types_are_rejected() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicate_handler_event_types_are_rejected() {
     let mut p = example("projection.yaml");
     let first = p["spec"]["handlers"][0].clone();
     p["spec"]["handlers"]
         .as_array_mut()
         .expect("handlers")
         .push(first);
-    let v = rejected(projections().validate_create(&p));
+    let v = rejected(validate_create(&p).await);
     assert!(
         v.iter()
             .any(|v| v.field == "spec.handlers" && v.message.contains("only one handler")),
@@ -278,11 +344,11 @@ fn duplicate_handler_event_types_are_rejected() {
     );
 }
 
-#[test]
-fn loosening_a_guardrail_needs_an_explicit_opt_in() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loosening_a_guardrail_needs_an_explicit_opt_in() {
     let mut s = example("eventstore.yaml");
     s["spec"]["stream"]["storage"] = json!("Memory");
-    let v = rejected(eventstores().validate_create(&s));
+    let v = rejected(validate_create(&s).await);
     assert!(
         v.iter()
             .any(|v| v.field == "spec.stream.storage" && v.message.contains("allowMemoryStorage")),
@@ -291,44 +357,37 @@ fn loosening_a_guardrail_needs_an_explicit_opt_in() {
 
     let mut s = example("eventstore.yaml");
     s["spec"]["stream"]["maxAge"] = json!("720h");
-    let v = rejected(eventstores().validate_create(&s));
+    let v = rejected(validate_create(&s).await);
     assert!(v.iter().any(|v| v.field == "spec.stream.maxAge"), "{v:?}");
     s["spec"]["stream"]["guardrails"] = json!({"allowExpiry": true});
-    eventstores()
-        .validate_create(&s)
-        .expect("explicit opt-in accepted");
+    validate_create(&s).await.expect("explicit opt-in accepted");
 
     let mut s = example("eventstore.yaml");
     s["spec"]["stream"]["discard"] = json!("Old");
-    assert_names(
-        &rejected(eventstores().validate_create(&s)),
-        "spec.stream.discard",
-    );
+    assert_names(&rejected(validate_create(&s).await), "spec.stream.discard");
 }
 
-#[test]
-fn start_at_fields_must_match_the_policy() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_at_fields_must_match_the_policy() {
     let mut p = example("projection.yaml");
     p["spec"]["startAt"] = json!({"policy": "Sequence"});
-    let v = rejected(projections().validate_create(&p));
+    let v = rejected(validate_create(&p).await);
     assert!(
         v.iter()
             .any(|v| v.field == "spec.startAt" && v.message.contains("sequence")),
         "{v:?}"
     );
     p["spec"]["startAt"] = json!({"policy": "Sequence", "sequence": 10});
-    projections()
-        .validate_create(&p)
-        .expect("consistent startAt");
+    validate_create(&p).await.expect("consistent startAt");
 }
 
-#[test]
-fn changing_the_stream_name_or_storage_on_update_is_rejected() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changing_the_stream_name_or_storage_on_update_is_rejected() {
     let mut old = example("eventstore.yaml");
     old["spec"]["stream"]["name"] = json!("USERS");
     let mut new = old.clone();
     new["spec"]["stream"]["name"] = json!("USERS_V2");
-    let v = rejected(eventstores().validate_update(&new, &old));
+    let v = rejected(validate_update(&new, &old).await);
     assert!(
         v.iter()
             .any(|v| v.field == "spec.stream.name" && v.message.contains("immutable")),
@@ -337,13 +396,13 @@ fn changing_the_stream_name_or_storage_on_update_is_rejected() {
 
     // Setting a name where the default was used also changes the stream.
     let unnamed = example("eventstore.yaml");
-    let v = rejected(eventstores().validate_update(&old, &unnamed));
+    let v = rejected(validate_update(&old, &unnamed).await);
     assert_names(&v, "spec.stream.name");
 
     let mut memory = old.clone();
     memory["spec"]["stream"]["storage"] = json!("Memory");
     memory["spec"]["stream"]["guardrails"] = json!({"allowMemoryStorage": true});
-    let v = rejected(eventstores().validate_update(&memory, &old));
+    let v = rejected(validate_update(&memory, &old).await);
     assert!(
         v.iter()
             .any(|v| v.field == "spec.stream.storage" && v.message.contains("immutable")),
@@ -353,18 +412,18 @@ fn changing_the_stream_name_or_storage_on_update_is_rejected() {
     // A mutable change passes.
     let mut bigger = old.clone();
     bigger["spec"]["stream"]["maxBytes"] = json!(1_000_000_000);
-    eventstores()
-        .validate_update(&bigger, &old)
+    validate_update(&bigger, &old)
+        .await
         .expect("mutable change accepted");
 }
 
-#[test]
-fn changing_the_projection_event_store_on_update_is_rejected() {
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn changing_the_projection_event_store_on_update_is_rejected() {
     let old = example("projection.yaml");
     let mut new = old.clone();
     new["spec"]["eventStore"] = json!("orders");
     assert_names(
-        &rejected(projections().validate_update(&new, &old)),
+        &rejected(validate_update(&new, &old).await),
         "spec.eventStore",
     );
 }
