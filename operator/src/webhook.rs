@@ -43,6 +43,8 @@ pub const SIDECAR_LABEL: &str = "projectionist.dev/sidecar";
 pub const NAMESPACE_LABEL: &str = "projectionist.dev/injection";
 /// Where the sidecar's config files are mounted.
 pub const CONFIG_DIR: &str = "/etc/projectionist";
+/// Where Kubernetes mounts a pod's ServiceAccount token; the sidecar gets an empty directory there instead.
+pub const SERVICE_ACCOUNT_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
 
 /// How the sidecar is injected.
 #[derive(Debug, Clone)]
@@ -211,8 +213,13 @@ pub fn inject(
     let mut volumes = vec![
         json!({"name": "projectionist-config", "projected": {"sources": sources, "defaultMode": 0o444}}),
     ];
-    let mut mounts =
-        vec![json!({"name": "projectionist-config", "mountPath": CONFIG_DIR, "readOnly": true})];
+    // An empty directory where the pod's ServiceAccount token would be mounted: the API server's ServiceAccount
+    // admission then leaves the sidecar without the token (it never talks to Kubernetes).
+    volumes.push(json!({"name": "projectionist-no-api-token", "emptyDir": {"sizeLimit": "1Mi"}}));
+    let mut mounts = vec![
+        json!({"name": "projectionist-config", "mountPath": CONFIG_DIR, "readOnly": true}),
+        json!({"name": "projectionist-no-api-token", "mountPath": SERVICE_ACCOUNT_DIR, "readOnly": true}),
+    ];
     for (i, (secret, keys)) in file_secrets.iter().enumerate() {
         let volume = format!("projectionist-secret-{i}");
         let items: Vec<Value> = keys.iter().map(|k| json!({"key": k, "path": k})).collect();

@@ -1,8 +1,14 @@
-//! From YAML to rows: the chart rendered by Helm's engine and applied to the Kubernetes API emulator, the operator
-//! running with the chart's arguments, the example's EventStore and Projection applied, a Pod created through the
-//! emulator (which calls the operator's webhook over verified TLS), the injected container started as a process
-//! with its env and mounted config, the sample events appended, and the service's Postgres tables compared with a
-//! reference fold of the events.
+//! From YAML to rows on a real control plane: the chart installed with the real `helm install` (CRDs included), the
+//! operator running with the chart's arguments and the chart's own ServiceAccount (so the chart's RBAC is what it
+//! has), the example's namespace, EventStore and Projection applied, a Pod created from the example Deployment's
+//! template through the API server (whose admission chain calls the operator's webhook over TLS verified against
+//! the CA bundle the operator manages), the injected container started as a process with its env and mounted config
+//! (there is no kubelet), the sample events appended, and the service's Postgres tables compared with a reference
+//! fold of the events.
+//!
+//! The API server reaches the webhook served on loopback through the chart's webhook Service turned into an
+//! `ExternalName` Service for `localhost` and the webhook configuration's service port set to the webhook's port:
+//! the API server dials `localhost:<port>` and verifies the certificate for the Service's DNS name.
 
 mod common;
 
@@ -14,70 +20,51 @@ use std::time::Duration;
 use common::{condition, eventually};
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Secret};
-use kube::Discovery;
-use kube::api::{Api, DynamicObject, PostParams};
-use kube::core::GroupVersionKind;
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Secret, Service};
+use kube::api::{Api, PostParams};
 use projectionist_crds::{EventStore, Projection};
-use projectionist_tests::helm;
-use projectionist_tests::kube_api::{KubeApi, Options};
+use projectionist_tests::control_plane::{self, ControlPlane};
 use projectionist_tests::nats::NatsServer;
 use projectionist_tests::postgres::Postgres;
 use projectionist_tests::process::{ServerProcess, free_port, wait_for_port};
 use projectionist_tests::repo;
+use serde::Deserialize;
 use serde_json::{Value, json};
 
 const SYSTEM: &str = "projectionist-system";
 const APP: &str = "user-management";
 
-/// Creates every rendered manifest the emulator serves, resolving kinds through discovery.
-async fn apply_all(client: &kube::Client, manifests: &[Value]) -> Vec<String> {
-    let discovery = Discovery::new(client.clone())
-        .run()
-        .await
-        .expect("discovery");
-    let mut applied = Vec::new();
-    for manifest in manifests {
-        let api_version = manifest["apiVersion"].as_str().expect("apiVersion");
-        let kind = manifest["kind"].as_str().expect("kind");
-        let (group, version) = api_version.split_once('/').unwrap_or(("", api_version));
-        let Some((resource, caps)) =
-            discovery.resolve_gvk(&GroupVersionKind::gvk(group, version, kind))
-        else {
-            // Prometheus Operator / cert-manager kinds: not installed in this cluster.
-            continue;
-        };
-        let object: DynamicObject = serde_json::from_value(manifest.clone()).expect("object");
-        let api: Api<DynamicObject> = if caps.scope == kube::discovery::Scope::Namespaced {
-            let ns = manifest["metadata"]["namespace"].as_str().unwrap_or(SYSTEM);
-            Api::namespaced_with(client.clone(), ns, &resource)
-        } else {
-            Api::all_with(client.clone(), &resource)
-        };
-        api.create(&PostParams::default(), &object)
-            .await
-            .unwrap_or_else(|e| panic!("creating {kind}: {e}"));
-        applied.push(format!(
-            "{kind}/{}",
-            manifest["metadata"]["name"].as_str().unwrap_or_default()
-        ));
-    }
-    applied
+/// Runs the real `helm` against the control plane; panics with its output on failure.
+fn helm(plane: &ControlPlane, args: &[&str]) -> String {
+    let out = Command::new(control_plane::tool("helm").expect("helm"))
+        .arg("--kubeconfig")
+        .arg(plane.admin_kubeconfig())
+        .args(args)
+        .output()
+        .expect("helm runs");
+    assert!(
+        out.status.success(),
+        "helm {args:?}: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// The chart's CRDs, applied as `helm install` does before the templates.
-async fn apply_chart_crds(client: &kube::Client) {
-    let crds: Api<DynamicObject> = Api::all_with(
-        client.clone(),
-        &kube::api::ApiResource::erase::<k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition>(&()),
-    );
-    for entry in std::fs::read_dir(helm::chart().join("crds")).expect("chart crds") {
-        let text = std::fs::read_to_string(entry.expect("entry").path()).expect("crd");
-        let object: DynamicObject = serde_yaml::from_str(&text).expect("crd yaml");
-        crds.create(&PostParams::default(), &object)
-            .await
-            .expect("create CRD");
-    }
+/// The manifests of a release, as `helm get manifest` prints them.
+fn release_manifests(plane: &ControlPlane) -> Vec<Value> {
+    let text = helm(plane, &["get", "manifest", "projectionist", "-n", SYSTEM]);
+    serde_yaml::Deserializer::from_str(&text)
+        .filter_map(|doc| serde_yaml::Value::deserialize(doc).ok())
+        .filter_map(|v| serde_json::to_value(v).ok())
+        .filter(|v: &Value| v.is_object())
+        .collect()
+}
+
+fn find<'a>(manifests: &'a [Value], kind: &str, name: &str) -> Option<&'a Value> {
+    manifests
+        .iter()
+        .find(|m| m["kind"] == kind && m["metadata"]["name"] == name)
 }
 
 fn arg_value(args: &[String], flag: &str) -> Option<String> {
@@ -287,31 +274,46 @@ fn sidecar_binary() -> PathBuf {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pod_gets_the_sidecar_and_the_read_model_equals_the_reference_fold() {
     let sidecar_bin = sidecar_binary();
-    let api = KubeApi::start_with(Options::default())
+    let plane = tokio::task::spawn_blocking(|| ControlPlane::shared().expect("control plane"))
         .await
-        .expect("emulator");
-    let client = api.client().expect("client");
+        .expect("join");
+    let client = plane.client().await.expect("client");
     let dir = tempfile::tempdir().expect("tempdir");
 
-    // Platform team: the chart.
-    apply_chart_crds(&client).await;
-    api.create_namespace(SYSTEM).expect("namespace");
-    let manifests = helm::render(&json!({}), "projectionist", SYSTEM).expect("render");
-    let applied = apply_all(&client, &manifests).await;
-    for expected in [
-        "ClusterRole/projectionist",
-        "MutatingWebhookConfiguration/projectionist-sidecar-injector",
-        "Deployment/projectionist",
+    // Platform team: the chart, with the real helm (its CRDs first, as helm does).
+    let chart = repo::root().join("charts/projectionist");
+    let installed = helm(
+        plane,
+        &[
+            "install",
+            "projectionist",
+            &chart.display().to_string(),
+            "-n",
+            SYSTEM,
+            "--create-namespace",
+        ],
+    );
+    assert!(installed.contains("STATUS: deployed"), "{installed}");
+    let manifests = release_manifests(plane);
+    for (kind, name) in [
+        ("ClusterRole", "projectionist"),
+        (
+            "MutatingWebhookConfiguration",
+            "projectionist-sidecar-injector",
+        ),
+        ("Deployment", "projectionist"),
     ] {
         assert!(
-            applied.iter().any(|a| a == expected),
-            "{expected} not applied: {applied:?}"
+            find(&manifests, kind, name).is_some(),
+            "{kind}/{name} not installed"
         );
     }
 
-    // The operator with the Deployment's arguments (ports on loopback, a writable work dir).
-    let deployment = helm::find(&manifests, "Deployment", "projectionist").expect("Deployment");
-    let container = &deployment["spec"]["template"]["spec"]["containers"][0];
+    // The operator with the Deployment's arguments (ports on loopback, a writable work dir), as the chart's
+    // ServiceAccount: a verb the chart's RBAC lacks fails this test.
+    let deployment = find(&manifests, "Deployment", "projectionist").expect("Deployment");
+    let pod_spec = &deployment["spec"]["template"]["spec"];
+    let container = &pod_spec["containers"][0];
     let mut args: Vec<String> = container["args"]
         .as_array()
         .expect("args")
@@ -339,8 +341,17 @@ async fn a_pod_gets_the_sidecar_and_the_read_model_equals_the_reference_fold() {
         arg_value(&args, "--webhook-service").as_deref(),
         Some("projectionist-webhook")
     );
-    let kubeconfig = dir.path().join("kubeconfig");
-    api.write_kubeconfig(&kubeconfig).expect("kubeconfig");
+    let service_account = pod_spec["serviceAccountName"]
+        .as_str()
+        .expect("serviceAccountName")
+        .to_string();
+    let kubeconfig = {
+        let account = service_account.clone();
+        tokio::task::spawn_blocking(move || plane.service_account_kubeconfig(SYSTEM, &account))
+            .await
+            .expect("join")
+            .expect("the chart's ServiceAccount")
+    };
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_projectionist-operator"));
     cmd.args(&args)
         .env("KUBECONFIG", &kubeconfig)
@@ -353,11 +364,6 @@ async fn a_pod_gets_the_sidecar_and_the_read_model_equals_the_reference_fold() {
         &dir.path().join("operator.log"),
     )
     .expect("operator");
-    api.route_service(
-        SYSTEM,
-        "projectionist-webhook",
-        ([127, 0, 0, 1], webhook_port).into(),
-    );
     assert!(
         tokio::task::spawn_blocking(move || wait_for_port(webhook_port, Duration::from_secs(60)))
             .await
@@ -365,7 +371,34 @@ async fn a_pod_gets_the_sidecar_and_the_read_model_equals_the_reference_fold() {
         "the webhook never listened:\n{}",
         operator.log_tail()
     );
+    // The webhook Service points at this machine; the configuration's port at the webhook's.
+    let services: Api<Service> = Api::namespaced(client.clone(), SYSTEM);
+    services
+        .delete("projectionist-webhook", &Default::default())
+        .await
+        .expect("delete the Service");
+    let external: Service = serde_json::from_value(json!({
+        "metadata": {"name": "projectionist-webhook", "namespace": SYSTEM},
+        "spec": {"type": "ExternalName", "externalName": "localhost"}
+    }))
+    .expect("service");
+    services
+        .create(&PostParams::default(), &external)
+        .await
+        .expect("ExternalName Service");
     let hooks: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
+    hooks
+        .patch(
+            "projectionist-sidecar-injector",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::<Value>::Json(
+                serde_json::from_value(json!([{"op": "replace",
+                    "path": "/webhooks/0/clientConfig/service/port", "value": webhook_port}]))
+                .expect("patch"),
+            ),
+        )
+        .await
+        .expect("port");
     eventually(
         "the CA bundle in the webhook configuration",
         Duration::from_secs(30),
@@ -389,13 +422,19 @@ async fn a_pod_gets_the_sidecar_and_the_read_model_equals_the_reference_fold() {
         .expect("nats");
     let postgres = Postgres::start().await.expect("postgres");
     let db_url = postgres.fresh_database().await.expect("database");
-    let namespaces: Api<Namespace> = Api::all(client.clone());
     let ns: Namespace = repo::read_yaml(&repo::user_management_example().join("namespace.yaml"))
         .expect("namespace.yaml");
-    namespaces
-        .create(&PostParams::default(), &ns)
-        .await
-        .expect("namespace");
+    let labels = ns.metadata.labels.clone().unwrap_or_default();
+    tokio::task::spawn_blocking(move || {
+        let labels: Vec<(&str, &str)> = labels
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        plane.create_namespace(APP, &labels)
+    })
+    .await
+    .expect("join")
+    .expect("namespace");
     let secrets: Api<Secret> = Api::namespaced(client.clone(), APP);
     for secret in [
         json!({"metadata": {"name": "nats-user-management"}, "stringData": {"user": "user-management", "password": "change-me"}}),
@@ -431,7 +470,7 @@ async fn a_pod_gets_the_sidecar_and_the_read_model_equals_the_reference_fold() {
     .await;
 
     // The service's Deployment, unchanged; a Pod from its template, created through the API as the ReplicaSet
-    // controller would (the emulator runs no controllers): it comes back with the sidecar.
+    // controller would (no Deployment controller runs here): it comes back with the sidecar.
     let deployment: Deployment =
         repo::read_yaml(&repo::user_management_example().join("deployment.yaml"))
             .expect("deployment.yaml");
@@ -460,6 +499,15 @@ async fn a_pod_gets_the_sidecar_and_the_read_model_equals_the_reference_fold() {
         .cloned()
         .unwrap_or_else(|| panic!("no sidecar injected: {created}\n{}", operator.log_tail()));
     assert_eq!(injected["restartPolicy"], "Always");
+    // The API server's ServiceAccount admission gave the app the pod's token, and the sidecar none.
+    let token_mount = |c: &Value| {
+        c["volumeMounts"].as_array().into_iter().flatten().any(|m| {
+            m["mountPath"] == "/var/run/secrets/kubernetes.io/serviceaccount"
+                && m["name"] != "projectionist-no-api-token"
+        })
+    };
+    assert!(token_mount(&created["spec"]["containers"][0]), "{created}");
+    assert!(!token_mount(&injected), "{injected}");
     assert_eq!(
         injected["image"],
         "ghcr.io/projectionist/projectionist-sidecar:0.1.0"
