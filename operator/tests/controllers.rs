@@ -1,4 +1,4 @@
-//! The operator binary reconciling the examples against the Kubernetes API emulator and a real nats-server.
+//! The operator binary reconciling the examples against the real Kubernetes control plane and a real nats-server.
 
 mod common;
 

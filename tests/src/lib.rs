@@ -5,24 +5,18 @@
 //! - [`postgres`]: a throwaway PostgreSQL cluster (`initdb`), handing out a fresh database per call.
 //! - [`mariadb`]: a throwaway MariaDB server, handing out a fresh database per call.
 //! - [`sqlite`]: SQLite files in a temporary directory.
-//! - [`crd_validation`]: validation of objects against the generated CRDs' `openAPIV3Schema` and CEL rules, the way
-//!   the API server does it (defaults first, then schema, then CEL).
 //! - [`http`]: a small real HTTP/1.1 client for the sidecar's servers.
 //! - [`helm`]: the chart rendered, linted and its values checked by Helm's own engine.
 //! - [`control_plane`]: a real Kubernetes control plane (etcd, kube-apiserver, kube-controller-manager built from Go
 //!   modules by `scripts/kube-tools.sh`) on loopback, with admin and ServiceAccount kubeconfigs and the real `kubectl`.
-//! - [`kube_api`]: a Kubernetes API emulator the real `kube::Client` talks to (its module docs list what it
-//!   emulates and what not).
 //! - [`process`]: the spawned-process handle the servers share (kill by PID on drop, a watchdog that stops the
 //!   server if the test process dies first).
 //! - [`tools`]: where the server binaries are found (`scripts/setup.sh` installs them).
 //! - [`repo`]: paths inside the repository (examples, CRDs).
 
 pub mod control_plane;
-pub mod crd_validation;
 pub mod helm;
 pub mod http;
-pub mod kube_api;
 pub mod mariadb;
 pub mod nats;
 pub mod postgres;

@@ -1,7 +1,7 @@
 //! `projectionist-bench-operator`: the operator (release binary) reconciling many Projections from a cold start.
 //!
-//! 1. N EventStores and M Projections (spread evenly over the stores) are created in the Kubernetes API emulator
-//!    before the operator starts; a real nats-server holds the streams.
+//! 1. N EventStores and M Projections (spread evenly over the stores) are created on a real control plane
+//!    (kube-apiserver, kube-controller-manager, etcd) before the operator starts; a real nats-server holds the streams.
 //! 2. Time until every EventStore and Projection is `Ready`, counted from the operator's start.
 //! 3. The operator's peak RSS (`VmHWM`), with the injection webhook serving (its caches hold every Projection and
 //!    EventStore).
@@ -20,7 +20,7 @@ use projectionist_crds::common::{NatsConnection, SecretKeyRef};
 use projectionist_crds::event_store::{EventStoreSpec, StreamSpec};
 use projectionist_crds::projection::{Database, Driver, EventSelection, Handler, ProjectionSpec};
 use projectionist_crds::{EventStore, Projection};
-use projectionist_tests::kube_api::KubeApi;
+use projectionist_tests::control_plane::ControlPlane;
 use projectionist_tests::nats::NatsServer;
 use projectionist_tests::process::free_port;
 
@@ -143,10 +143,15 @@ fn peak_rss_kib(pid: u32) -> Option<u64> {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let api = KubeApi::start().await?;
+    let plane = tokio::task::spawn_blocking(|| -> anyhow::Result<ControlPlane> {
+        let plane = ControlPlane::start()?;
+        plane.install_crds()?;
+        plane.create_namespace(NAMESPACE, &[])?;
+        Ok(plane)
+    })
+    .await??;
     let nats = NatsServer::start().await?;
-    api.create_namespace(NAMESPACE)?;
-    let client = api.client()?;
+    let client = plane.client().await?;
     let stores: Api<EventStore> = Api::namespaced(client.clone(), NAMESPACE);
     let projections: Api<Projection> = Api::namespaced(client.clone(), NAMESPACE);
     for i in 0..args.stores {
@@ -160,8 +165,7 @@ async fn main() -> anyhow::Result<()> {
             .await?;
     }
     let dir = tempfile::tempdir()?;
-    let kubeconfig = dir.path().join("kubeconfig");
-    api.write_kubeconfig(&kubeconfig)?;
+    let kubeconfig = plane.admin_kubeconfig();
     let admin = free_port()?;
     let webhook = free_port()?;
     let log = std::fs::File::create(dir.path().join("operator.log"))?;
