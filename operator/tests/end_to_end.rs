@@ -469,6 +469,32 @@ async fn a_pod_gets_the_sidecar_and_the_read_model_equals_the_reference_fold() {
     )
     .await;
 
+    // What a platform team sees through the real kubectl: printer columns and conditions.
+    let waited = plane
+        .kubectl(&[
+            "wait",
+            "--for=condition=Ready",
+            "proj/users-read-model",
+            "-n",
+            APP,
+            "--timeout=60s",
+        ])
+        .expect("kubectl");
+    assert!(
+        waited.status.success(),
+        "{}",
+        String::from_utf8_lossy(&waited.stderr)
+    );
+    let listed = plane.kubectl(&["get", "evs,proj", "-A"]).expect("kubectl");
+    let listed = String::from_utf8_lossy(&listed.stdout).into_owned();
+    for column in ["STREAM", "READY", "MESSAGES", "LAST-SEQ", "STORE", "LAG"] {
+        assert!(listed.contains(column), "{column} in:\n{listed}");
+    }
+    assert!(
+        listed.contains("users-read-model") && listed.contains("True"),
+        "{listed}"
+    );
+
     // The service's Deployment, unchanged; a Pod from its template, created through the API as the ReplicaSet
     // controller would (no Deployment controller runs here): it comes back with the sidecar.
     let deployment: Deployment =

@@ -1,0 +1,188 @@
+//! `projectionist-local-cluster`: a local cluster to try Projectionist on, all processes on loopback — the control
+//! plane (etcd, kube-apiserver, kube-controller-manager), a nats-server and PostgreSQL; the chart installed with
+//! `helm`; the operator run as a process with the chart's ServiceAccount; the example applied. It prints the
+//! `kubectl` commands to try and runs until Ctrl-C, then stops everything it started.
+//!
+//! Run it with `bash scripts/local-cluster.sh`.
+
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use projectionist_tests::control_plane::{ControlPlane, tool};
+use projectionist_tests::nats::NatsServer;
+use projectionist_tests::postgres::Postgres;
+use projectionist_tests::process::{ServerProcess, free_port, wait_for_port};
+use projectionist_tests::repo;
+
+const SYSTEM: &str = "projectionist-system";
+const APP: &str = "user-management";
+
+fn run(command: &mut Command) -> anyhow::Result<String> {
+    let out = command.output().context("running a tool")?;
+    if !out.status.success() {
+        bail!(
+            "{command:?}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let work = tempfile::Builder::new()
+        .prefix("projectionist-local-")
+        .tempdir()?;
+    println!("starting the control plane (etcd, kube-apiserver, kube-controller-manager)…");
+    let plane = tokio::task::spawn_blocking(ControlPlane::start).await??;
+    let kubeconfig = plane.admin_kubeconfig();
+    let nats = NatsServer::start_with_user("user-management", "change-me").await?;
+    let postgres = Postgres::start().await?;
+    let db_url = postgres.fresh_database().await?;
+
+    println!("installing the chart with helm…");
+    let chart = repo::root().join("charts/projectionist");
+    run(Command::new(tool("helm")?)
+        .arg("--kubeconfig")
+        .arg(&kubeconfig)
+        .args(["install", "projectionist"])
+        .arg(&chart)
+        .args(["-n", SYSTEM, "--create-namespace"]))?;
+    let operator_kubeconfig = plane.service_account_kubeconfig(SYSTEM, "projectionist")?;
+
+    let (admin_port, webhook_port) = (free_port()?, free_port()?);
+    let mut operator = Command::new(repo::root().join("target/debug/projectionist-operator"));
+    operator
+        .args(["run", "--admin-addr"])
+        .arg(format!("127.0.0.1:{admin_port}"))
+        .arg("--webhook-addr")
+        .arg(format!("127.0.0.1:{webhook_port}"))
+        .arg("--work-dir")
+        .arg(work.path().join("operator"))
+        .env("KUBECONFIG", &operator_kubeconfig)
+        .env("POD_NAMESPACE", SYSTEM)
+        .env("RUST_LOG", "info,kube=warn");
+    let operator = ServerProcess::spawn(
+        "projectionist-operator",
+        operator,
+        &work.path().join("operator.log"),
+    )?;
+    if !wait_for_port(admin_port, Duration::from_secs(30)) {
+        bail!("the operator did not start:\n{}", operator.log_tail());
+    }
+    // The API server reaches the webhook on this machine: the chart's Service becomes an ExternalName Service for
+    // localhost, and the webhook configuration's port the webhook's.
+    for args in [
+        vec!["delete", "service", "projectionist-webhook", "-n", SYSTEM],
+        vec![
+            "create",
+            "service",
+            "externalname",
+            "projectionist-webhook",
+            "-n",
+            SYSTEM,
+            "--external-name=localhost",
+        ],
+    ] {
+        let out = plane.kubectl(&args)?;
+        if !out.status.success() {
+            bail!("kubectl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+    }
+    let port_patch = format!(
+        r#"[{{"op":"replace","path":"/webhooks/0/clientConfig/service/port","value":{webhook_port}}}]"#
+    );
+    let out = plane.kubectl(&[
+        "patch",
+        "mutatingwebhookconfiguration",
+        "projectionist-sidecar-injector",
+        "--type=json",
+        "-p",
+        &port_patch,
+    ])?;
+    if !out.status.success() {
+        bail!(
+            "patching the webhook port: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    println!("applying the example…");
+    let example = repo::user_management_example();
+    let kubectl = |args: &[&str]| plane.kubectl(args);
+    for file in ["namespace.yaml", "eventstore.yaml", "projection.yaml"] {
+        let text = std::fs::read_to_string(example.join(file))?
+            .replace("nats://nats.nats.svc.cluster.local:4222", &nats.url());
+        let path = work.path().join(file);
+        std::fs::write(&path, text)?;
+        let out = kubectl(&["apply", "-f", &path.display().to_string()])?;
+        if !out.status.success() {
+            bail!(
+                "kubectl apply {file}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+    for (name, pairs) in [
+        (
+            "nats-user-management",
+            vec![
+                "--from-literal=user=user-management",
+                "--from-literal=password=change-me",
+            ],
+        ),
+        ("users-db", vec![]),
+    ] {
+        let url = format!("--from-literal=url={db_url}");
+        let mut args = vec!["create", "secret", "generic", name, "-n", APP];
+        args.extend(pairs.iter().copied());
+        if name == "users-db" {
+            args.push(&url);
+        }
+        let out = kubectl(&args)?;
+        if !out.status.success() {
+            bail!(
+                "kubectl create secret {name}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+    let ready = kubectl(&[
+        "wait",
+        "--for=condition=Ready",
+        "proj/users-read-model",
+        "-n",
+        APP,
+        "--timeout=60s",
+    ])?;
+    if !ready.status.success() {
+        bail!(
+            "the Projection did not become Ready: {}\n{}",
+            String::from_utf8_lossy(&ready.stderr),
+            operator.log_tail()
+        );
+    }
+
+    println!(
+        "\nA local cluster is running. There is no kubelet or scheduler: pods stay Pending, but a pod created in \
+         {APP} (kubectl run probe -n {APP} --image=x --labels=app.kubernetes.io/name=user-management) comes back \
+         with the injected sidecar. Try:\n\n  export KUBECONFIG={}\n  {} get evs,proj -A\n  \
+         {} describe proj users-read-model -n {APP}\n  {} explain projection.spec.onError\n  \
+         {} get events -n {APP}\n\nNATS: {}  PostgreSQL (read model): {db_url}\nOperator log: {}\n\nCtrl-C stops \
+         everything.",
+        kubeconfig.display(),
+        tool("kubectl")?.display(),
+        tool("kubectl")?.display(),
+        tool("kubectl")?.display(),
+        tool("kubectl")?.display(),
+        nats.url(),
+        work.path().join("operator.log").display()
+    );
+    tokio::signal::ctrl_c().await?;
+    println!("stopping…");
+    drop(operator);
+    drop(plane);
+    Ok(())
+}
