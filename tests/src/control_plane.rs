@@ -89,6 +89,12 @@ impl ControlPlane {
         std::fs::write(d.join("apiserver.key"), serving_key.serialize_pem())?;
         std::fs::write(d.join("sa.key"), sa_key.serialize_pem())?;
         std::fs::write(d.join("sa.pub"), sa_key.public_key_pem())?;
+        // Requests of ServiceAccounts are audited (metadata only), so tests can list what a component used.
+        std::fs::write(
+            d.join("audit-policy.yaml"),
+            "apiVersion: audit.k8s.io/v1\nkind: Policy\nomitStages: [RequestReceived]\nrules:\n\
+             - level: Metadata\n  userGroups: [\"system:serviceaccounts\"]\n- level: None\n",
+        )?;
         std::fs::write(
             d.join("tokens.csv"),
             format!("{ADMIN_TOKEN},admin,admin-uid,\"system:masters\"\n"),
@@ -133,6 +139,14 @@ impl ControlPlane {
             .arg(format!(
                 "--token-auth-file={}",
                 d.join("tokens.csv").display()
+            ))
+            .arg(format!(
+                "--audit-policy-file={}",
+                d.join("audit-policy.yaml").display()
+            ))
+            .arg(format!(
+                "--audit-log-path={}",
+                d.join("audit.log").display()
             ))
             .arg("--authorization-mode=RBAC")
             .arg("--service-account-issuer=https://kubernetes.default.svc.cluster.local")
@@ -334,6 +348,36 @@ impl ControlPlane {
             bail!("kubectl apply: {}", String::from_utf8_lossy(&out.stderr));
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// What `user` did so far, from the audit log: `(verb, apiGroup, resource[/subresource])` of every request the
+    /// API server allowed, each once.
+    pub fn audited(
+        &self,
+        user: &str,
+    ) -> crate::Result<std::collections::BTreeSet<(String, String, String)>> {
+        let text = std::fs::read_to_string(self.dir.path().join("audit.log")).unwrap_or_default();
+        let mut used = std::collections::BTreeSet::new();
+        for line in text.lines() {
+            let Ok(event) = serde_json::from_str::<serde_json::Value>(line) else {
+                continue;
+            };
+            let code = event["responseStatus"]["code"].as_u64().unwrap_or(0);
+            if event["user"]["username"] != user || code == 403 || event["objectRef"].is_null() {
+                continue;
+            }
+            let object = &event["objectRef"];
+            let mut resource = object["resource"].as_str().unwrap_or_default().to_string();
+            if let Some(sub) = object["subresource"].as_str() {
+                resource = format!("{resource}/{sub}");
+            }
+            used.insert((
+                event["verb"].as_str().unwrap_or_default().to_string(),
+                object["apiGroup"].as_str().unwrap_or_default().to_string(),
+                resource,
+            ));
+        }
+        Ok(used)
     }
 
     /// The last lines of every server's log.
