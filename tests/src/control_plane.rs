@@ -19,6 +19,35 @@ use tempfile::TempDir;
 use crate::process::{ServerProcess, free_port, wait_for_port};
 use crate::repo;
 
+/// Prefix of the control planes' directories under the temporary directory.
+const DIR_PREFIX: &str = "projectionist-kube-";
+/// File in such a directory naming the process that owns it.
+const OWNER_FILE: &str = "owner.pid";
+
+/// Removes the directories of control planes whose test process has ended (a shared control plane is never dropped:
+/// the watchdog stops its servers, and the next start removes what they left).
+fn remove_abandoned_dirs() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let owned_by_a_live_process = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| !n.starts_with(DIR_PREFIX))
+            || std::fs::read_to_string(path.join(OWNER_FILE))
+                .ok()
+                .and_then(|pid| pid.trim().parse::<i32>().ok())
+                .is_none_or(|pid| {
+                    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
+                });
+        if !owned_by_a_live_process {
+            let _ = std::fs::remove_dir_all(&path);
+        }
+    }
+}
+
 /// The admin user's static token (member of `system:masters`).
 const ADMIN_TOKEN: &str = "projectionist-admin-token";
 
@@ -61,10 +90,10 @@ impl ControlPlane {
 
     /// Starts etcd, kube-apiserver and kube-controller-manager and waits until the API server is ready.
     pub fn start() -> crate::Result<Self> {
-        let dir = tempfile::Builder::new()
-            .prefix("projectionist-kube-")
-            .tempdir()?;
+        remove_abandoned_dirs();
+        let dir = tempfile::Builder::new().prefix(DIR_PREFIX).tempdir()?;
         let d = dir.path().to_path_buf();
+        std::fs::write(d.join(OWNER_FILE), std::process::id().to_string())?;
         let ca = rcgen::KeyPair::generate()?;
         let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new())?;
         ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
