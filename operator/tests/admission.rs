@@ -50,23 +50,17 @@ async fn setup() -> Setup {
 
 /// [`setup`] with more labels on the opted-in namespace.
 async fn setup_with(labels: &'static [(&'static str, &'static str)]) -> Setup {
-    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let (ns, other) = (format!("adm-{n}"), format!("adm-{n}-other"));
-    let plane = {
-        let (ns, other) = (ns.clone(), other.clone());
-        tokio::task::spawn_blocking(move || {
-            let plane = ControlPlane::shared().expect("control plane");
-            let mut all = vec![("projectionist.dev/injection", "enabled")];
-            all.extend_from_slice(labels);
-            plane.create_namespace(&ns, &all).expect("namespace");
-            plane.create_namespace(&other, &[]).expect("namespace");
-            plane
-        })
-        .await
-        .expect("join")
-    };
+    let (plane, ns, other) = tokio::task::spawn_blocking(move || {
+        let plane = ControlPlane::shared().expect("control plane");
+        let mut all = vec![("projectionist.dev/injection", "enabled")];
+        all.extend_from_slice(labels);
+        let ns = plane.fresh_namespace("adm", &all).expect("namespace");
+        let other = plane.fresh_namespace("adm-other", &[]).expect("namespace");
+        (plane, ns, other)
+    })
+    .await
+    .expect("join");
     let client = plane.client().await.expect("client");
     let (mut store, mut projection) = repo::user_management_resources().expect("example");
     store.metadata.namespace = Some(ns.clone());

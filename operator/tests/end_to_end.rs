@@ -20,7 +20,7 @@ use std::time::Duration;
 use common::{condition, eventually};
 use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Secret, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Secret};
 use kube::api::{Api, PostParams};
 use projectionist_crds::{EventStore, Projection};
 use projectionist_tests::control_plane::{self, ControlPlane};
@@ -372,33 +372,18 @@ async fn a_pod_gets_the_sidecar_and_the_read_model_equals_the_reference_fold() {
         operator.log_tail()
     );
     // The webhook Service points at this machine; the configuration's port at the webhook's.
-    let services: Api<Service> = Api::namespaced(client.clone(), SYSTEM);
-    services
-        .delete("projectionist-webhook", &Default::default())
-        .await
-        .expect("delete the Service");
-    let external: Service = serde_json::from_value(json!({
-        "metadata": {"name": "projectionist-webhook", "namespace": SYSTEM},
-        "spec": {"type": "ExternalName", "externalName": "localhost"}
-    }))
-    .expect("service");
-    services
-        .create(&PostParams::default(), &external)
-        .await
-        .expect("ExternalName Service");
-    let hooks: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
-    hooks
-        .patch(
+    tokio::task::spawn_blocking(move || {
+        plane.route_webhook_to_localhost(
+            SYSTEM,
+            "projectionist-webhook",
             "projectionist-sidecar-injector",
-            &kube::api::PatchParams::default(),
-            &kube::api::Patch::<Value>::Json(
-                serde_json::from_value(json!([{"op": "replace",
-                    "path": "/webhooks/0/clientConfig/service/port", "value": webhook_port}]))
-                .expect("patch"),
-            ),
+            webhook_port,
         )
-        .await
-        .expect("port");
+    })
+    .await
+    .expect("join")
+    .expect("the webhook routed");
+    let hooks: Api<MutatingWebhookConfiguration> = Api::all(client.clone());
     eventually(
         "the CA bundle in the webhook configuration",
         Duration::from_secs(30),

@@ -367,6 +367,59 @@ impl ControlPlane {
         Ok(())
     }
 
+    /// A new namespace named `<prefix>-<n>` (unique in this process), with `labels`, its `default` ServiceAccount there.
+    pub fn fresh_namespace(&self, prefix: &str, labels: &[(&str, &str)]) -> crate::Result<String> {
+        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let name = format!(
+            "{prefix}-{}",
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
+        self.create_namespace(&name, labels)?;
+        Ok(name)
+    }
+
+    /// Lets the API server reach a webhook served on this machine at `port` through the webhook configuration
+    /// `config`, whose client config names the Service `namespace/service`: the Service becomes an `ExternalName`
+    /// Service for `localhost` and the configuration's port `port`. The API server then dials `localhost:<port>` and
+    /// verifies the certificate for the Service's DNS name (a Service's endpoints cannot be a loopback address).
+    pub fn route_webhook_to_localhost(
+        &self,
+        namespace: &str,
+        service: &str,
+        config: &str,
+        port: u16,
+    ) -> crate::Result<()> {
+        let patch = format!(
+            r#"[{{"op":"replace","path":"/webhooks/0/clientConfig/service/port","value":{port}}}]"#
+        );
+        for args in [
+            vec!["delete", "service", service, "-n", namespace],
+            vec![
+                "create",
+                "service",
+                "externalname",
+                service,
+                "-n",
+                namespace,
+                "--external-name=localhost",
+            ],
+            vec![
+                "patch",
+                "mutatingwebhookconfiguration",
+                config,
+                "--type=json",
+                "-p",
+                &patch,
+            ],
+        ] {
+            let out = self.kubectl(&args)?;
+            if !out.status.success() {
+                bail!("kubectl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+            }
+        }
+        Ok(())
+    }
+
     /// `kubectl apply` of one object given as JSON.
     pub fn apply_json(&self, object: &serde_json::Value) -> crate::Result<String> {
         let file = tempfile::NamedTempFile::new()?;

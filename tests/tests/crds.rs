@@ -24,22 +24,14 @@ fn example(file: &str) -> Value {
 
 /// The real API server, with the CRDs installed, and a namespace of the calling test's own.
 async fn server() -> (kube::Client, String) {
-    static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    let ns = format!(
-        "crds-{}",
-        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-    );
-    let plane = {
-        let ns = ns.clone();
-        tokio::task::spawn_blocking(move || {
-            let plane = ControlPlane::shared().expect("control plane");
-            plane.install_crds().expect("CRDs");
-            plane.create_namespace(&ns, &[]).expect("namespace");
-            plane
-        })
-        .await
-        .expect("join")
-    };
+    let (plane, ns) = tokio::task::spawn_blocking(|| {
+        let plane = ControlPlane::shared().expect("control plane");
+        plane.install_crds().expect("CRDs");
+        let ns = plane.fresh_namespace("crds", &[]).expect("namespace");
+        (plane, ns)
+    })
+    .await
+    .expect("join");
     (plane.client().await.expect("client"), ns)
 }
 

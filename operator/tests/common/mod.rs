@@ -72,22 +72,14 @@ impl Operator {
 
 impl Env {
     pub async fn start() -> Self {
-        static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-        let namespace = format!(
-            "um-{}",
-            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-        );
-        let plane = {
-            let namespace = namespace.clone();
-            tokio::task::spawn_blocking(move || {
-                let plane = ControlPlane::shared().expect("control plane");
-                plane.install_crds().expect("CRDs");
-                plane.create_namespace(&namespace, &[]).expect("namespace");
-                plane
-            })
-            .await
-            .expect("join")
-        };
+        let (plane, namespace) = tokio::task::spawn_blocking(|| {
+            let plane = ControlPlane::shared().expect("control plane");
+            plane.install_crds().expect("CRDs");
+            let namespace = plane.fresh_namespace("um", &[]).expect("namespace");
+            (plane, namespace)
+        })
+        .await
+        .expect("join");
         let nats = NatsServer::start_with_user("user-management", "change-me")
             .await
             .expect("nats-server");

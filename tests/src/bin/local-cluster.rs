@@ -72,42 +72,13 @@ async fn main() -> anyhow::Result<()> {
     if !wait_for_port(admin_port, Duration::from_secs(30)) {
         bail!("the operator did not start:\n{}", operator.log_tail());
     }
-    // The API server reaches the webhook on this machine: the chart's Service becomes an ExternalName Service for
-    // localhost, and the webhook configuration's port the webhook's.
-    for args in [
-        vec!["delete", "service", "projectionist-webhook", "-n", SYSTEM],
-        vec![
-            "create",
-            "service",
-            "externalname",
-            "projectionist-webhook",
-            "-n",
-            SYSTEM,
-            "--external-name=localhost",
-        ],
-    ] {
-        let out = plane.kubectl(&args)?;
-        if !out.status.success() {
-            bail!("kubectl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
-        }
-    }
-    let port_patch = format!(
-        r#"[{{"op":"replace","path":"/webhooks/0/clientConfig/service/port","value":{webhook_port}}}]"#
-    );
-    let out = plane.kubectl(&[
-        "patch",
-        "mutatingwebhookconfiguration",
+    // The API server reaches the webhook on this machine.
+    plane.route_webhook_to_localhost(
+        SYSTEM,
+        "projectionist-webhook",
         "projectionist-sidecar-injector",
-        "--type=json",
-        "-p",
-        &port_patch,
-    ])?;
-    if !out.status.success() {
-        bail!(
-            "patching the webhook port: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
+        webhook_port,
+    )?;
 
     println!("applying the example…");
     let example = repo::user_management_example();
