@@ -13,7 +13,7 @@
 //! - [`status`]: liveness, readiness and Prometheus metrics.
 //! - [`admin`]: `/healthz`, `/readyz`, `/metrics`.
 //! - [`api`]: the event-store API for the pod's own containers (append, read an aggregate, wait for a projection).
-//! - [`store`]: the event store on JetStream — appends with expected versions (atomic batches), aggregate reads.
+//! - [`store`]: the event store on JetStream — appends with expected versions (atomic batches); `store::read`: aggregate reads.
 //! - [`secrets`]: reading credentials from the env vars and files the config names.
 //! - [`provision`] and [`append`]: the local developer tooling (stream/consumer provisioning, appending NDJSON events).
 //! - [`dev`]: the local developer loop.

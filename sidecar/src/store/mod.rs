@@ -1,0 +1,692 @@
+//! The event store on JetStream: appending an aggregate's events with optimistic concurrency — one event, or several
+//! all or none with JetStream's atomic batch publish — and reading an aggregate's events back in stream order.
+//! Shared by the event-store API and the `append` command. Reading lives in [`read`].
+//!
+//! An aggregate `(type, id)` lives on the subject `<store prefix>.<type>.<id>`. Its *version* is the stream sequence
+//! of its last event (0 when it has none): opaque and increasing, not a count. An expected version is enforced by
+//! the server (`Nats-Expected-Last-Subject-Sequence`), so nothing is read before an append.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use async_nats::connection::State;
+use async_nats::jetstream;
+use async_nats::{HeaderMap, client::RequestErrorKind};
+use bytes::Bytes;
+use futures::StreamExt;
+use serde::Deserialize;
+
+mod read;
+
+pub use read::{Read, ReadError, Stored};
+
+/// JetStream's error code for a failed `Nats-Expected-Last-Subject-Sequence` check.
+const WRONG_LAST_SEQUENCE: u64 = 10071;
+/// The same check failing inside an atomic batch.
+const WRONG_LAST_SEQUENCE_IN_BATCH: u64 = 10164;
+/// A message larger than the stream's `max_msg_size`.
+const MESSAGE_TOO_LARGE: u64 = 10054;
+/// How long an append waits for the server's acknowledgement.
+const ACK_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a request waits for a NATS connection that is not up before answering that NATS is unavailable.
+pub const CONNECT_WAIT: Duration = Duration::from_secs(2);
+/// JetStream's error code for an atomic batch holding an id already in the duplicate window.
+const DUPLICATE_IN_BATCH: u64 = 10201;
+/// The most events one append may carry (JetStream's atomic batch limit).
+pub const MAX_EVENTS: usize = 1000;
+
+/// One EventStore the sidecar serves.
+#[derive(Debug, Clone)]
+pub struct Store {
+    /// The EventStore's name, as the API addresses it.
+    pub name: String,
+    /// The stream.
+    pub stream: String,
+    /// The subject prefix aggregates live under (the store's first subject without `.>`).
+    pub prefix: String,
+    /// The NATS connection (core requests carry the batch protocol).
+    client: async_nats::Client,
+    /// JetStream on that connection.
+    js: jetstream::Context,
+}
+
+/// An aggregate: its type and id, each one subject token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Aggregate {
+    /// The aggregate type, e.g. `user`.
+    pub type_: String,
+    /// The aggregate id, e.g. `u-42`.
+    pub id: String,
+}
+
+/// Input that can never be appended or read; the message says what to change.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {message}")]
+pub struct Invalid {
+    /// Where the problem is, e.g. `events[2].id`.
+    pub field: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+fn invalid(field: impl Into<String>, message: impl Into<String>) -> Invalid {
+    Invalid {
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+impl Aggregate {
+    /// Checks that `type_` and `id` are each one NATS subject token.
+    pub fn new(type_: &str, id: &str) -> Result<Self, Invalid> {
+        token("type", type_)?;
+        token("id", id)?;
+        Ok(Self {
+            type_: type_.to_string(),
+            id: id.to_string(),
+        })
+    }
+
+    /// `<type>.<id>`: the event's CloudEvents `subject` and the NATS subject after the store's prefix.
+    pub fn key(&self) -> String {
+        format!("{}.{}", self.type_, self.id)
+    }
+}
+
+/// One subject token: not empty, no `.`, `*`, `>`, whitespace or control characters.
+fn token(field: &str, value: &str) -> Result<(), Invalid> {
+    if value.is_empty() {
+        return Err(invalid(field, "must not be empty"));
+    }
+    if let Some(c) = value
+        .chars()
+        .find(|c| matches!(c, '.' | '*' | '>') || c.is_whitespace() || c.is_control())
+    {
+        return Err(invalid(
+            field,
+            format!("{value:?} is not one subject token ({c:?} is not allowed)"),
+        ));
+    }
+    Ok(())
+}
+
+/// A header value: not empty where required, no control characters (they would break the NATS protocol).
+fn header_text(field: &str, value: &str, required: bool) -> Result<(), Invalid> {
+    if required && value.is_empty() {
+        return Err(invalid(field, "must not be empty"));
+    }
+    if value.chars().any(char::is_control) {
+        return Err(invalid(field, "must not contain control characters"));
+    }
+    Ok(())
+}
+
+/// An event to append, with its CloudEvents attributes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewEvent {
+    /// `id`: unique per event; also the de-duplication id (`Nats-Msg-Id`).
+    pub id: String,
+    /// `type`, e.g. `UserCreated`.
+    pub type_: String,
+    /// `source`.
+    pub source: String,
+    /// `time`, RFC 3339.
+    pub time: String,
+    /// `datacontenttype`.
+    pub datacontenttype: String,
+    /// Extension attributes and `dataschema`, sent as `ce-<name>` headers.
+    pub extensions: BTreeMap<String, String>,
+    /// The data: a JSON document.
+    pub data: Bytes,
+}
+
+impl NewEvent {
+    /// Checks the attributes that become headers; `at` names the event in errors (`events[3]`).
+    pub fn validate(&self, at: &str) -> Result<(), Invalid> {
+        header_text(&format!("{at}.id"), &self.id, true)?;
+        header_text(&format!("{at}.type"), &self.type_, true)?;
+        header_text(&format!("{at}.source"), &self.source, true)?;
+        header_text(&format!("{at}.time"), &self.time, true)?;
+        header_text(
+            &format!("{at}.datacontenttype"),
+            &self.datacontenttype,
+            true,
+        )?;
+        for (name, value) in &self.extensions {
+            if name.is_empty()
+                || !name
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit())
+            {
+                return Err(invalid(
+                    format!("{at}.{name}"),
+                    "extension attribute names are lower-case letters and digits",
+                ));
+            }
+            header_text(&format!("{at}.{name}"), value, false)?;
+        }
+        Ok(())
+    }
+
+    /// The headers of the CloudEvents NATS binding, with `Nats-Msg-Id` = the event id.
+    fn headers(&self, aggregate: &Aggregate) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert("Nats-Msg-Id", self.id.as_str());
+        h.insert("ce-specversion", "1.0");
+        h.insert("ce-id", self.id.as_str());
+        h.insert("ce-type", self.type_.as_str());
+        h.insert("ce-source", self.source.as_str());
+        h.insert("ce-subject", aggregate.key().as_str());
+        h.insert("ce-time", self.time.as_str());
+        for (name, value) in &self.extensions {
+            h.insert(format!("ce-{name}").as_str(), value.as_str());
+        }
+        h.insert("content-type", self.datacontenttype.as_str());
+        h
+    }
+}
+
+/// What an append expects of the aggregate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Expected {
+    /// Anything: no check.
+    Any,
+    /// The aggregate's version (0: it has no events yet).
+    Version(u64),
+}
+
+impl From<Option<u64>> for Expected {
+    fn from(v: Option<u64>) -> Self {
+        v.map_or(Self::Any, Self::Version)
+    }
+}
+
+/// A successful append.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Appended {
+    /// The aggregate's version after it: the sequence of the last event.
+    pub version: u64,
+    /// Each event's stream sequence, in request order.
+    pub sequences: Vec<u64>,
+    /// The events were appended before (a retried request): these are the original sequences.
+    pub duplicate: bool,
+}
+
+/// Why an append did not happen. Nothing of the request was stored in any of these cases.
+#[derive(Debug, thiserror::Error)]
+pub enum AppendError {
+    /// The input is invalid.
+    #[error(transparent)]
+    Invalid(#[from] Invalid),
+    /// The expected version does not match.
+    #[error("expected version {expected} but the aggregate is at version {current}")]
+    Conflict {
+        /// What the request expected.
+        expected: u64,
+        /// The aggregate's version now.
+        current: u64,
+    },
+    /// Event ids of the request were already used for other events.
+    #[error("{0}")]
+    IdReused(String),
+    /// An event is larger than NATS or the stream accepts.
+    #[error("{0}")]
+    TooLarge(String),
+    /// NATS cannot be reached or did not answer in time; retrying later may succeed.
+    #[error("NATS unavailable: {0}")]
+    Unavailable(String),
+    /// The server refused the append for another reason.
+    #[error("the server refused the append: {0}")]
+    Refused(String),
+}
+
+/// The pub ack as the server sends it (also for the commit of an atomic batch).
+#[derive(Debug, Deserialize)]
+struct PubAck {
+    #[serde(default)]
+    seq: u64,
+    #[serde(default)]
+    duplicate: bool,
+    #[serde(default)]
+    count: u64,
+    #[serde(default)]
+    error: Option<ApiError>,
+}
+
+#[derive(Debug, Deserialize)]
+struct ApiError {
+    #[serde(default)]
+    err_code: u64,
+    #[serde(default)]
+    description: String,
+}
+
+/// The subject prefix of a store: its first subject without the trailing `.>`.
+pub fn subject_prefix(subjects: &[String]) -> Option<String> {
+    subjects
+        .first()
+        .and_then(|s| s.strip_suffix(".>"))
+        .map(str::to_string)
+}
+
+impl Store {
+    /// A store over a connection.
+    pub fn new(name: &str, stream: &str, prefix: &str, client: async_nats::Client) -> Self {
+        Self {
+            name: name.to_string(),
+            stream: stream.to_string(),
+            prefix: prefix.to_string(),
+            js: jetstream::new(client.clone()),
+            client,
+        }
+    }
+
+    /// The NATS subject of an aggregate.
+    pub fn subject(&self, aggregate: &Aggregate) -> String {
+        format!("{}.{}", self.prefix, aggregate.key())
+    }
+
+    /// JetStream on the store's connection.
+    pub fn jetstream(&self) -> &jetstream::Context {
+        &self.js
+    }
+
+    /// Whether the connection is up, waiting up to [`CONNECT_WAIT`] for it (a sidecar just started, a server
+    /// restarting); requests answer `Unavailable` when it is still down.
+    pub async fn connected(&self) -> bool {
+        let deadline = tokio::time::Instant::now() + CONNECT_WAIT;
+        while self.client.connection_state() != State::Connected {
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        true
+    }
+
+    /// Appends `events` to `aggregate` if it is at `expected`: one event with a plain publish, several atomically
+    /// with JetStream's atomic batch publish (the expectation checked on the first). A request whose events were all
+    /// appended before (same ids, same aggregate) answers with the original sequences and `duplicate`.
+    pub async fn append(
+        &self,
+        aggregate: &Aggregate,
+        expected: Expected,
+        events: &[NewEvent],
+    ) -> Result<Appended, AppendError> {
+        if events.is_empty() {
+            return Err(invalid("events", "must hold at least one event").into());
+        }
+        if events.len() > MAX_EVENTS {
+            return Err(invalid(
+                "events",
+                format!(
+                    "at most {MAX_EVENTS} events per request, got {}",
+                    events.len()
+                ),
+            )
+            .into());
+        }
+        for (i, e) in events.iter().enumerate() {
+            e.validate(&format!("events[{i}]"))?;
+            if let Some(j) = events[..i].iter().position(|o| o.id == e.id) {
+                return Err(invalid(
+                    format!("events[{i}].id"),
+                    format!("{:?} is also the id of events[{j}]", e.id),
+                )
+                .into());
+            }
+        }
+        if !self.connected().await {
+            return Err(AppendError::Unavailable(format!(
+                "not connected ({:?})",
+                self.client.connection_state()
+            )));
+        }
+        let subject = self.subject(aggregate);
+        let max_payload = self.client.server_info().max_payload;
+        let mut messages = Vec::with_capacity(events.len());
+        for (i, e) in events.iter().enumerate() {
+            let headers = e.headers(aggregate);
+            let size = e.data.len() + header_size(&headers) + 64;
+            if max_payload > 0 && size > max_payload {
+                return Err(AppendError::TooLarge(format!(
+                    "events[{i}] is {size} bytes with its headers; NATS accepts at most {max_payload}"
+                )));
+            }
+            messages.push((headers, e.data.clone()));
+        }
+        let ack = if let [(headers, data)] = messages.as_slice() {
+            let mut headers = headers.clone();
+            if let Expected::Version(v) = expected {
+                headers.insert(
+                    "Nats-Expected-Last-Subject-Sequence",
+                    v.to_string().as_str(),
+                );
+            }
+            self.request(&subject, headers, data.clone()).await?
+        } else {
+            self.publish_batch(&subject, expected, messages).await?
+        };
+        match ack.error {
+            None => {
+                let n = events.len() as u64;
+                if ack.duplicate {
+                    return self.duplicate_at(aggregate, ack.seq, events).await;
+                }
+                let count = if ack.count == 0 { 1 } else { ack.count };
+                if count != n || ack.seq < n {
+                    return Err(AppendError::Refused(format!(
+                        "the server stored {count} events of {n}"
+                    )));
+                }
+                Ok(Appended {
+                    version: ack.seq,
+                    sequences: (ack.seq + 1 - n..=ack.seq).collect(),
+                    duplicate: false,
+                })
+            }
+            Some(err) => self.refused(aggregate, expected, events, err).await,
+        }
+    }
+
+    /// Publishes an atomic batch: every message but the last without a reply, the last with the commit header as a
+    /// request whose answer is the batch's pub ack. A lost connection mid-batch leaves a gap the server refuses.
+    async fn publish_batch(
+        &self,
+        subject: &str,
+        expected: Expected,
+        messages: Vec<(HeaderMap, Bytes)>,
+    ) -> Result<PubAck, AppendError> {
+        let batch_id = batch_id();
+        let last = messages.len();
+        for (i, (mut headers, data)) in messages.into_iter().enumerate() {
+            let n = i + 1;
+            headers.insert("Nats-Batch-Id", batch_id.as_str());
+            headers.insert("Nats-Batch-Sequence", n.to_string().as_str());
+            if n == 1
+                && let Expected::Version(v) = expected
+            {
+                headers.insert(
+                    "Nats-Expected-Last-Subject-Sequence",
+                    v.to_string().as_str(),
+                );
+            }
+            if n == last {
+                headers.insert("Nats-Batch-Commit", "1");
+                return self.request(subject, headers, data).await;
+            }
+            self.client
+                .publish_with_headers(subject.to_string(), headers, data)
+                .await
+                .map_err(|e| AppendError::Unavailable(e.to_string()))?;
+        }
+        Err(invalid("events", "must hold at least one event").into())
+    }
+
+    async fn request(
+        &self,
+        subject: &str,
+        headers: HeaderMap,
+        data: Bytes,
+    ) -> Result<PubAck, AppendError> {
+        let reply = tokio::time::timeout(
+            ACK_TIMEOUT,
+            self.client
+                .request_with_headers(subject.to_string(), headers, data),
+        )
+        .await
+        .map_err(|_| AppendError::Unavailable("no acknowledgement in time".into()))?
+        .map_err(|e| match e.kind() {
+            RequestErrorKind::NoResponders => AppendError::Unavailable(format!(
+                "no stream answers on {subject} (is the EventStore provisioned?)"
+            )),
+            _ => AppendError::Unavailable(e.to_string()),
+        })?;
+        serde_json::from_slice(&reply.payload)
+            .map_err(|e| AppendError::Refused(format!("unreadable acknowledgement: {e}")))
+    }
+
+    /// Maps a refused append to what it means for the caller.
+    async fn refused(
+        &self,
+        aggregate: &Aggregate,
+        expected: Expected,
+        events: &[NewEvent],
+        err: ApiError,
+    ) -> Result<Appended, AppendError> {
+        if err.err_code == MESSAGE_TOO_LARGE {
+            return Err(AppendError::TooLarge(err.description));
+        }
+        // An atomic batch refuses event ids already in the duplicate window instead of acknowledging them as
+        // duplicates: a retried request. Find the originals.
+        // Its events lie after the version it expected, so only those are read.
+        let after = match expected {
+            Expected::Version(v) => v,
+            Expected::Any => 0,
+        };
+        if err.err_code == DUPLICATE_IN_BATCH
+            || err.description.contains("Nats-Msg-Id")
+            || err.description.contains("duplicate message id")
+        {
+            return self.duplicate_of(aggregate, after, events).await;
+        }
+        if let (Expected::Version(want), WRONG_LAST_SEQUENCE | WRONG_LAST_SEQUENCE_IN_BATCH) =
+            (expected, err.err_code)
+        {
+            // A retried request whose first attempt succeeded also fails its expectation: answer it as a duplicate.
+            if let Ok(dup) = self.duplicate_of(aggregate, after, events).await {
+                return Ok(dup);
+            }
+            let current = self.version(aggregate).await.map_err(|e| match e {
+                ReadError::Unavailable(m) => AppendError::Unavailable(m),
+            })?;
+            return Err(AppendError::Conflict {
+                expected: want,
+                current,
+            });
+        }
+        Err(AppendError::Refused(format!(
+            "{} (code {})",
+            err.description, err.err_code
+        )))
+    }
+
+    /// A single event the server acknowledged as a duplicate of the one at `sequence`: the same request retried
+    /// when that one is on this aggregate, an id reused otherwise.
+    async fn duplicate_at(
+        &self,
+        aggregate: &Aggregate,
+        sequence: u64,
+        events: &[NewEvent],
+    ) -> Result<Appended, AppendError> {
+        let stream = self
+            .js
+            .get_stream_no_info(&self.stream)
+            .await
+            .map_err(|e| AppendError::Unavailable(e.to_string()))?;
+        let original = stream
+            .get_raw_message(sequence)
+            .await
+            .map_err(|e| AppendError::Unavailable(e.to_string()))?;
+        if original.subject.as_str() != self.subject(aggregate) {
+            return Err(AppendError::IdReused(format!(
+                "event id {:?} was already used for an event of another aggregate ({}); give every new event a \
+                 new id",
+                events.first().map(|e| e.id.as_str()).unwrap_or_default(),
+                original.subject
+            )));
+        }
+        Ok(Appended {
+            version: sequence,
+            sequences: vec![sequence],
+            duplicate: true,
+        })
+    }
+
+    /// The original sequences of a request whose events are already on the aggregate after version `after`, in
+    /// request order; an error when any of its ids is missing there (used for another aggregate, or only some
+    /// appended).
+    async fn duplicate_of(
+        &self,
+        aggregate: &Aggregate,
+        after: u64,
+        events: &[NewEvent],
+    ) -> Result<Appended, AppendError> {
+        let wanted: BTreeMap<&str, usize> = events
+            .iter()
+            .enumerate()
+            .map(|(i, e)| (e.id.as_str(), i))
+            .collect();
+        let mut found = vec![0u64; events.len()];
+        let mut missing = events.len();
+        let unavailable = |e: ReadError| match e {
+            ReadError::Unavailable(m) => AppendError::Unavailable(m),
+        };
+        let read = self
+            .read(aggregate, after, None)
+            .await
+            .map_err(unavailable)?;
+        let mut messages = std::pin::pin!(read.messages);
+        while let Some(item) = messages.next().await {
+            let (sequence, id) = match item.map_err(unavailable)? {
+                Stored::Event(e) => (e.sequence, e.id),
+                Stored::Undecodable { sequence, id, .. } => (sequence, id.unwrap_or_default()),
+            };
+            if let Some(&i) = wanted.get(id.as_str())
+                && found[i] == 0
+            {
+                found[i] = sequence;
+                missing -= 1;
+                if missing == 0 {
+                    break;
+                }
+            }
+        }
+        if missing > 0 {
+            let ids: Vec<&str> = events
+                .iter()
+                .zip(&found)
+                .filter(|(_, s)| **s > 0)
+                .map(|(e, _)| e.id.as_str())
+                .collect();
+            return Err(AppendError::IdReused(if ids.is_empty() {
+                "event ids of this request were already used for other events of the store \
+                 (inside its duplicate window); give every new event a new id"
+                    .to_string()
+            } else {
+                format!(
+                    "only some events of this request were appended before ({}); a retried request must \
+                     carry exactly the same events",
+                    ids.join(", ")
+                )
+            }));
+        }
+        Ok(Appended {
+            version: found.iter().copied().max().unwrap_or(0),
+            sequences: found,
+            duplicate: true,
+        })
+    }
+}
+
+/// The bytes headers take on the wire, roughly (`NATS/1.0\r\n` + `name: value\r\n` each + `\r\n`).
+fn header_size(headers: &HeaderMap) -> usize {
+    12 + headers
+        .iter()
+        .map(|(name, values)| {
+            let name: &str = name.as_ref();
+            values
+                .iter()
+                .map(|v| name.len() + v.as_str().len() + 4)
+                .sum::<usize>()
+        })
+        .sum::<usize>()
+}
+
+/// A random batch id (22 alphanumeric characters, like a NUID).
+fn batch_id() -> String {
+    use rand::Rng;
+    rand::rng()
+        .sample_iter(rand::distr::Alphanumeric)
+        .take(22)
+        .map(char::from)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn event(id: &str) -> NewEvent {
+        NewEvent {
+            id: id.into(),
+            type_: "UserCreated".into(),
+            source: "test".into(),
+            time: "2026-01-01T00:00:00Z".into(),
+            datacontenttype: "application/json".into(),
+            extensions: BTreeMap::new(),
+            data: Bytes::from_static(b"{}"),
+        }
+    }
+
+    #[test]
+    fn aggregate_type_and_id_are_single_subject_tokens() {
+        assert_eq!(Aggregate::new("user", "u-1").expect("ok").key(), "user.u-1");
+        for (t, id) in [
+            ("", "1"),
+            ("user", ""),
+            ("us.er", "1"),
+            ("user", "a*"),
+            ("user", ">"),
+            ("user", "a b"),
+            ("user", "a\u{0}"),
+        ] {
+            let e = Aggregate::new(t, id).expect_err("refused");
+            assert!(e.field == "type" || e.field == "id", "{e}");
+        }
+    }
+
+    #[test]
+    fn headers_carry_the_cloudevents_binding_and_the_dedup_id() {
+        let mut e = event("e-1");
+        e.extensions.insert("traceparent".into(), "00-abc".into());
+        let h = e.headers(&Aggregate::new("user", "u-1").expect("ok"));
+        let get = |n: &str| h.get(n).map(|v| v.as_str().to_string());
+        assert_eq!(get("Nats-Msg-Id").as_deref(), Some("e-1"));
+        assert_eq!(get("ce-id").as_deref(), Some("e-1"));
+        assert_eq!(get("ce-type").as_deref(), Some("UserCreated"));
+        assert_eq!(get("ce-subject").as_deref(), Some("user.u-1"));
+        assert_eq!(get("ce-traceparent").as_deref(), Some("00-abc"));
+        assert!(header_size(&h) > 100);
+    }
+
+    #[test]
+    fn attributes_that_would_break_headers_are_refused() {
+        let mut e = event("e\r\n1");
+        assert_eq!(
+            e.validate("events[0]").expect_err("bad").field,
+            "events[0].id"
+        );
+        e = event("e-1");
+        e.type_ = String::new();
+        assert_eq!(
+            e.validate("events[0]").expect_err("bad").field,
+            "events[0].type"
+        );
+        e = event("e-1");
+        e.extensions.insert("Bad-Name".into(), "x".into());
+        assert!(e.validate("events[0]").is_err());
+        assert!(event("e-1").validate("events[0]").is_ok());
+    }
+
+    #[test]
+    fn the_prefix_is_the_first_subject_without_its_wildcard() {
+        assert_eq!(
+            subject_prefix(&["ns.users.>".into()]).as_deref(),
+            Some("ns.users")
+        );
+        assert_eq!(subject_prefix(&["ns.users.*".into()]), None);
+        assert_eq!(subject_prefix(&[]), None);
+        assert_eq!(batch_id().len(), 22);
+    }
+}
