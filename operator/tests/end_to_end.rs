@@ -479,6 +479,47 @@ async fn a_pod_gets_the_sidecar_and_the_read_model_equals_the_reference_fold() {
         listed.contains("users-read-model") && listed.contains("True"),
         "{listed}"
     );
+    // The Events the operator recorded and the Lease it holds, as kubectl shows them.
+    let events = plane
+        .kubectl(&[
+            "get",
+            "events",
+            "-n",
+            APP,
+            "-o",
+            "custom-columns=REASON:.reason,KIND:.involvedObject.kind,NAME:.involvedObject.name",
+        ])
+        .expect("kubectl");
+    let events = String::from_utf8_lossy(&events.stdout).into_owned();
+    for (reason, kind, name) in [
+        ("StreamCreated", "EventStore", "users"),
+        ("ConsumerCreated", "Projection", "users-read-model"),
+    ] {
+        assert!(
+            events.lines().any(|l| {
+                let cells: Vec<&str> = l.split_whitespace().collect();
+                cells == [reason, kind, name]
+            }),
+            "{reason} for {kind}/{name} in:\n{events}"
+        );
+    }
+    let holder = plane
+        .kubectl(&[
+            "get",
+            "lease",
+            "projectionist",
+            "-n",
+            SYSTEM,
+            "-o",
+            "jsonpath={.spec.holderIdentity}",
+        ])
+        .expect("kubectl");
+    assert_eq!(
+        String::from_utf8_lossy(&holder.stdout),
+        "projectionist-7d9f-abcde",
+        "{}",
+        String::from_utf8_lossy(&holder.stderr)
+    );
 
     // The service's Deployment, unchanged; a Pod from its template, created through the API as the ReplicaSet
     // controller would (no Deployment controller runs here): it comes back with the sidecar.
