@@ -23,62 +23,16 @@ use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Secret};
 use kube::api::{Api, PostParams};
 use projectionist_crds::{EventStore, Projection};
-use projectionist_tests::control_plane::{self, ControlPlane};
+use projectionist_tests::control_plane::ControlPlane;
 use projectionist_tests::nats::NatsServer;
 use projectionist_tests::postgres::Postgres;
 use projectionist_tests::process::{ServerProcess, free_port, wait_for_port};
+use projectionist_tests::release::Release;
 use projectionist_tests::repo;
-use serde::Deserialize;
 use serde_json::{Value, json};
 
 const SYSTEM: &str = "projectionist-system";
 const APP: &str = "user-management";
-
-/// Runs the real `helm` against the control plane; panics with its output on failure.
-fn helm(plane: &ControlPlane, args: &[&str]) -> String {
-    let out = Command::new(control_plane::tool("helm").expect("helm"))
-        .arg("--kubeconfig")
-        .arg(plane.admin_kubeconfig())
-        .args(args)
-        .output()
-        .expect("helm runs");
-    assert!(
-        out.status.success(),
-        "helm {args:?}: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// The manifests of a release, as `helm get manifest` prints them.
-fn release_manifests(plane: &ControlPlane) -> Vec<Value> {
-    let text = helm(plane, &["get", "manifest", "projectionist", "-n", SYSTEM]);
-    serde_yaml::Deserializer::from_str(&text)
-        .filter_map(|doc| serde_yaml::Value::deserialize(doc).ok())
-        .filter_map(|v| serde_json::to_value(v).ok())
-        .filter(|v: &Value| v.is_object())
-        .collect()
-}
-
-fn find<'a>(manifests: &'a [Value], kind: &str, name: &str) -> Option<&'a Value> {
-    manifests
-        .iter()
-        .find(|m| m["kind"] == kind && m["metadata"]["name"] == name)
-}
-
-fn arg_value(args: &[String], flag: &str) -> Option<String> {
-    args.iter()
-        .find_map(|a| a.strip_prefix(&format!("{flag}=")).map(str::to_string))
-}
-
-fn replace_arg(args: &mut [String], flag: &str, value: &str) {
-    for a in args.iter_mut() {
-        if a.starts_with(&format!("{flag}=")) {
-            *a = format!("{flag}={value}");
-        }
-    }
-}
 
 /// The example events folded by hand-written rules: what `users` and `user_roles` must hold.
 fn reference_fold(events: &[Value]) -> (Vec<Vec<String>>, Vec<Vec<String>>) {
@@ -280,21 +234,21 @@ async fn a_pod_gets_the_sidecar_and_the_read_model_equals_the_reference_fold() {
     let client = plane.client().await.expect("client");
     let dir = tempfile::tempdir().expect("tempdir");
 
-    // Platform team: the chart, with the real helm (its CRDs first, as helm does).
-    let chart = repo::root().join("charts/projectionist");
-    let installed = helm(
-        plane,
-        &[
-            "install",
-            "projectionist",
-            &chart.display().to_string(),
-            "-n",
-            SYSTEM,
-            "--create-namespace",
-        ],
+    // Platform team: the chart, with the real helm (its CRDs first, as helm does); the operator with the
+    // Deployment's arguments (ports on loopback, a writable work dir), as the chart's ServiceAccount: a verb the
+    // chart's RBAC lacks fails this test.
+    let release = {
+        let work = dir.path().to_path_buf();
+        tokio::task::spawn_blocking(move || Release::install(plane, SYSTEM, &work, &[]))
+            .await
+            .expect("join")
+            .expect("helm install")
+    };
+    assert!(
+        release.notes.contains("STATUS: deployed"),
+        "{}",
+        release.notes
     );
-    assert!(installed.contains("STATUS: deployed"), "{installed}");
-    let manifests = release_manifests(plane);
     for (kind, name) in [
         ("ClusterRole", "projectionist"),
         (
@@ -304,60 +258,20 @@ async fn a_pod_gets_the_sidecar_and_the_read_model_equals_the_reference_fold() {
         ("Deployment", "projectionist"),
     ] {
         assert!(
-            find(&manifests, kind, name).is_some(),
+            release.find(kind, name).is_some(),
             "{kind}/{name} not installed"
         );
     }
-
-    // The operator with the Deployment's arguments (ports on loopback, a writable work dir), as the chart's
-    // ServiceAccount: a verb the chart's RBAC lacks fails this test.
-    let deployment = find(&manifests, "Deployment", "projectionist").expect("Deployment");
-    let pod_spec = &deployment["spec"]["template"]["spec"];
-    let container = &pod_spec["containers"][0];
-    let mut args: Vec<String> = container["args"]
-        .as_array()
-        .expect("args")
-        .iter()
-        .map(|a| a.as_str().expect("arg").to_string())
-        .collect();
-    let admin_port = free_port().expect("port");
-    let webhook_port = free_port().expect("port");
-    replace_arg(
-        &mut args,
-        "--admin-addr",
-        &format!("127.0.0.1:{admin_port}"),
-    );
-    replace_arg(
-        &mut args,
-        "--webhook-addr",
-        &format!("127.0.0.1:{webhook_port}"),
-    );
-    replace_arg(
-        &mut args,
-        "--work-dir",
-        &dir.path().join("work").to_string_lossy(),
-    );
     assert_eq!(
-        arg_value(&args, "--webhook-service").as_deref(),
+        release.arg("--webhook-service").as_deref(),
         Some("projectionist-webhook")
     );
-    let service_account = pod_spec["serviceAccountName"]
-        .as_str()
-        .expect("serviceAccountName")
-        .to_string();
-    let kubeconfig = {
-        let account = service_account.clone();
-        tokio::task::spawn_blocking(move || plane.service_account_kubeconfig(SYSTEM, &account))
-            .await
-            .expect("join")
-            .expect("the chart's ServiceAccount")
-    };
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_projectionist-operator"));
-    cmd.args(&args)
-        .env("KUBECONFIG", &kubeconfig)
-        .env("POD_NAME", "projectionist-7d9f-abcde")
-        .env("POD_NAMESPACE", SYSTEM)
-        .env("RUST_LOG", "info,kube=warn");
+    let webhook_port = release.webhook_port;
+    let mut cmd = release.operator_command(
+        Path::new(env!("CARGO_BIN_EXE_projectionist-operator")),
+        "projectionist-7d9f-abcde",
+    );
+    cmd.env("RUST_LOG", "info,kube=warn");
     let operator = ServerProcess::spawn(
         "projectionist-operator",
         cmd,
@@ -764,11 +678,10 @@ async fn a_pod_gets_the_sidecar_and_the_read_model_equals_the_reference_fold() {
 
     // Least privilege: what the chart grants the operator, against what it used in this run (the API server's audit
     // log). A verb the chart lacked would have failed the steps above.
-    let used = plane
-        .audited(&format!("system:serviceaccount:{SYSTEM}:{service_account}"))
-        .expect("audit log");
+    let used = plane.audited(&release.user()).expect("audit log");
     let mut granted = std::collections::BTreeSet::new();
-    for role in manifests
+    for role in release
+        .manifests
         .iter()
         .filter(|m| m["kind"] == "ClusterRole" || m["kind"] == "Role")
     {

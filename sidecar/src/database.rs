@@ -93,6 +93,7 @@ impl Database {
                    event_type VARCHAR(255),
                    subject VARCHAR(1024) NOT NULL,
                    payload {long_text} NOT NULL,
+                   payload_encoding VARCHAR(16) NOT NULL DEFAULT 'utf8',
                    error {long_text} NOT NULL,
                    policy VARCHAR(32) NOT NULL,
                    attempts INTEGER NOT NULL,
@@ -101,6 +102,24 @@ impl Database {
                  )"
             ),
         ]
+    }
+
+    /// Brings the sidecar's tables from an earlier release up to date: the dead letters' `payload_encoding`.
+    pub async fn migrate(&self) -> Result<(), sqlx::Error> {
+        let probe = format!("SELECT payload_encoding FROM {DEAD_LETTERS} WHERE 1 = 0");
+        if sqlx::raw_sql(sqlx::AssertSqlSafe(probe))
+            .execute(&self.pool)
+            .await
+            .is_err()
+        {
+            let alter = format!(
+                "ALTER TABLE {DEAD_LETTERS} ADD COLUMN payload_encoding VARCHAR(16) NOT NULL DEFAULT 'utf8'"
+            );
+            sqlx::raw_sql(sqlx::AssertSqlSafe(alter))
+                .execute(&self.pool)
+                .await?;
+        }
+        Ok(())
     }
 
     /// An INSERT that does nothing if the row exists.
@@ -153,39 +172,51 @@ pub async fn execute_plain(tx: &mut Tx, sql: &str) -> Result<(), sqlx::Error> {
     Ok(())
 }
 
-/// Whether a SQLSTATE (Postgres, MySQL) means "try again": serialization failure, deadlock, lock timeout, server
-/// shutdown, connection exceptions (`08…`), insufficient resources (`53…`, e.g. too many connections).
-pub fn is_transient_sqlstate(code: &str) -> bool {
-    matches!(
-        code,
-        "40001" | "40P01" | "55P03" | "57P01" | "57P02" | "57P03"
-    ) || code.starts_with("08")
-        || code.starts_with("53")
+/// Sorts a database's error code into transient or permanent, by what the code means rather than where it
+/// happened. SQLSTATE classes (PostgreSQL and MySQL/MariaDB alike): connection exceptions (`08`), serialization
+/// failures and deadlocks (`40001`, `40P01`), insufficient resources (`53`), operator intervention such as a server
+/// shutting down or a statement timeout (`57`), system errors (`58`) and lock timeouts (`55P03`) are transient;
+/// everything else — data exceptions (`22`), constraint violations (`23`), syntax and undefined objects (`42`) — is
+/// the event's fault. MySQL's generic `HY000` is transient only for lock waits and lost servers. SQLite's result
+/// codes (numeric): busy, locked, I/O error and full disk are transient.
+pub fn classify_code(code: &str, message: &str) -> ErrorClass {
+    let transient = match code {
+        "HY000" => {
+            message.contains("Lock wait")
+                || message.contains("gone away")
+                || message.contains("Lost connection")
+        }
+        "40001" | "40P01" | "55P03" => true,
+        c if c.len() == 5
+            && ["08", "53", "57", "58"]
+                .iter()
+                .any(|class| c.starts_with(class)) =>
+        {
+            true
+        }
+        // SQLite: SQLITE_BUSY, SQLITE_LOCKED, SQLITE_IOERR, SQLITE_FULL and their extended codes.
+        c if c.len() <= 4
+            && c.parse::<u32>()
+                .is_ok_and(|n| matches!(n & 0xff, 5 | 6 | 10 | 13)) =>
+        {
+            true
+        }
+        _ => message.contains("Lock wait timeout") || message.contains("Deadlock found"),
+    };
+    if transient {
+        ErrorClass::Transient
+    } else {
+        ErrorClass::Permanent
+    }
 }
 
 /// Sorts a database error into transient or permanent.
 pub fn classify(error: &sqlx::Error) -> ErrorClass {
     match error {
-        sqlx::Error::Database(db) => {
-            let code = db.code().map(|c| c.into_owned()).unwrap_or_default();
-            let message = db.message();
-            let transient = match code.as_str() {
-                // MySQL's generic state: most of its uses are not transient.
-                "HY000" => message.contains("Lock wait") || message.contains("gone away"),
-                code => {
-                    is_transient_sqlstate(code)
-                        // SQLite: busy, locked (plain and extended codes).
-                        || matches!(code, "5" | "6" | "261" | "262" | "517" | "773")
-                        || message.contains("Lock wait timeout")
-                        || message.contains("Deadlock found")
-                }
-            };
-            if transient {
-                ErrorClass::Transient
-            } else {
-                ErrorClass::Permanent
-            }
-        }
+        sqlx::Error::Database(db) => classify_code(
+            &db.code().map(|c| c.into_owned()).unwrap_or_default(),
+            db.message(),
+        ),
         sqlx::Error::Io(_)
         | sqlx::Error::Tls(_)
         | sqlx::Error::Protocol(_)
@@ -193,5 +224,62 @@ pub fn classify(error: &sqlx::Error) -> ErrorClass {
         | sqlx::Error::PoolClosed
         | sqlx::Error::WorkerCrashed => ErrorClass::Transient,
         _ => ErrorClass::Permanent,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sqlstate_classes_decide() {
+        for code in [
+            "08000", "08006", "08S01", "40001", "40P01", "53300", "53100", "57P01", "57P03",
+            "57014", "58030", "55P03",
+        ] {
+            assert_eq!(classify_code(code, ""), ErrorClass::Transient, "{code}");
+        }
+        for code in [
+            "22001", "22003", "22021", "22P02", "23505", "23514", "42601", "42P01", "42804",
+            "42000", "XX000", "",
+        ] {
+            assert_eq!(classify_code(code, ""), ErrorClass::Permanent, "{code}");
+        }
+    }
+
+    #[test]
+    fn mysql_generic_state_is_transient_only_for_locks_and_lost_servers() {
+        assert_eq!(
+            classify_code(
+                "HY000",
+                "Lock wait timeout exceeded; try restarting transaction"
+            ),
+            ErrorClass::Transient
+        );
+        assert_eq!(
+            classify_code("HY000", "MySQL server has gone away"),
+            ErrorClass::Transient
+        );
+        assert_eq!(
+            classify_code(
+                "HY000",
+                "Incorrect integer value: 'twelve' for column `amount`"
+            ),
+            ErrorClass::Permanent
+        );
+        assert_eq!(
+            classify_code("40001", "Deadlock found when trying to get lock"),
+            ErrorClass::Transient
+        );
+    }
+
+    #[test]
+    fn sqlite_result_codes() {
+        for code in ["5", "6", "261", "262", "517", "773", "10", "13", "3338"] {
+            assert_eq!(classify_code(code, ""), ErrorClass::Transient, "{code}");
+        }
+        for code in ["19", "275", "1555", "2067", "3091", "1", "20"] {
+            assert_eq!(classify_code(code, ""), ErrorClass::Permanent, "{code}");
+        }
     }
 }

@@ -174,6 +174,9 @@ impl Pipeline {
 pub fn is_transient(e: &tokio_postgres::Error) -> bool {
     match e.as_db_error() {
         None => true,
-        Some(db) => crate::database::is_transient_sqlstate(db.code().code()),
+        Some(db) => {
+            crate::database::classify_code(db.code().code(), db.message())
+                == crate::database::ErrorClass::Transient
+        }
     }
 }

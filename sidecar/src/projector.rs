@@ -309,7 +309,8 @@ impl Projector {
         for ddl in self.db.own_tables().iter().chain(self.config.schema.iter()) {
             database::execute_plain(&mut tx, ddl).await?;
         }
-        tx.commit().await
+        tx.commit().await?;
+        self.db.migrate().await
     }
 
     async fn try_prepare(&mut self) -> Result<(), sqlx::Error> {
@@ -925,10 +926,10 @@ impl Projector {
                 .dead_letters
                 .get_or_create(&PolicyLabel {
                     projection: self.key.clone(),
-                    policy: letter.policy.to_string(),
+                    policy: dead_letter::policy_name(letter.policy).to_string(),
                 })
                 .inc();
-            if letter.policy == "deadLetter" {
+            if letter.policy == ErrorPolicy::DeadLetter {
                 self.publish_dead_letter(&letter).await;
             }
         }
@@ -955,7 +956,7 @@ impl Projector {
             headers.insert("ce-type", t.as_str());
         }
         let subject = self.config.on_error.dead_letter_subject.clone();
-        let body = letter.payload.clone().into_bytes();
+        let body = letter.payload.clone();
         if let Err(e) = self
             .nats
             .publish_with_headers(subject, headers, body.into())
@@ -965,6 +966,27 @@ impl Projector {
             warn!(projection = %self.key, sequence = letter.sequence, error = %e, "cannot publish a dead letter");
             self.metrics.error(&self.key, "nats");
         }
+    }
+
+    /// Commits what came before the event at fault, then stops with `reason`.
+    async fn halt(
+        &mut self,
+        tx: Tx,
+        upto: u64,
+        applied: u64,
+        ignored: u64,
+        dead: Vec<DeadLetter>,
+        reason: String,
+    ) -> Result<Applied, sqlx::Error> {
+        if upto > self.checkpoint.last_sequence {
+            match self.commit(tx, upto, applied, ignored, dead).await? {
+                Applied::Committed(_) => {}
+                other => return Ok(other),
+            }
+        } else {
+            let _ = tx.rollback().await;
+        }
+        Ok(Applied::Halted(upto, reason))
     }
 
     /// One savepoint per event: a failing event is retried, then handled by the policy.
@@ -1065,19 +1087,10 @@ impl Projector {
                 );
                 match self.config.on_error.policy {
                     ErrorPolicy::Halt => {
-                        if upto > self.checkpoint.last_sequence {
-                            match self
-                                .commit(tx, upto, applied, ignored, dead)
-                                .await
-                                .map_err(db_err)?
-                            {
-                                Applied::Committed(_) => {}
-                                other => return Ok(other),
-                            }
-                        } else {
-                            let _ = tx.rollback().await;
-                        }
-                        return Ok(Applied::Halted(upto, described));
+                        return self
+                            .halt(tx, upto, applied, ignored, dead, described)
+                            .await
+                            .map_err(db_err);
                     }
                     policy @ (ErrorPolicy::DeadLetter | ErrorPolicy::Skip) => {
                         let letter = DeadLetter {
@@ -1085,20 +1098,44 @@ impl Projector {
                             event_id,
                             event_type,
                             subject: inc.subject.to_string(),
-                            payload: String::from_utf8_lossy(inc.payload).into_owned(),
+                            payload: inc.payload.to_vec(),
                             error: message,
-                            policy: if policy == ErrorPolicy::DeadLetter {
-                                "deadLetter"
-                            } else {
-                                "skip"
-                            },
+                            policy,
                             attempts,
                         };
-                        warn!(projection = %self.key, sequence = inc.seq, policy = letter.policy, error = %described, "event recorded as a dead letter");
-                        dead_letter::record(&self.db, &mut tx, &self.key, &letter)
+                        database::execute_plain(&mut tx, "SAVEPOINT projectionist_letter")
                             .await
                             .map_err(db_err)?;
-                        dead.push(letter);
+                        match dead_letter::record(&self.db, &mut tx, &self.key, &letter).await {
+                            Ok(()) => {
+                                database::execute_plain(
+                                    &mut tx,
+                                    "RELEASE SAVEPOINT projectionist_letter",
+                                )
+                                .await
+                                .map_err(db_err)?;
+                                warn!(projection = %self.key, sequence = inc.seq, policy = dead_letter::policy_name(policy), error = %described, "event recorded as a dead letter");
+                                dead.push(letter);
+                            }
+                            Err(e) if classify(&e) == ErrorClass::Transient => {
+                                return Err(db_err(e));
+                            }
+                            Err(e) => {
+                                // Retrying cannot help and skipping without a record would lose the event: stop here.
+                                database::execute_plain(
+                                    &mut tx,
+                                    "ROLLBACK TO SAVEPOINT projectionist_letter",
+                                )
+                                .await
+                                .map_err(db_err)?;
+                                let reason =
+                                    format!("{described}; cannot record it as a dead letter: {e}");
+                                return self
+                                    .halt(tx, upto, applied, ignored, dead, reason)
+                                    .await
+                                    .map_err(db_err);
+                            }
+                        }
                     }
                 }
             }

@@ -433,13 +433,24 @@ impl ControlPlane {
     }
 
     /// What `user` did so far, from the audit log: `(verb, apiGroup, resource[/subresource])` of every request the
-    /// API server allowed, each once.
+    /// API server allowed (requests of ServiceAccounts are audited).
     pub fn audited(
         &self,
         user: &str,
     ) -> crate::Result<std::collections::BTreeSet<(String, String, String)>> {
+        Ok(self
+            .audit_requests(user)?
+            .into_iter()
+            .map(|r| (r.verb, r.group, r.resource))
+            .collect())
+    }
+
+    /// Every request of `user` the API server allowed so far, once each (a watch is logged when it starts and when
+    /// it ends), in the order they started.
+    pub fn audit_requests(&self, user: &str) -> crate::Result<Vec<AuditedRequest>> {
         let text = std::fs::read_to_string(self.dir.path().join("audit.log")).unwrap_or_default();
-        let mut used = std::collections::BTreeSet::new();
+        let mut seen = std::collections::HashSet::new();
+        let mut requests = Vec::new();
         for line in text.lines() {
             let Ok(event) = serde_json::from_str::<serde_json::Value>(line) else {
                 continue;
@@ -448,18 +459,23 @@ impl ControlPlane {
             if event["user"]["username"] != user || code == 403 || event["objectRef"].is_null() {
                 continue;
             }
+            let id = event["auditID"].as_str().unwrap_or_default().to_string();
+            if !seen.insert(id.clone()) {
+                continue;
+            }
             let object = &event["objectRef"];
             let mut resource = object["resource"].as_str().unwrap_or_default().to_string();
             if let Some(sub) = object["subresource"].as_str() {
                 resource = format!("{resource}/{sub}");
             }
-            used.insert((
-                event["verb"].as_str().unwrap_or_default().to_string(),
-                object["apiGroup"].as_str().unwrap_or_default().to_string(),
+            requests.push(AuditedRequest {
+                id,
+                verb: event["verb"].as_str().unwrap_or_default().to_string(),
+                group: object["apiGroup"].as_str().unwrap_or_default().to_string(),
                 resource,
-            ));
+            });
         }
-        Ok(used)
+        Ok(requests)
     }
 
     /// The last lines of every server's log.
@@ -500,6 +516,19 @@ impl ControlPlane {
             std::thread::sleep(Duration::from_millis(250));
         }
     }
+}
+
+/// One request in the audit log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditedRequest {
+    /// The request's audit ID.
+    pub id: String,
+    /// `get`, `list`, `watch`, `create`, `patch`, …
+    pub verb: String,
+    /// The API group (`""` for the core group).
+    pub group: String,
+    /// The resource, with `/subresource` where there is one.
+    pub resource: String,
 }
 
 impl Drop for ControlPlane {

@@ -12,6 +12,7 @@
 //! - [`process`]: the spawned-process handle the servers share (kill by PID on drop, a watchdog that stops the
 //!   server if the test process dies first).
 //! - [`tools`]: where the server binaries are found (`scripts/setup.sh` installs them).
+//! - [`release`]: the chart installed with the real `helm` and the operator run as its Deployment would run it.
 //! - [`repo`]: paths inside the repository (examples, CRDs).
 
 pub mod control_plane;
@@ -21,6 +22,7 @@ pub mod mariadb;
 pub mod nats;
 pub mod postgres;
 pub mod process;
+pub mod release;
 pub mod repo;
 pub mod sqlite;
 pub mod tools;

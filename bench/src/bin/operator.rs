@@ -6,11 +6,13 @@
 //! 3. The operator's peak RSS (`VmHWM`), with the injection webhook serving (its caches hold every Projection and
 //!    EventStore).
 //! 4. Steady state: over a quiet window, the JetStream API calls by operation and the reconciles; anything beyond the
-//!    status refresh (stream and consumer info) means the operator changes things when nothing changed.
+//!    status refresh (stream and consumer info) means the operator changes things when nothing changed. And the
+//!    Kubernetes API requests the operator made in that window, from the API server's audit log: the chart is
+//!    installed with the real `helm` and the operator runs as the chart's ServiceAccount, as in a cluster.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -22,7 +24,7 @@ use projectionist_crds::projection::{Database, Driver, EventSelection, Handler, 
 use projectionist_crds::{EventStore, Projection};
 use projectionist_tests::control_plane::ControlPlane;
 use projectionist_tests::nats::NatsServer;
-use projectionist_tests::process::free_port;
+use projectionist_tests::release::Release;
 
 /// Benchmarks the operator's cold start and steady state.
 #[derive(Debug, Parser)]
@@ -145,11 +147,24 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let plane = tokio::task::spawn_blocking(|| -> anyhow::Result<ControlPlane> {
         let plane = ControlPlane::start()?;
-        plane.install_crds()?;
         plane.create_namespace(NAMESPACE, &[])?;
         Ok(plane)
     })
     .await??;
+    let plane: &'static ControlPlane = Box::leak(Box::new(plane));
+    // The chart, with the real helm (CRDs included); the operator runs as its ServiceAccount.
+    let dir = tempfile::tempdir()?;
+    let release = {
+        let work = dir.path().to_path_buf();
+        let interval = format!(
+            "operator.statusInterval={}",
+            projectionist_crds::duration::format(args.status_interval)
+        );
+        tokio::task::spawn_blocking(move || {
+            Release::install(plane, "projectionist-system", &work, &["--set", &interval])
+        })
+        .await??
+    };
     let nats = NatsServer::start().await?;
     let client = plane.client().await?;
     let stores: Api<EventStore> = Api::namespaced(client.clone(), NAMESPACE);
@@ -164,24 +179,11 @@ async fn main() -> anyhow::Result<()> {
             .create(&PostParams::default(), &projection(j, args.stores))
             .await?;
     }
-    let dir = tempfile::tempdir()?;
-    let kubeconfig = plane.admin_kubeconfig();
-    let admin = free_port()?;
-    let webhook = free_port()?;
     let log = std::fs::File::create(dir.path().join("operator.log"))?;
     let started = Instant::now();
-    let mut child = Command::new(&args.operator)
-        .arg("run")
-        .env("KUBECONFIG", &kubeconfig)
+    let mut child = release
+        .operator_command(&args.operator, "projectionist-bench")
         .env("RUST_LOG", "warn")
-        .args(["--admin-addr", &format!("127.0.0.1:{admin}")])
-        .args(["--webhook-addr", &format!("127.0.0.1:{webhook}")])
-        .args([
-            "--status-interval",
-            &projectionist_crds::duration::format(args.status_interval),
-        ])
-        .arg("--work-dir")
-        .arg(dir.path().join("work"))
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
@@ -222,9 +224,22 @@ async fn main() -> anyhow::Result<()> {
 
     // Let the first refreshes settle, then measure a quiet window.
     tokio::time::sleep(args.status_interval).await;
-    let before = metrics(admin).await?;
+    let before = metrics(release.admin_port).await?;
+    let api_before: BTreeSet<String> = plane
+        .audit_requests(&release.user())?
+        .into_iter()
+        .map(|r| r.id)
+        .collect();
     tokio::time::sleep(args.steady).await;
-    let after = metrics(admin).await?;
+    let after = metrics(release.admin_port).await?;
+    let mut api_calls: BTreeMap<String, usize> = BTreeMap::new();
+    for r in plane.audit_requests(&release.user())? {
+        if !api_before.contains(&r.id) {
+            *api_calls
+                .entry(format!("{} {}", r.verb, r.resource))
+                .or_default() += 1;
+        }
+    }
     let rss_kib = peak_rss_kib(pid).unwrap_or(0);
     let _ = child.kill();
     let _ = child.wait();
@@ -274,6 +289,28 @@ async fn main() -> anyhow::Result<()> {
     println!("| Steady state: NATS calls other than stream/consumer info | {changes:.0} | 0 |");
     for (name, value) in &calls {
         println!("|   {name} | {value:.0} | |");
+    }
+    let api_total: usize = api_calls.values().sum();
+    println!(
+        "| Steady state: Kubernetes API requests (audit log, as the chart's ServiceAccount) | {api_total} | — |"
+    );
+    println!(
+        "| Steady state: Kubernetes API writes other than status, Lease and Events | {} | 0 |",
+        api_calls
+            .iter()
+            .filter(|(k, _)| {
+                !k.starts_with("get ")
+                    && !k.starts_with("list ")
+                    && !k.starts_with("watch ")
+                    && !k.ends_with("/status")
+                    && !k.ends_with(" leases")
+                    && !k.ends_with(" events")
+            })
+            .map(|(_, v)| v)
+            .sum::<usize>()
+    );
+    for (name, value) in &api_calls {
+        println!("|   {name} | {value} | |");
     }
     Ok(())
 }
