@@ -47,6 +47,10 @@ struct Args {
     /// Duration of the freshness run, seconds.
     #[arg(long, default_value_t = 10)]
     seconds: u64,
+    /// PostgreSQL without durability (`fsync`, `synchronous_commit`, `full_page_writes` off) for every contestant;
+    /// by default it runs with its durable defaults.
+    #[arg(long)]
+    relaxed: bool,
 }
 
 const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS agg (account TEXT PRIMARY KEY, events BIGINT NOT NULL, total BIGINT NOT NULL)";
@@ -423,7 +427,11 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let pg = Postgres::start().await?;
+    let pg = if args.relaxed {
+        Postgres::start().await?
+    } else {
+        Postgres::start_durable().await?
+    };
     let nats = NatsServer::start().await?;
     let js = nats.jetstream().await?;
     let (store, projection) = resources(&nats.url());
@@ -546,9 +554,16 @@ async fn main() -> anyhow::Result<()> {
     let _ = child.wait();
 
     let min_ceiling = js_ceiling.min(pg_ceiling);
-    println!("## Results\n");
     println!(
-        "Events: {} over {} aggregates into PostgreSQL 15; nats-server 2.12.8; {} cores.\n",
+        "## PostgreSQL {}\n",
+        if args.relaxed {
+            "without durability (fsync, synchronous_commit, full_page_writes off)"
+        } else {
+            "with its durable defaults (fsync, synchronous_commit, full_page_writes on)"
+        }
+    );
+    println!(
+        "Events: {} over {} aggregates into PostgreSQL 15; {} cores.\n",
         evs.len(),
         args.aggregates,
         std::thread::available_parallelism()
@@ -572,15 +587,15 @@ async fn main() -> anyhow::Result<()> {
         cpu[0], cpu[1], cpu[2]
     );
     println!(
-        "| sidecar / min(ceilings) | {:.2} (target ≥ 0.8) |",
+        "| sidecar / min(ceilings) | {:.2} |",
         sidecar_rate / min_ceiling
     );
     println!(
-        "| sidecar / hand-written batch projector | {:.2} |",
+        "| sidecar / hand-written batch projector | {:.2} (target ≥ 0.8) |",
         sidecar_rate / combined_rate
     );
     println!(
-        "| sidecar / naive | {:.1}× (target ≥ 30×) |",
+        "| sidecar / naive | {:.1}× (target ≥ 100×) |",
         sidecar_rate / naive_rate
     );
     println!(

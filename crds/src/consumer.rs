@@ -128,7 +128,9 @@ pub fn consumer_config(
             "Projection {namespace}/{name} (managed by projectionist)"
         )),
         deliver_policy,
-        ack_policy: AckPolicy::Explicit,
+        // One acknowledgement per committed batch (of its last event): the checkpoint in the read model's database
+        // is the truth, so acknowledging every event one by one buys nothing.
+        ack_policy: AckPolicy::All,
         ack_wait,
         max_deliver: -1,
         filter_subject,
@@ -209,7 +211,7 @@ mod tests {
     fn defaults_make_a_durable_explicit_ack_pinned_consumer() {
         let c = consumer_config(&projection(), &store()).expect("config");
         assert_eq!(c.durable_name.as_deref(), Some("shop_users-read-model"));
-        assert_eq!(c.ack_policy, AckPolicy::Explicit);
+        assert_eq!(c.ack_policy, AckPolicy::All);
         assert_eq!(c.deliver_policy, DeliverPolicy::All);
         assert_eq!(c.ack_wait, Duration::from_secs(30));
         assert_eq!(c.max_deliver, -1);

@@ -274,12 +274,18 @@ pub fn diff_consumer(desired: &consumer::pull::Config, actual: &consumer::Config
         &actual.deliver_policy,
         Immutable,
     );
-    d.compare(
-        "ack_policy",
-        &desired.ack_policy,
-        &actual.ack_policy,
-        Immutable,
-    );
+    // Consumers provisioned with `Explicit` acknowledgements (before the sidecar acknowledged once per batch) keep
+    // working as they are: the sidecar acknowledges each event on them.
+    let legacy_explicit = desired.ack_policy == consumer::AckPolicy::All
+        && actual.ack_policy == consumer::AckPolicy::Explicit;
+    if !legacy_explicit {
+        d.compare(
+            "ack_policy",
+            &desired.ack_policy,
+            &actual.ack_policy,
+            Immutable,
+        );
+    }
     d.compare(
         "replay_policy",
         &desired.replay_policy,
@@ -435,5 +441,19 @@ mod tests {
                 ("ack_wait", Mutability::InPlace)
             ]
         );
+    }
+
+    #[test]
+    fn a_consumer_with_explicit_acks_is_kept_as_it_is() {
+        let desired = consumer::pull::Config {
+            durable_name: Some("c".into()),
+            ack_policy: consumer::AckPolicy::All,
+            ..Default::default()
+        };
+        let mut actual = desired.clone().into_consumer_config();
+        actual.ack_policy = consumer::AckPolicy::Explicit;
+        assert!(diff_consumer(&desired, &actual).is_empty());
+        actual.ack_policy = consumer::AckPolicy::None;
+        assert!(diff_consumer(&desired, &actual).has_immutable());
     }
 }

@@ -1,11 +1,15 @@
 //! What every reconcile shares: the Kubernetes client, NATS connections, the event recorder, metrics and settings.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::api::Api;
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
+use kube::runtime::reflector::{ObjectRef, Store};
 use kube::{Resource, ResourceExt};
+use projectionist_crds::EventStore;
 
 use crate::metrics::Metrics;
 use crate::nats::Pool;
@@ -24,6 +28,22 @@ pub struct Settings {
     pub stall_after: Duration,
 }
 
+/// The controllers' caches: reads in a reconcile come from the watches the controllers keep anyway, so a steady
+/// state costs the API server no requests.
+#[derive(Clone)]
+pub struct Caches {
+    /// Every watched EventStore.
+    pub stores: Store<EventStore>,
+    /// The ConfigMaps the operator manages (labelled `app.kubernetes.io/managed-by`).
+    pub config_maps: Store<ConfigMap>,
+}
+
+impl std::fmt::Debug for Caches {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Caches").finish_non_exhaustive()
+    }
+}
+
 /// Shared reconcile state.
 pub struct Context {
     pub client: kube::Client,
@@ -35,6 +55,8 @@ pub struct Context {
     failures: Mutex<HashMap<String, u32>>,
     /// Per projection: the last acknowledged sequence seen and when it last moved.
     progress: Mutex<HashMap<String, (u64, Instant)>>,
+    /// Set once the controllers run; until then reads go to the API server.
+    caches: OnceLock<Caches>,
 }
 
 impl std::fmt::Debug for Context {
@@ -61,7 +83,49 @@ impl Context {
             settings,
             failures: Mutex::new(HashMap::new()),
             progress: Mutex::new(HashMap::new()),
+            caches: OnceLock::new(),
         }
+    }
+
+    /// Serves reads from the controllers' caches from now on.
+    pub fn use_caches(&self, caches: Caches) {
+        let _ = self.caches.set(caches);
+    }
+
+    /// The EventStore `namespace/name`, from the cache once it has synced when it is Ready there; one that is
+    /// missing or not Ready in the cache is read from the API server, so a Projection never waits on a cache that
+    /// has not yet seen its store become Ready.
+    pub async fn event_store(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Option<Arc<EventStore>>, kube::Error> {
+        if let Some(caches) = self.caches.get()
+            && caches.stores.wait_until_ready().await.is_ok()
+            && let Some(store) = caches.stores.get(&ObjectRef::new(name).within(namespace))
+            && store.status.as_ref().is_some_and(|s| {
+                crate::conditions::is_true(&s.conditions, "Ready")
+                    && s.observed_generation == store.metadata.generation
+            })
+        {
+            return Ok(Some(store));
+        }
+        Ok(
+            Api::<EventStore>::namespaced(self.client.clone(), namespace)
+                .get_opt(name)
+                .await?
+                .map(Arc::new),
+        )
+    }
+
+    /// A ConfigMap the operator manages, from the cache (the operator never reads ConfigMaps one by one: `None`
+    /// before the controllers run, and the caller then simply applies).
+    pub async fn managed_config_map(&self, namespace: &str, name: &str) -> Option<Arc<ConfigMap>> {
+        let caches = self.caches.get()?;
+        caches.config_maps.wait_until_ready().await.ok()?;
+        caches
+            .config_maps
+            .get(&ObjectRef::new(name).within(namespace))
     }
 
     /// JetStream on the NATS servers of `store`, with the credentials its Secrets hold.

@@ -100,7 +100,7 @@ async fn apply_store_config(store: &EventStore, ctx: &Context) -> Result<(), Err
         message: e.to_string(),
     })?;
     writes::apply_config_map(
-        &ctx.client,
+        ctx,
         store,
         writes::ConfigFile {
             config_map: store_config_map_name(&name),

@@ -15,7 +15,6 @@ use kube::runtime::events::EventType;
 use kube::{Resource, ResourceExt};
 use projectionist_crds::consumer::consumer_config;
 use projectionist_crds::diff::diff_consumer;
-use projectionist_crds::event_store::EventStore;
 use projectionist_crds::projection::{Projection, ProjectionStatus};
 use projectionist_crds::sidecar_config::{ResolveError, resolve};
 
@@ -45,12 +44,11 @@ pub fn config_key(projection: &str) -> String {
 pub async fn reconcile(projection: Arc<Projection>, ctx: Arc<Context>) -> Result<Action, Error> {
     let namespace = projection.namespace().unwrap_or_default();
     let api: Api<Projection> = Api::namespaced(ctx.client.clone(), &namespace);
-    let stores: Api<EventStore> = Api::namespaced(ctx.client.clone(), &namespace);
     let has_finalizer = projection.finalizers().iter().any(|f| f == FINALIZER);
 
     if projection.meta().deletion_timestamp.is_some() {
         if has_finalizer {
-            delete_consumer(&projection, &stores, &ctx).await?;
+            delete_consumer(&projection, &ctx).await?;
             writes::set_finalizer(&api, &*projection, FINALIZER, false).await?;
         }
         ctx.forget(&key(&*projection));
@@ -63,7 +61,7 @@ pub async fn reconcile(projection: Arc<Projection>, ctx: Arc<Context>) -> Result
     let generation = projection.meta().generation;
     let mut status = projection.status.clone().unwrap_or_default();
     status.consumer_name = Some(projection.consumer_name());
-    let result = sync(&projection, &stores, &ctx, &mut status, generation).await;
+    let result = sync(&projection, &ctx, &mut status, generation).await;
     let action = match &result {
         Ok(action) => action.clone(),
         Err(e) => {
@@ -85,12 +83,12 @@ pub async fn reconcile(projection: Arc<Projection>, ctx: Arc<Context>) -> Result
     Ok(action)
 }
 
-async fn delete_consumer(
-    projection: &Projection,
-    stores: &Api<EventStore>,
-    ctx: &Context,
-) -> Result<(), Error> {
-    let Some(store) = stores.get_opt(&projection.spec.event_store).await? else {
+async fn delete_consumer(projection: &Projection, ctx: &Context) -> Result<(), Error> {
+    let namespace = projection.namespace().unwrap_or_default();
+    let Some(store) = ctx
+        .event_store(&namespace, &projection.spec.event_store)
+        .await?
+    else {
         ctx.event(projection, EventType::Warning, "ConsumerNotDeleted", "Delete",
             format!("EventStore {} is gone, so the consumer {} could not be reached; delete it on NATS if it still exists",
                 projection.spec.event_store, projection.consumer_name())).await;
@@ -130,7 +128,6 @@ fn not_ready(
 
 async fn sync(
     projection: &Projection,
-    stores: &Api<EventStore>,
     ctx: &Context,
     status: &mut ProjectionStatus,
     generation: Option<i64>,
@@ -138,7 +135,7 @@ async fn sync(
     let namespace = projection.namespace().unwrap_or_default();
     let store_name = &projection.spec.event_store;
     let wait = Action::requeue(ctx.settings.resync);
-    let Some(store) = stores.get_opt(store_name).await? else {
+    let Some(store) = ctx.event_store(&namespace, store_name).await? else {
         not_ready(
             status,
             "EventStoreNotFound",
@@ -384,7 +381,7 @@ async fn apply_config_map(
         message: e.to_string(),
     })?;
     writes::apply_config_map(
-        &ctx.client,
+        ctx,
         projection,
         writes::ConfigFile {
             config_map: config_map_name(&name),

@@ -22,7 +22,7 @@ use kube::runtime::{WatchStreamExt, reflector};
 
 use crate::admin::{self, Health};
 use crate::certs;
-use crate::context::{Context, MANAGER, Settings, key};
+use crate::context::{self, Context, MANAGER, Settings, key};
 use crate::error::Error;
 use crate::leader::Elector;
 use crate::metrics::{FailureLabels, KindLabels, Metrics};
@@ -368,7 +368,25 @@ async fn run_controllers(
         }
     };
 
-    let store_controller = Controller::new(stores.clone(), watcher::Config::default())
+    let store_controller = Controller::new(stores.clone(), watcher::Config::default());
+    let store_cache = store_controller.store();
+    // The managed ConfigMaps: one watch feeds both the Projection controller (a changed or deleted ConfigMap is
+    // put back) and the cache reconciles read.
+    let (map_cache, map_writer) = reflector::store::<ConfigMap>();
+    let map_events = reflector::reflector(
+        map_writer,
+        watcher::watcher(
+            maps,
+            watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGER}")),
+        ),
+    )
+    .default_backoff()
+    .applied_objects();
+    ctx.use_caches(context::Caches {
+        stores: store_cache,
+        config_maps: map_cache,
+    });
+    let store_controller = store_controller
         .with_config(config.clone())
         .graceful_shutdown_on(on_shutdown(&shutdown_tx))
         .run(
@@ -390,10 +408,7 @@ async fn run_controllers(
     let projection_controller = Controller::new(projections, watcher::Config::default());
     let cache = projection_controller.store();
     let projection_controller = projection_controller
-        .owns(
-            maps,
-            watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGER}")),
-        )
+        .owns_stream(map_events)
         .watches(
             stores,
             watcher::Config::default(),

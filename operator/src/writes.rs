@@ -95,7 +95,7 @@ pub struct ConfigFile<'a> {
 /// Writes `file` into a ConfigMap owned by `owner` (garbage collected with it), with server-side apply, when its
 /// content, secret list or ownership differ.
 pub async fn apply_config_map<K>(
-    client: &kube::Client,
+    ctx: &crate::context::Context,
     owner: &K,
     file: ConfigFile<'_>,
 ) -> Result<(), Error>
@@ -103,7 +103,7 @@ where
     K: Resource<DynamicType = ()> + ResourceExt,
 {
     let namespace = owner.namespace().unwrap_or_default();
-    let api: Api<ConfigMap> = Api::namespaced(client.clone(), &namespace);
+    let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &namespace);
     let render = |what: &str, e: serde_json::Error| Error::JetStream {
         action: format!("rendering {what}"),
         message: e.to_string(),
@@ -118,7 +118,7 @@ where
         ),
         (file.label.0.to_string(), file.label.1),
     ]);
-    if let Some(existing) = api.get_opt(&file.config_map).await?
+    if let Some(existing) = ctx.managed_config_map(&namespace, &file.config_map).await
         && existing.data.as_ref() == Some(&data)
         && existing
             .metadata

@@ -122,6 +122,35 @@ pub async fn record(
     Ok(())
 }
 
+/// Publishes a dead letter to `subject`: the body as it was, the projection, sequence, subject, error and the
+/// event's id and type in headers.
+pub async fn publish(
+    nats: &async_nats::Client,
+    subject: &str,
+    projection: &str,
+    letter: &DeadLetter,
+) -> Result<(), async_nats::PublishError> {
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Projectionist-Projection", projection);
+    headers.insert(
+        "Projectionist-Stream-Sequence",
+        letter.sequence.to_string().as_str(),
+    );
+    headers.insert("Projectionist-Subject", letter.subject.as_str());
+    headers.insert(
+        "Projectionist-Error",
+        letter.error.replace(['\r', '\n'], " ").as_str(),
+    );
+    if let Some(id) = &letter.event_id {
+        headers.insert("ce-id", id.as_str());
+    }
+    if let Some(t) = &letter.event_type {
+        headers.insert("ce-type", t.as_str());
+    }
+    nats.publish_with_headers(subject.to_string(), headers, letter.payload.clone().into())
+        .await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

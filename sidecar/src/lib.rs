@@ -2,8 +2,8 @@
 //!
 //! - [`runtime`]: runs every configured projection concurrently and independently, the admin HTTP server, and
 //!   graceful shutdown.
-//! - [`projector`]: one projection's loop (fetch → decode → handlers → checkpoint → commit → ack), catch-up from the
-//!   stream, error isolation and policies.
+//! - [`engine`]: one projection as stages — source (the durable consumer, replay, acknowledgements) → plan → apply
+//!   (one transaction with the checkpoint) → policy (retry, dead letter, skip, halt) → report (metrics, readiness).
 //! - [`event`]: CloudEvents decoding from JetStream messages.
 //! - [`handler`]: parsed SQL handlers and the values they bind from an event.
 //! - [`database`]: the pool, the sidecar's own tables, error classification.
@@ -25,11 +25,11 @@ pub mod checkpoint;
 pub mod database;
 pub mod dead_letter;
 pub mod dev;
+pub mod engine;
 pub mod event;
 pub mod handler;
 pub mod merge;
 pub mod pipeline;
-pub mod projector;
 pub mod provision;
 pub mod runtime;
 pub mod secrets;

@@ -231,7 +231,7 @@ async fn run_cmd(config_dir: &std::path::Path, serve: &Serve) -> anyhow::Result<
             .into_iter()
             .map(|(file, config)| runtime::Launch {
                 config,
-                file: Some(file),
+                watch: Some(runtime::Watch::File(file)),
                 database_url: None,
                 nats_url: None,
             })
@@ -273,7 +273,13 @@ async fn dev_cmd(
     serve: &Serve,
 ) -> anyhow::Result<()> {
     let manifests = local.manifests()?;
-    let workload = dev::workload(&manifests, database, data_dir, &local.nats_url)?;
+    let workload = dev::workload(
+        &local.files,
+        &manifests,
+        database,
+        data_dir,
+        &local.nats_url,
+    )?;
     let js = local.jetstream().await?;
     for (what, outcome) in provision::provision(&js, &manifests).await? {
         tracing::info!(what = %what, outcome = ?outcome, "provisioned");

@@ -19,9 +19,10 @@ use tracing::{error, info, warn};
 use crate::admin::{self, AdminState};
 use crate::api;
 use crate::database::Database;
+use crate::engine::report::Report;
+use crate::engine::{Exit, Projector};
 use crate::handler::Handlers;
 use crate::pipeline::Pipeline;
-use crate::projector::{Exit, Projector};
 use crate::secrets;
 use crate::status::{Metrics, ProjectionState};
 use crate::store::{self, Store};
@@ -33,11 +34,45 @@ pub struct Launch {
     pub config: SidecarConfig,
     /// Database URL to use instead of the config's secret (the `dev` mode).
     pub database_url: Option<String>,
-    /// The file the config came from: when its content changes (a ConfigMap update), the projection stops and
-    /// starts again with the new config.
-    pub file: Option<PathBuf>,
+    /// Where the config came from, followed: when it changes (a ConfigMap update, an edited YAML file in `dev`),
+    /// the projection stops and starts again with the new config.
+    pub watch: Option<Watch>,
     /// NATS URL to use instead of the config's servers and credentials (the `dev` mode).
     pub nats_url: Option<String>,
+}
+
+/// A config source followed while the projection runs.
+#[derive(Debug, Clone)]
+pub enum Watch {
+    /// A `SidecarConfig` file (a mounted ConfigMap).
+    File(PathBuf),
+    /// The EventStore/Projection YAML files `dev` was given.
+    Manifests(crate::dev::Follow),
+}
+
+impl Watch {
+    /// The source's current text (`None` while it cannot be read).
+    async fn read(&self) -> Option<String> {
+        match self {
+            Self::File(file) => tokio::fs::read_to_string(file).await.ok(),
+            Self::Manifests(follow) => follow.read().await,
+        }
+    }
+
+    /// The config `text` gives.
+    async fn load(&self, text: &str) -> anyhow::Result<SidecarConfig> {
+        match self {
+            Self::File(file) => Ok(SidecarConfig::from_yaml(&file.display().to_string(), text)?),
+            Self::Manifests(follow) => follow.load().await,
+        }
+    }
+
+    fn describe(&self) -> String {
+        match self {
+            Self::File(file) => file.display().to_string(),
+            Self::Manifests(follow) => follow.describe(),
+        }
+    }
 }
 
 /// What a config directory holds: projections (`SidecarConfig`) and event stores for the API (`StoreConfig`).
@@ -195,10 +230,11 @@ async fn start_projection(
     .context("database URL")?;
     let nats = connect_nats(&config.nats, launch.nats_url.as_deref()).await?;
     let pipeline = Pipeline::new(&url);
-    Ok(
-        Projector::new(config, handlers, db, nats, state, metrics, shutdown)
-            .with_pipeline(pipeline),
-    )
+    let key = format!("{}/{}", config.projection.namespace, config.projection.name);
+    let report = Report::new(&key, metrics, state);
+    Ok(Projector::new(
+        config, handlers, db, pipeline, nats, report, shutdown,
+    ))
 }
 
 /// Runs `workload` until `shutdown` resolves, then waits up to `grace` for the projections to stop.
@@ -283,22 +319,22 @@ pub async fn run(
     Ok(())
 }
 
-/// Resolves with the new config once `file`'s content differs from `current` and parses; a content that does not
-/// parse is logged and waited past (the running config stays).
-async fn changed_config(file: &Path, current: &str, every: Duration) -> (String, SidecarConfig) {
+/// Resolves with the new config once the source's text differs from `current` and gives a config; a text that
+/// does not is logged and waited past (the running config stays).
+async fn changed_config(watch: &Watch, current: &str, every: Duration) -> (String, SidecarConfig) {
     let mut reported = String::new();
     loop {
         tokio::time::sleep(every).await;
-        let Ok(text) = tokio::fs::read_to_string(file).await else {
+        let Some(text) = watch.read().await else {
             continue;
         };
         if text == current || text == reported {
             continue;
         }
-        match SidecarConfig::from_yaml(&file.display().to_string(), &text) {
+        match watch.load(&text).await {
             Ok(config) => return (text, config),
             Err(e) => {
-                error!(file = %file.display(), error = %e, "the changed config does not parse; keeping the running one");
+                error!(source = %watch.describe(), error = format!("{e:#}"), "the changed config is not usable; keeping the running one");
                 reported = text;
             }
         }
@@ -314,11 +350,10 @@ async fn supervise(
     stop_rx: watch::Receiver<bool>,
     reload: Duration,
 ) -> (String, Exit) {
-    let mut current = launch
-        .file
-        .as_ref()
-        .and_then(|f| std::fs::read_to_string(f).ok())
-        .unwrap_or_default();
+    let mut current = match &launch.watch {
+        Some(watch) => watch.read().await.unwrap_or_default(),
+        None => String::new(),
+    };
     loop {
         // This projection's own stop: the global one, or a reload.
         let (own_tx, own_rx) = watch::channel(false);
@@ -337,10 +372,10 @@ async fn supervise(
             own_rx,
         );
         tokio::pin!(running);
-        let watched = launch.file.clone();
+        let watched = launch.watch.clone();
         let change = async {
             match &watched {
-                Some(file) => changed_config(file, &current, reload).await,
+                Some(watch) => changed_config(watch, &current, reload).await,
                 None => std::future::pending().await,
             }
         };

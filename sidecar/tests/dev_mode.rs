@@ -124,3 +124,128 @@ async fn project_the_example(data_dir: &Path, database: Option<&str>, read_url: 
         .expect("wait");
     assert!(status.success(), "{status:?}");
 }
+
+/// `dev` follows its files: an edited handler with a new rebuild token rebuilds the read model with the new SQL
+/// without a restart; a file that no longer parses is reported and the running projection carries on.
+#[tokio::test]
+async fn dev_mode_follows_its_yaml_files() {
+    let nats = NatsServer::start().await.expect("nats");
+    let files = tempfile::tempdir().expect("dir");
+    for entry in std::fs::read_dir(repo::user_management_example()).expect("example") {
+        let path = entry.expect("entry").path();
+        std::fs::copy(&path, files.path().join(path.file_name().expect("name"))).expect("copy");
+    }
+    let data = tempfile::tempdir().expect("dir");
+    let read_url = format!(
+        "sqlite://{}?mode=ro",
+        data.path()
+            .join("user-management_users-read-model.db")
+            .display()
+    );
+    let admin_port = free_port();
+    let log = tempfile::NamedTempFile::new().expect("log");
+    let mut dev = Command::new(env!("CARGO_BIN_EXE_projectionist-sidecar"))
+        .arg("dev")
+        .arg("-f")
+        .arg(files.path())
+        .arg("--data-dir")
+        .arg(data.path())
+        .arg("--admin-addr")
+        .arg(format!("127.0.0.1:{admin_port}"))
+        .args(["--reload-interval", "200ms"])
+        .env("PROJECTIONIST_API_ADDR", "127.0.0.1:0")
+        .env("PROJECTIONIST_NATS_URL", nats.url())
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(log.reopen().expect("log"))
+        .spawn()
+        .expect("dev");
+    let admin = ([127, 0, 0, 1], admin_port).into();
+    assert!(
+        wait_until(Duration::from_secs(30), || async {
+            http_get(admin, "/readyz").await.0 == 200
+        })
+        .await
+    );
+    let out = Command::new(env!("CARGO_BIN_EXE_projectionist-sidecar"))
+        .arg("append")
+        .arg("-f")
+        .arg(files.path())
+        .arg("--events")
+        .arg(files.path().join("events.ndjson"))
+        .env("PROJECTIONIST_NATS_URL", nats.url())
+        .output()
+        .expect("append");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let names =
+        || async { query_strings(&read_url, "SELECT id, name FROM users ORDER BY id").await };
+    let before = vec![
+        vec!["u-ada", "Ada Lovelace"],
+        vec!["u-alan", "Alan M. Turing"],
+        vec!["u-grace", "Grace Hopper"],
+    ];
+    assert!(
+        wait_until(Duration::from_secs(30), || async {
+            names().await == before
+        })
+        .await,
+        "{:?}",
+        http_get(admin, "/readyz").await
+    );
+
+    // A broken edit: reported, the projection carries on.
+    let projection = files.path().join("projection.yaml");
+    let original = std::fs::read_to_string(&projection).expect("projection.yaml");
+    std::fs::write(&projection, format!("{original}\n  handlers: [unclosed\n")).expect("write");
+    let reported = wait_until(Duration::from_secs(10), || async {
+        std::fs::read_to_string(log.path())
+            .unwrap_or_default()
+            .contains("keeping the running one")
+    })
+    .await;
+    assert!(
+        reported,
+        "{}",
+        std::fs::read_to_string(log.path()).unwrap_or_default()
+    );
+    assert_eq!(http_get(admin, "/readyz").await.0, 200);
+
+    // The handler changed, with a new rebuild token: the read model is rebuilt with the new SQL.
+    let edited = original
+        .replace(
+            "VALUES (:data.userId, :data.email, :data.name,",
+            "VALUES (:data.userId, :data.email, UPPER(:data.name),",
+        )
+        .replace("token: \"2026-11-01\"", "token: upper-case-names");
+    assert_ne!(edited, original);
+    std::fs::write(&projection, edited).expect("write");
+    let after = vec![
+        vec!["u-ada", "ADA LOVELACE"],
+        vec!["u-alan", "Alan M. Turing"],
+        vec!["u-grace", "GRACE HOPPER"],
+    ];
+    assert!(
+        wait_until(Duration::from_secs(30), || async { names().await == after }).await,
+        "{:?}\n{:?}\n{}",
+        names().await,
+        http_get(admin, "/readyz").await,
+        std::fs::read_to_string(log.path()).unwrap_or_default()
+    );
+    let token = query_strings(
+        &read_url,
+        "SELECT rebuild_token FROM projectionist_checkpoints",
+    )
+    .await;
+    assert_eq!(token, vec![vec!["upper-case-names".to_string()]]);
+
+    kill(Pid::from_raw(dev.id() as i32), Signal::SIGINT).expect("interrupt");
+    let status = tokio::task::spawn_blocking(move || dev.wait())
+        .await
+        .expect("join")
+        .expect("wait");
+    assert!(status.success(), "{status:?}");
+}

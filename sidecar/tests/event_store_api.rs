@@ -61,7 +61,7 @@ async fn start(policy: ErrorPolicy, max_wait: &str) -> Fixture {
     let sidecar = InProcess::run(Workload {
         projections: vec![Launch {
             config: config_of(&store, &projection),
-            file: None,
+            watch: None,
             database_url: Some(db_url.clone()),
             nats_url: Some(nats.url()),
         }],

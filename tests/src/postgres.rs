@@ -28,6 +28,8 @@ pub struct Postgres {
     process: Option<ServerProcess>,
     /// Numbers the databases handed out.
     next_db: AtomicU32,
+    /// `fsync`, `synchronous_commit` and `full_page_writes` on.
+    durable: bool,
 }
 
 /// The user and group the server runs as when the tests run as root.
@@ -117,8 +119,19 @@ fn template() -> crate::Result<PathBuf> {
 }
 
 impl Postgres {
-    /// Starts a fresh cluster and waits until it accepts connections.
+    /// Starts a fresh cluster and waits until it accepts connections. Tests run it without durability (`fsync`,
+    /// `synchronous_commit` and `full_page_writes` off): a crash of the machine is not what they simulate.
     pub async fn start() -> crate::Result<Self> {
+        Self::start_with(false).await
+    }
+
+    /// Starts a fresh cluster with PostgreSQL's durable defaults (`fsync`, `synchronous_commit` and
+    /// `full_page_writes` on), as benchmarks headline.
+    pub async fn start_durable() -> crate::Result<Self> {
+        Self::start_with(true).await
+    }
+
+    async fn start_with(durable: bool) -> crate::Result<Self> {
         let template = tokio::task::spawn_blocking(template).await??;
         let dir = tempfile::Builder::new()
             .prefix("projectionist-pg-")
@@ -137,6 +150,7 @@ impl Postgres {
             dir,
             process: None,
             next_db: AtomicU32::new(1),
+            durable,
         };
         start_on_free_port(pg).await
     }
@@ -198,14 +212,25 @@ impl Postgres {
                 "unix_socket_directories={}",
                 self.dir.path().display()
             ))
-            .args([
-                "-c",
-                "fsync=off",
-                "-c",
-                "synchronous_commit=off",
-                "-c",
-                "full_page_writes=off",
-            ])
+            .args(if self.durable {
+                [
+                    "-c",
+                    "fsync=on",
+                    "-c",
+                    "synchronous_commit=on",
+                    "-c",
+                    "full_page_writes=on",
+                ]
+            } else {
+                [
+                    "-c",
+                    "fsync=off",
+                    "-c",
+                    "synchronous_commit=off",
+                    "-c",
+                    "full_page_writes=off",
+                ]
+            })
             .args(["-c", "max_connections=200", "-c", "shared_buffers=32MB"]);
         let log = self.dir.path().join("postgres.log");
         let mut process = ServerProcess::spawn("postgres", cmd, &log)?;

@@ -260,7 +260,6 @@ fn rbac_grants_nothing_beyond_the_operators_needs() {
         "cluster projectionist.dev/projections/status patch",
         "cluster projectionist.dev/eventstores/finalizers update",
         "cluster projectionist.dev/projections/finalizers update",
-        "cluster /configmaps get",
         "cluster /configmaps list",
         "cluster /configmaps watch",
         "cluster /configmaps create",

@@ -320,7 +320,7 @@ impl InProcess {
     pub async fn start(config: SidecarConfig, database_url: &str, nats_url: &str) -> Self {
         let launch = Launch {
             config,
-            file: None,
+            watch: None,
             database_url: Some(database_url.to_string()),
             nats_url: Some(nats_url.to_string()),
         };

@@ -1,0 +1,377 @@
+//! The apply step: runs a batch in one transaction together with the checkpoint's compare-and-set, so the read model
+//! and the checkpoint move together or not at all.
+//!
+//! - [`Apply::batch`]: the whole batch at once — on PostgreSQL over plain TCP pipelined with merged statements
+//!   ([`crate::pipeline`]), otherwise statement by statement over sqlx.
+//! - [`Apply::isolated`]: when the batch fails for a reason that is not transient, one savepoint per event, so the
+//!   event at fault is found, tried again and settled by the [`Policy`]; the events before and after it commit.
+//!
+//! Errors are sorted by [`crate::database::classify`] (SQLSTATE classes, on both clients): a transient one rolls the
+//! whole batch back for the loop to retry; anything else is the event's fault.
+
+use std::collections::HashMap;
+
+use projectionist_crds::projection::Driver;
+use tracing::warn;
+
+use super::plan::{self, Plan};
+use super::policy::{Decision, Fault, Policy};
+use super::report::{Counts, Report};
+use super::source::{Incoming, Transient};
+use crate::checkpoint::{self, Checkpoint};
+use crate::database::{self, Database, ErrorClass, Tx, classify};
+use crate::dead_letter::{self, DeadLetter};
+use crate::event::{DecodeError, Event};
+use crate::handler::{self, Handlers};
+use crate::merge::Mergeable;
+use crate::pipeline::{self, Pipeline};
+
+/// A committed transaction.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Committed {
+    /// The checkpoint now.
+    pub upto: u64,
+    /// What it applied.
+    pub counts: Counts,
+    /// The events recorded under `deadLetter` or `skip`.
+    pub dead: Vec<DeadLetter>,
+}
+
+/// What applying a batch came to.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outcome {
+    /// Every event at or below `upto` is in the read model (or recorded).
+    Committed(Committed),
+    /// Stopped at an event: what came before it committed (if anything), the rest was not applied.
+    Halted {
+        /// The commit before the event at fault.
+        committed: Option<Committed>,
+        /// Why.
+        reason: String,
+    },
+    /// Another processor moved the checkpoint: nothing was applied.
+    Fenced,
+}
+
+/// Why the whole-batch path gave up.
+#[derive(Debug)]
+pub enum BatchFailure {
+    /// Retry the batch later.
+    Transient(String),
+    /// Some event is at fault: find it with [`Apply::isolated`].
+    AtFault(String),
+}
+
+/// Runs plans against the read model.
+#[derive(Debug)]
+pub struct Apply {
+    db: Database,
+    handlers: Handlers,
+    pipeline: Option<Pipeline>,
+    mergeable: HashMap<String, Mergeable>,
+    no_merging: HashMap<String, Mergeable>,
+    key: String,
+}
+
+/// One statement failure.
+enum StepError {
+    Db(sqlx::Error),
+    Bind(handler::BindError),
+}
+
+impl Apply {
+    /// Applies `handlers` to `db` for projection `key`; `pipeline` is the PostgreSQL fast path, if usable.
+    pub fn new(db: Database, handlers: Handlers, pipeline: Option<Pipeline>, key: &str) -> Self {
+        let pipeline = pipeline.filter(|_| db.driver == Driver::Postgres);
+        let mergeable = if pipeline.is_some() {
+            plan::mergeable(&handlers)
+        } else {
+            HashMap::new()
+        };
+        Self {
+            db,
+            handlers,
+            pipeline,
+            mergeable,
+            no_merging: HashMap::new(),
+            key: key.to_string(),
+        }
+    }
+
+    /// The read model's database.
+    pub fn db(&self) -> &Database {
+        &self.db
+    }
+
+    /// The whole batch (every event decoded) in one transaction, the checkpoint moved from `from` to `upto`.
+    pub async fn batch(
+        &mut self,
+        from: &Checkpoint,
+        events: &[Event],
+        upto: u64,
+    ) -> Result<Outcome, BatchFailure> {
+        let at_fault = |e: &dyn std::fmt::Display| BatchFailure::AtFault(e.to_string());
+        if let Some(pipeline) = self.pipeline.as_mut() {
+            let plan =
+                plan::plan(events, &self.handlers, &self.mergeable).map_err(|e| at_fault(&e))?;
+            return pipelined(pipeline, &self.db, &self.key, from, plan, upto).await;
+        }
+        let plan =
+            plan::plan(events, &self.handlers, &self.no_merging).map_err(|e| at_fault(&e))?;
+        let db_failure = |e: sqlx::Error| match classify(&e) {
+            ErrorClass::Transient => BatchFailure::Transient(format!("database: {e}")),
+            ErrorClass::Permanent => BatchFailure::AtFault(e.to_string()),
+        };
+        let counts = Counts {
+            applied: plan.applied,
+            ignored: plan.ignored,
+            merged: 0,
+        };
+        let mut tx = self.db.begin().await.map_err(db_failure)?;
+        for step in plan.steps {
+            let sql = step.sql().into_owned();
+            execute(&self.db, &mut tx, &sql, step.into_values())
+                .await
+                .map_err(db_failure)?;
+        }
+        self.commit(tx, from, upto, counts, Vec::new())
+            .await
+            .map_err(db_failure)
+    }
+
+    async fn commit(
+        &self,
+        mut tx: Tx,
+        from: &Checkpoint,
+        upto: u64,
+        counts: Counts,
+        dead: Vec<DeadLetter>,
+    ) -> Result<Outcome, sqlx::Error> {
+        if !checkpoint::advance(&self.db, &mut tx, &self.key, from, upto).await? {
+            tx.rollback().await?;
+            return Ok(Outcome::Fenced);
+        }
+        tx.commit().await?;
+        Ok(Outcome::Committed(Committed { upto, counts, dead }))
+    }
+
+    /// Commits what came before the event at fault, then stops with `reason`.
+    async fn halt(
+        &self,
+        tx: Tx,
+        from: &Checkpoint,
+        upto: u64,
+        counts: Counts,
+        dead: Vec<DeadLetter>,
+        reason: String,
+    ) -> Result<Outcome, sqlx::Error> {
+        if upto <= from.last_sequence {
+            let _ = tx.rollback().await;
+            return Ok(Outcome::Halted {
+                committed: None,
+                reason,
+            });
+        }
+        match self.commit(tx, from, upto, counts, dead).await? {
+            Outcome::Committed(c) => Ok(Outcome::Halted {
+                committed: Some(c),
+                reason,
+            }),
+            other => Ok(other),
+        }
+    }
+
+    /// One event's handler statements; `false` when no handler takes its type.
+    async fn run_event(&self, tx: &mut Tx, event: &Event) -> Result<bool, StepError> {
+        let Some(statements) = self.handlers.for_type(&event.type_) else {
+            return Ok(false);
+        };
+        for statement in statements {
+            let values = handler::bind_all(statement, event).map_err(StepError::Bind)?;
+            execute(&self.db, tx, &statement.sql, values)
+                .await
+                .map_err(StepError::Db)?;
+        }
+        Ok(true)
+    }
+
+    /// One savepoint per event: the event at fault is tried again and settled by `policy`.
+    pub async fn isolated(
+        &mut self,
+        from: &Checkpoint,
+        decoded: &[(&Incoming<'_>, Result<Event, DecodeError>)],
+        policy: &Policy,
+        report: &Report,
+    ) -> Result<Outcome, Transient> {
+        let db_err = |e: sqlx::Error| Transient(format!("database: {e}"));
+        let mut tx = self.db.begin().await.map_err(db_err)?;
+        let mut counts = Counts::default();
+        let mut upto = from.last_sequence;
+        let mut dead = Vec::new();
+        for (inc, ev) in decoded {
+            let failure = match ev {
+                Err(e) => {
+                    let fault = Fault::Decode(e.to_string());
+                    let decision = policy.decide(&fault, 1);
+                    Some((fault, 1, decision))
+                }
+                Ok(ev) => {
+                    let mut attempts = 0;
+                    loop {
+                        attempts += 1;
+                        savepoint(&mut tx, "SAVEPOINT projectionist_event").await?;
+                        let fault = match self.run_event(&mut tx, ev).await {
+                            Ok(ran) => {
+                                savepoint(&mut tx, "RELEASE SAVEPOINT projectionist_event").await?;
+                                if ran {
+                                    counts.applied += 1;
+                                } else {
+                                    counts.ignored += 1;
+                                }
+                                break None;
+                            }
+                            Err(StepError::Db(e)) if classify(&e) == ErrorClass::Transient => {
+                                return Err(db_err(e));
+                            }
+                            Err(StepError::Db(e)) => Fault::Database(e.to_string()),
+                            Err(StepError::Bind(e)) => Fault::Bind(e.to_string()),
+                        };
+                        savepoint(&mut tx, "ROLLBACK TO SAVEPOINT projectionist_event").await?;
+                        savepoint(&mut tx, "RELEASE SAVEPOINT projectionist_event").await?;
+                        report.error(fault.kind());
+                        match policy.decide(&fault, attempts) {
+                            Decision::Retry(delay) => {
+                                report.beat();
+                                tokio::time::sleep(delay).await;
+                            }
+                            decision => break Some((fault, attempts, decision)),
+                        }
+                    }
+                }
+            };
+            if let Some((fault, attempts, decision)) = failure {
+                if matches!(fault, Fault::Decode(_)) {
+                    report.error(fault.kind());
+                }
+                let (event_id, event_type) = match ev {
+                    Ok(e) => (Some(e.id.clone()), Some(e.type_.clone())),
+                    Err(_) => (None, None),
+                };
+                let described = format!(
+                    "event at sequence {} ({}{}): {}",
+                    inc.seq,
+                    event_type.as_deref().unwrap_or("unknown type"),
+                    event_id
+                        .as_deref()
+                        .map(|i| format!(" {i}"))
+                        .unwrap_or_default(),
+                    fault.message()
+                );
+                let policy = match decision {
+                    Decision::Record(p) => p,
+                    Decision::Halt | Decision::Retry(_) => {
+                        return self
+                            .halt(tx, from, upto, counts, dead, described)
+                            .await
+                            .map_err(db_err);
+                    }
+                };
+                let letter = DeadLetter {
+                    sequence: inc.seq,
+                    event_id,
+                    event_type,
+                    subject: inc.subject.to_string(),
+                    payload: inc.payload.to_vec(),
+                    error: fault.message(),
+                    policy,
+                    attempts,
+                };
+                savepoint(&mut tx, "SAVEPOINT projectionist_letter").await?;
+                match dead_letter::record(&self.db, &mut tx, &self.key, &letter).await {
+                    Ok(()) => {
+                        savepoint(&mut tx, "RELEASE SAVEPOINT projectionist_letter").await?;
+                        warn!(projection = %self.key, sequence = inc.seq, policy = dead_letter::policy_name(policy), error = %described, "event recorded as a dead letter");
+                        dead.push(letter);
+                    }
+                    Err(e) if classify(&e) == ErrorClass::Transient => return Err(db_err(e)),
+                    Err(e) => {
+                        // Retrying cannot help and going on without a record would lose the event: stop here.
+                        savepoint(&mut tx, "ROLLBACK TO SAVEPOINT projectionist_letter").await?;
+                        let reason = format!("{described}; cannot record it as a dead letter: {e}");
+                        return self
+                            .halt(tx, from, upto, counts, dead, reason)
+                            .await
+                            .map_err(db_err);
+                    }
+                }
+            }
+            upto = inc.seq;
+        }
+        self.commit(tx, from, upto, counts, dead)
+            .await
+            .map_err(db_err)
+    }
+}
+
+/// The whole plan pipelined on PostgreSQL, with the checkpoint's compare-and-set, in one transaction.
+async fn pipelined(
+    pipeline: &mut Pipeline,
+    db: &Database,
+    key: &str,
+    from: &Checkpoint,
+    plan: Plan<'_>,
+    upto: u64,
+) -> Result<Outcome, BatchFailure> {
+    let counts = Counts {
+        applied: plan.applied,
+        ignored: plan.ignored,
+        merged: plan.merged,
+    };
+    let rendered: Vec<String> = plan.steps.iter().map(|s| s.sql().into_owned()).collect();
+    let steps: Vec<(&str, Vec<handler::Bound>)> = rendered
+        .iter()
+        .map(String::as_str)
+        .zip(plan.steps.into_iter().map(plan::Step::into_values))
+        .collect();
+    let (cas_sql, cas_values) = checkpoint::advance_statement(key, from, upto);
+    let cas_sql = db.sql(&cas_sql);
+    match pipeline.run(&steps, (&cas_sql, cas_values)).await {
+        Ok(pipeline::Outcome::Committed) => Ok(Outcome::Committed(Committed {
+            upto,
+            counts,
+            dead: Vec::new(),
+        })),
+        Ok(pipeline::Outcome::Fenced) => Ok(Outcome::Fenced),
+        Err(e) if pipeline::is_transient(&e) => {
+            Err(BatchFailure::Transient(format!("database: {e}")))
+        }
+        Err(e) => Err(BatchFailure::AtFault(e.to_string())),
+    }
+}
+
+/// A savepoint statement; failing one is transient (the connection went).
+async fn savepoint(tx: &mut Tx, sql: &str) -> Result<(), Transient> {
+    database::execute_plain(tx, sql)
+        .await
+        .map_err(|e| Transient(format!("database: {e}")))
+}
+
+/// Runs a handler statement. On PostgreSQL a statement is prepared with fixed parameter types and sqlx caches it
+/// by its text, so the text carries the value types ([`plan::type_signature`]): a number and a string bound to the
+/// same parameter by different events never share (and corrupt) one prepared form.
+async fn execute(
+    db: &Database,
+    tx: &mut Tx,
+    sql: &str,
+    values: Vec<handler::Bound>,
+) -> Result<u64, sqlx::Error> {
+    if db.driver == Driver::Postgres {
+        let sql = format!(
+            "{sql}\n/* projectionist:{} */",
+            plan::type_signature(&values)
+        );
+        database::execute(tx, &sql, values).await
+    } else {
+        database::execute(tx, sql, values).await
+    }
+}
