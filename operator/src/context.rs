@@ -1,7 +1,7 @@
 //! What every reconcile shares: the Kubernetes client, NATS connections, the event recorder, metrics and settings.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::ConfigMap;
@@ -44,6 +44,18 @@ impl std::fmt::Debug for Caches {
     }
 }
 
+/// Whether a cache has synced, waiting a little for its first list (a cache that cannot sync, say for want of a
+/// permission, must not hold reconciles up: they then read from the API server).
+async fn synced<K: kube::Resource + Clone + 'static>(store: &Store<K>) -> bool
+where
+    K::DynamicType: Eq + std::hash::Hash + Clone,
+{
+    matches!(
+        tokio::time::timeout(Duration::from_secs(10), store.wait_until_ready()).await,
+        Ok(Ok(()))
+    )
+}
+
 /// Shared reconcile state.
 pub struct Context {
     pub client: kube::Client,
@@ -55,8 +67,8 @@ pub struct Context {
     failures: Mutex<HashMap<String, u32>>,
     /// Per projection: the last acknowledged sequence seen and when it last moved.
     progress: Mutex<HashMap<String, (u64, Instant)>>,
-    /// Set once the controllers run; until then reads go to the API server.
-    caches: OnceLock<Caches>,
+    /// Set whenever the controllers start (again, after a lost leadership); until then reads go to the API server.
+    caches: RwLock<Option<Caches>>,
 }
 
 impl std::fmt::Debug for Context {
@@ -83,13 +95,19 @@ impl Context {
             settings,
             failures: Mutex::new(HashMap::new()),
             progress: Mutex::new(HashMap::new()),
-            caches: OnceLock::new(),
+            caches: RwLock::new(None),
         }
     }
 
     /// Serves reads from the controllers' caches from now on.
     pub fn use_caches(&self, caches: Caches) {
-        let _ = self.caches.set(caches);
+        if let Ok(mut current) = self.caches.write() {
+            *current = Some(caches);
+        }
+    }
+
+    fn caches(&self) -> Option<Caches> {
+        self.caches.read().ok()?.clone()
     }
 
     /// The EventStore `namespace/name`, from the cache once it has synced when it is Ready there; one that is
@@ -100,8 +118,8 @@ impl Context {
         namespace: &str,
         name: &str,
     ) -> Result<Option<Arc<EventStore>>, kube::Error> {
-        if let Some(caches) = self.caches.get()
-            && caches.stores.wait_until_ready().await.is_ok()
+        if let Some(caches) = self.caches()
+            && synced(&caches.stores).await
             && let Some(store) = caches.stores.get(&ObjectRef::new(name).within(namespace))
             && store.status.as_ref().is_some_and(|s| {
                 crate::conditions::is_true(&s.conditions, "Ready")
@@ -121,8 +139,10 @@ impl Context {
     /// A ConfigMap the operator manages, from the cache (the operator never reads ConfigMaps one by one: `None`
     /// before the controllers run, and the caller then simply applies).
     pub async fn managed_config_map(&self, namespace: &str, name: &str) -> Option<Arc<ConfigMap>> {
-        let caches = self.caches.get()?;
-        caches.config_maps.wait_until_ready().await.ok()?;
+        let caches = self.caches()?;
+        if !synced(&caches.config_maps).await {
+            return None;
+        }
         caches
             .config_maps
             .get(&ObjectRef::new(name).within(namespace))

@@ -368,24 +368,31 @@ async fn run_controllers(
         }
     };
 
-    let store_controller = Controller::new(stores.clone(), watcher::Config::default());
-    let store_cache = store_controller.store();
-    // The managed ConfigMaps: one watch feeds both the Projection controller (a changed or deleted ConfigMap is
-    // put back) and the cache reconciles read.
+    // The caches reconciles read from, each filled by its own task so that a reconcile waiting for one never
+    // holds up the controller streams (an owned stream only advances while its controller has a free slot).
+    let (store_cache, store_writer) = reflector::store::<EventStore>();
     let (map_cache, map_writer) = reflector::store::<ConfigMap>();
-    let map_events = reflector::reflector(
-        map_writer,
-        watcher::watcher(
-            maps,
-            watcher::Config::default().labels(&format!("app.kubernetes.io/managed-by={MANAGER}")),
-        ),
+    let managed = format!("app.kubernetes.io/managed-by={MANAGER}");
+    let fill_stores = reflector::reflector(
+        store_writer,
+        watcher::watcher(stores.clone(), watcher::Config::default())
+            .modify(|o| o.managed_fields_mut().clear()),
     )
     .default_backoff()
-    .applied_objects();
+    .for_each(|_| futures::future::ready(()));
+    let fill_maps = reflector::reflector(
+        map_writer,
+        watcher::watcher(maps.clone(), watcher::Config::default().labels(&managed))
+            .modify(|o| o.managed_fields_mut().clear()),
+    )
+    .default_backoff()
+    .for_each(|_| futures::future::ready(()));
+    let fillers = [tokio::spawn(fill_stores), tokio::spawn(fill_maps)];
     ctx.use_caches(context::Caches {
         stores: store_cache,
         config_maps: map_cache,
     });
+    let store_controller = Controller::new(stores.clone(), watcher::Config::default());
     let store_controller = store_controller
         .with_config(config.clone())
         .graceful_shutdown_on(on_shutdown(&shutdown_tx))
@@ -408,7 +415,7 @@ async fn run_controllers(
     let projection_controller = Controller::new(projections, watcher::Config::default());
     let cache = projection_controller.store();
     let projection_controller = projection_controller
-        .owns_stream(map_events)
+        .owns(maps, watcher::Config::default().labels(&managed))
         .watches(
             stores,
             watcher::Config::default(),
@@ -441,4 +448,7 @@ async fn run_controllers(
             }
         });
     futures::join!(store_controller, projection_controller);
+    for filler in fillers {
+        filler.abort();
+    }
 }

@@ -136,7 +136,7 @@ async fn examples_become_a_stream_a_consumer_and_ready_resources() {
     assert_eq!(filters, ["user-management.users.user.>"]);
     assert_eq!(
         consumer.config.ack_policy,
-        async_nats::jetstream::consumer::AckPolicy::Explicit
+        async_nats::jetstream::consumer::AckPolicy::All
     );
 
     // The sidecar's config, owned by the Projection.

@@ -709,6 +709,7 @@ async fn a_pod_gets_the_sidecar_and_the_read_model_equals_the_reference_fold() {
         (("update", "projectionist.dev", "projections/finalizers"), "blockOwnerDeletion on an owned ConfigMap, where owner-reference permissions are enforced"),
         (("patch", "projectionist.dev", "eventstores"), "the finalizer of deletionPolicy: Delete"),
         (("patch", "events.k8s.io", "events"), "a repeated Event becomes a series"),
+        (("get", "projectionist.dev", "eventstores"), "a Projection whose EventStore the cache does not yet show Ready reads it from the API server"),
         (("update", "", "secrets"), "rotating the webhook certificate"),
         (("create", "", "configmaps"), "server-side apply of a new ConfigMap: audited as patch, authorized as create"),
     ]

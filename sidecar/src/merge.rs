@@ -8,6 +8,10 @@
 //! same way merged or not. The analysis is deliberately conservative — any subquery, `RETURNING`, comment,
 //! quoted identifier, dollar quote, several tuples, or parameter outside the tuple, and the statement is not
 //! merged. One difference remains observable: statement-level triggers fire once per merged statement.
+//!
+//! MySQL/MariaDB statements (`?` placeholders) merge the same way: see [`analyze_for`].
+
+use projectionist_crds::projection::Driver;
 
 /// A statement that can take several rows.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,6 +26,8 @@ pub struct Mergeable {
     pub params: usize,
     /// For `DO UPDATE`: the (0-based) parameters whose values form the conflict key.
     pub key: Option<Vec<usize>>,
+    /// Placeholders are `?` (MySQL): rendered without numbers, bound in order of appearance.
+    positional: bool,
 }
 
 /// Rows per merged statement, at most (chunks are powers of two, so few statements get prepared).
@@ -231,7 +237,50 @@ pub fn analyze(sql: &str, params: usize) -> Option<Mergeable> {
         suffix: suffix.to_string(),
         params,
         key,
+        positional: false,
     })
+}
+
+/// Analyses a handler statement in its driver's placeholders. PostgreSQL: as [`analyze`]. MySQL/MariaDB: `?`
+/// placeholders, and `INSERT … VALUES (…) ON DUPLICATE KEY UPDATE …` merges without cutting at repeated keys,
+/// because MySQL applies a multi-row insert row by row (a later row's duplicate key updates the row an earlier one
+/// inserted, exactly as separate statements would); a backslash anywhere (MySQL's string escapes) and it is not
+/// merged. SQLite: never (it runs in-process; there is no round trip to save).
+pub fn analyze_for(driver: Driver, sql: &str, params: usize) -> Option<Mergeable> {
+    match driver {
+        Driver::Postgres => analyze(sql, params),
+        Driver::Mysql => {
+            if sql.contains('\\') {
+                return None;
+            }
+            let numbered = number_positional(sql, params)?;
+            let mut merge = analyze(&numbered, params)?;
+            merge.positional = true;
+            Some(merge)
+        }
+        Driver::Sqlite => None,
+    }
+}
+
+/// `?` placeholders outside string literals numbered `$1…$n`; `None` unless there are exactly `params`.
+fn number_positional(sql: &str, params: usize) -> Option<String> {
+    let mut out = String::with_capacity(sql.len() + params * 2);
+    let (mut in_string, mut n) = (false, 0);
+    for c in sql.chars() {
+        match c {
+            '\'' => {
+                in_string = !in_string;
+                out.push(c);
+            }
+            '?' if !in_string => {
+                n += 1;
+                out.push_str(&format!("${n}"));
+            }
+            '$' if !in_string => return None,
+            _ => out.push(c),
+        }
+    }
+    (n == params).then_some(out)
 }
 
 impl Mergeable {
@@ -260,8 +309,12 @@ impl Mergeable {
                         j += 1;
                     }
                     let n: usize = self.tuple[i + 1..j].parse().unwrap_or(0);
-                    out.push('$');
-                    out.push_str(&(n + offset).to_string());
+                    if self.positional {
+                        out.push('?');
+                    } else {
+                        out.push('$');
+                        out.push_str(&(n + offset).to_string());
+                    }
                     i = j;
                     continue;
                 }
@@ -352,5 +405,42 @@ mod tests {
         assert_eq!(chunks(300), vec![128, 128, 32, 8, 4]);
         assert_eq!(chunks(1), vec![1]);
         assert!(chunks(0).is_empty());
+    }
+
+    #[test]
+    fn mysql_upserts_merge_with_positional_placeholders() {
+        let sql = "INSERT INTO ledger (account, hash, events) VALUES (?, ?, 1) \
+                   ON DUPLICATE KEY UPDATE hash = (hash * 31 + VALUES(hash)) % 1000000007, events = events + 1";
+        let m = analyze_for(Driver::Mysql, sql, 2).expect("mergeable");
+        assert_eq!(m.key, None, "MySQL applies rows in order: no cut needed");
+        assert_eq!(
+            m.render(3),
+            "INSERT INTO ledger (account, hash, events) VALUES (?, ?, 1), (?, ?, 1), (?, ?, 1) \
+             ON DUPLICATE KEY UPDATE hash = (hash * 31 + VALUES(hash)) % 1000000007, events = events + 1"
+        );
+    }
+
+    #[test]
+    fn mysql_statements_that_are_not_plain_inserts_do_not_merge() {
+        for sql in [
+            "INSERT INTO t (a) VALUES ('it\\'s ?')",
+            "INSERT INTO t (a, b) VALUES (?, ?) ON DUPLICATE KEY UPDATE b = ?",
+            "UPDATE t SET a = ? WHERE b = ?",
+            "INSERT INTO t (a) SELECT ? FROM dual",
+        ] {
+            let params = sql.matches('?').count();
+            assert!(analyze_for(Driver::Mysql, sql, params).is_none(), "{sql}");
+        }
+        assert!(analyze_for(Driver::Sqlite, "INSERT INTO t (a) VALUES (?)", 1).is_none());
+    }
+
+    #[test]
+    fn a_question_mark_in_a_string_is_not_a_placeholder() {
+        let m =
+            analyze_for(Driver::Mysql, "INSERT INTO t (a, b) VALUES (?, '?')", 1).expect("merges");
+        assert_eq!(
+            m.render(2),
+            "INSERT INTO t (a, b) VALUES (?, '?'), (?, '?')"
+        );
     }
 }

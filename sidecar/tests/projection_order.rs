@@ -5,6 +5,7 @@ mod common;
 
 use std::time::Duration;
 
+use async_nats::jetstream::consumer::AckPolicy;
 use common::*;
 use projectionist_crds::projection::{Driver, ErrorPolicy};
 use projectionist_tests::mariadb::MariaDb;
@@ -13,9 +14,25 @@ use projectionist_tests::postgres::Postgres;
 use projectionist_tests::sqlite::Sqlite;
 
 async fn projects_in_order(driver: Driver, url: &str) {
+    projects_in_order_with(driver, url, AckPolicy::All).await;
+}
+
+async fn projects_in_order_with(driver: Driver, url: &str, ack_policy: AckPolicy) {
     let nats = NatsServer::start().await.expect("nats");
     let js = nats.jetstream().await.expect("js");
     let (store, projection) = ledger(&nats.url(), driver, ErrorPolicy::Halt, "5s");
+    if ack_policy != AckPolicy::All {
+        // A consumer as an earlier release provisioned it: provisioning keeps it as it is.
+        let mut consumer = projectionist_crds::consumer::consumer_config(&projection, &store)
+            .expect("consumer config");
+        consumer.ack_policy = ack_policy;
+        js.create_stream(projectionist_crds::stream::stream_config(&store).expect("stream"))
+            .await
+            .expect("stream");
+        js.create_consumer_on_stream(consumer, store.stream_name())
+            .await
+            .expect("consumer");
+    }
     provision(&js, &store, &projection).await;
     let first = ticks(1500, 40, 1);
     append_ticks(&js, &first, 0).await;
@@ -45,7 +62,24 @@ async fn projects_in_order(driver: Driver, url: &str) {
         Some(3000.0),
         "{metrics}"
     );
-    if driver == Driver::Postgres {
+    // Acknowledged up to the end: once per batch (`AckPolicy::All`) or per event (`Explicit`).
+    let consumer = || async {
+        js.get_stream(store.stream_name())
+            .await
+            .expect("stream")
+            .consumer_info(projection.consumer_name())
+            .await
+            .expect("consumer")
+            .clone()
+    };
+    let acked = wait_until(Duration::from_secs(10), || async {
+        consumer().await.ack_floor.stream_sequence == 3000
+    })
+    .await;
+    let info = consumer().await;
+    assert!(acked, "{:?}", info.ack_floor);
+    assert_eq!(info.config.ack_policy, ack_policy);
+    if driver != Driver::Sqlite {
         let merged = metric(
             &metrics,
             "projectionist_sidecar_events_merged_total{projection=\"test/ledger\"}",
@@ -78,4 +112,11 @@ async fn sqlite_read_model_equals_the_fold_of_interleaved_events() {
     let dir = Sqlite::new().expect("sqlite");
     let url = dir.fresh_database();
     projects_in_order(Driver::Sqlite, &url).await;
+}
+
+#[tokio::test]
+async fn a_consumer_with_explicit_acknowledgements_keeps_working() {
+    let pg = Postgres::start().await.expect("postgres");
+    let url = pg.fresh_database().await.expect("db");
+    projects_in_order_with(Driver::Postgres, &url, AckPolicy::Explicit).await;
 }

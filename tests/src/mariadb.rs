@@ -33,31 +33,41 @@ impl MariaDb {
     /// Installs a fresh datadir, starts the server and waits until it accepts connections.
     pub async fn start() -> crate::Result<Self> {
         let (_, install) = tools::mariadb()?;
-        let dir = tempfile::Builder::new()
-            .prefix("projectionist-mariadb-")
-            .tempdir()?;
-        let mut cmd = Command::new(install);
-        cmd.arg("--no-defaults")
-            .arg(format!("--datadir={}", dir.path().join("data").display()))
-            .args([
-                "--auth-root-authentication-method=normal",
-                "--skip-test-db",
-                "--skip-name-resolve",
-            ])
-            .arg(INNODB_LOG_FILE_SIZE);
-        if running_as_root() {
-            cmd.arg("--user=root");
-        }
-        let output = tokio::task::spawn_blocking(move || cmd.output())
-            .await?
-            .context("running mariadb-install-db")?;
-        if !output.status.success() {
-            bail!(
-                "mariadb-install-db failed: {}{}",
-                String::from_utf8_lossy(&output.stdout),
-                String::from_utf8_lossy(&output.stderr)
-            );
-        }
+        // `mariadb-install-db` now and then fails when several run at once (its bootstrap server races another's
+        // start-up); a fresh datadir and another try is what a person would do.
+        let mut attempt = 0;
+        let dir = loop {
+            attempt += 1;
+            let dir = tempfile::Builder::new()
+                .prefix("projectionist-mariadb-")
+                .tempdir()?;
+            let mut cmd = Command::new(&install);
+            cmd.arg("--no-defaults")
+                .arg(format!("--datadir={}", dir.path().join("data").display()))
+                .args([
+                    "--auth-root-authentication-method=normal",
+                    "--skip-test-db",
+                    "--skip-name-resolve",
+                ])
+                .arg(INNODB_LOG_FILE_SIZE);
+            if running_as_root() {
+                cmd.arg("--user=root");
+            }
+            let output = tokio::task::spawn_blocking(move || cmd.output())
+                .await?
+                .context("running mariadb-install-db")?;
+            if output.status.success() {
+                break dir;
+            }
+            if attempt >= 3 {
+                bail!(
+                    "mariadb-install-db failed {attempt} times; the last time: {}{}",
+                    String::from_utf8_lossy(&output.stdout),
+                    String::from_utf8_lossy(&output.stderr)
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(200 * attempt)).await;
+        };
         let db = Self {
             port: free_port()?,
             dir,

@@ -103,7 +103,7 @@ async fn example_projection_creates_a_durable_consumer_whose_config_equals_the_m
         diff.describe()
     );
     assert_eq!(info.name, "user-management_users-read-model");
-    assert_eq!(info.config.ack_policy, consumer::AckPolicy::Explicit);
+    assert_eq!(info.config.ack_policy, consumer::AckPolicy::All);
     assert_eq!(
         info.config.priority_policy,
         consumer::PriorityPolicy::PinnedClient
@@ -290,7 +290,7 @@ async fn diff_flags_immutable_consumer_changes_that_the_server_refuses() {
     for (field, change) in [
         (
             "ack_policy",
-            Box::new(|c: &mut consumer::pull::Config| c.ack_policy = consumer::AckPolicy::All)
+            Box::new(|c: &mut consumer::pull::Config| c.ack_policy = consumer::AckPolicy::Explicit)
                 as Box<dyn Fn(&mut consumer::pull::Config)>,
         ),
         (

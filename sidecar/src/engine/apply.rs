@@ -1,7 +1,8 @@
 //! The apply step: runs a batch in one transaction together with the checkpoint's compare-and-set, so the read model
 //! and the checkpoint move together or not at all.
 //!
-//! - [`Apply::batch`]: the whole batch at once — on PostgreSQL over plain TCP pipelined with merged statements
+//! - [`Apply::batch`]: the whole batch at once, consecutive events of a single-`INSERT` handler merged into
+//!   multi-row statements (PostgreSQL, MySQL/MariaDB) — on PostgreSQL over plain TCP pipelined
 //!   ([`crate::pipeline`]), otherwise statement by statement over sqlx.
 //! - [`Apply::isolated`]: when the batch fails for a reason that is not transient, one savepoint per event, so the
 //!   event at fault is found, tried again and settled by the [`Policy`]; the events before and after it commit.
@@ -69,7 +70,6 @@ pub struct Apply {
     handlers: Handlers,
     pipeline: Option<Pipeline>,
     mergeable: HashMap<String, Mergeable>,
-    no_merging: HashMap<String, Mergeable>,
     key: String,
 }
 
@@ -83,17 +83,12 @@ impl Apply {
     /// Applies `handlers` to `db` for projection `key`; `pipeline` is the PostgreSQL fast path, if usable.
     pub fn new(db: Database, handlers: Handlers, pipeline: Option<Pipeline>, key: &str) -> Self {
         let pipeline = pipeline.filter(|_| db.driver == Driver::Postgres);
-        let mergeable = if pipeline.is_some() {
-            plan::mergeable(&handlers)
-        } else {
-            HashMap::new()
-        };
+        let mergeable = plan::mergeable(&handlers, db.driver);
         Self {
             db,
             handlers,
             pipeline,
             mergeable,
-            no_merging: HashMap::new(),
             key: key.to_string(),
         }
     }
@@ -116,8 +111,7 @@ impl Apply {
                 plan::plan(events, &self.handlers, &self.mergeable).map_err(|e| at_fault(&e))?;
             return pipelined(pipeline, &self.db, &self.key, from, plan, upto).await;
         }
-        let plan =
-            plan::plan(events, &self.handlers, &self.no_merging).map_err(|e| at_fault(&e))?;
+        let plan = plan::plan(events, &self.handlers, &self.mergeable).map_err(|e| at_fault(&e))?;
         let db_failure = |e: sqlx::Error| match classify(&e) {
             ErrorClass::Transient => BatchFailure::Transient(format!("database: {e}")),
             ErrorClass::Permanent => BatchFailure::AtFault(e.to_string()),
@@ -125,7 +119,7 @@ impl Apply {
         let counts = Counts {
             applied: plan.applied,
             ignored: plan.ignored,
-            merged: 0,
+            merged: plan.merged,
         };
         let mut tx = self.db.begin().await.map_err(db_failure)?;
         for step in plan.steps {

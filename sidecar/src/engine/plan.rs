@@ -7,6 +7,8 @@
 
 use std::collections::{HashMap, HashSet};
 
+use projectionist_crds::projection::Driver;
+
 use crate::event::Event;
 use crate::handler::{self, BindError, Bound, Handlers};
 use crate::merge::{self, Mergeable};
@@ -147,14 +149,14 @@ pub fn plan<'h>(
     Ok(plan)
 }
 
-/// The handlers that can be merged, by event type: single-statement handlers `merge::analyze` accepts.
-pub fn mergeable(handlers: &Handlers) -> HashMap<String, Mergeable> {
+/// The handlers that can be merged on `driver`, by event type: single-statement handlers [`merge::analyze_for`]
+/// accepts.
+pub fn mergeable(handlers: &Handlers, driver: Driver) -> HashMap<String, Mergeable> {
     handlers
         .iter()
         .filter_map(|(event_type, statements)| match statements {
-            [one] => {
-                merge::analyze(&one.sql, one.params.len()).map(|m| (event_type.to_string(), m))
-            }
+            [one] => merge::analyze_for(driver, &one.sql, one.params.len())
+                .map(|m| (event_type.to_string(), m)),
             _ => None,
         })
         .collect()
@@ -178,7 +180,7 @@ pub fn type_signature(values: &[Bound]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use projectionist_crds::projection::{Driver, Handler};
+    use projectionist_crds::projection::Handler;
     use serde_json::json;
 
     const UPSERT: &str = "INSERT INTO ledger (account, n) VALUES (:data.account, :data.n) \
@@ -236,7 +238,7 @@ mod tests {
     #[test]
     fn consecutive_events_of_a_mergeable_handler_become_one_statement() {
         let h = handlers();
-        let m = mergeable(&h);
+        let m = mergeable(&h, Driver::Postgres);
         assert!(m.contains_key("Tick") && !m.contains_key("Noted"));
         let events = [tick(1, "a"), tick(2, "b"), tick(3, "c"), tick(4, "d")];
         let p = plan(&events, &h, &m).expect("plan");
@@ -253,7 +255,7 @@ mod tests {
     #[test]
     fn a_repeated_conflict_key_cuts_the_run() {
         let h = handlers();
-        let m = mergeable(&h);
+        let m = mergeable(&h, Driver::Postgres);
         let events = [tick(1, "a"), tick(2, "b"), tick(3, "a"), tick(4, "c")];
         let p = plan(&events, &h, &m).expect("plan");
         assert_eq!(shape(&p), ["merged×2", "merged×2"]);
@@ -265,7 +267,7 @@ mod tests {
     #[test]
     fn other_types_cut_the_run_and_keep_stream_order() {
         let h = handlers();
-        let m = mergeable(&h);
+        let m = mergeable(&h, Driver::Postgres);
         let events = [
             tick(1, "a"),
             tick(2, "b"),
@@ -289,7 +291,7 @@ mod tests {
     #[test]
     fn runs_split_into_power_of_two_chunks() {
         let h = handlers();
-        let m = mergeable(&h);
+        let m = mergeable(&h, Driver::Postgres);
         let events: Vec<Event> = (1..=200).map(|i| tick(i, &format!("a{i}"))).collect();
         let p = plan(&events, &h, &m).expect("plan");
         assert_eq!(shape(&p), ["merged×128", "merged×64", "merged×8"]);
