@@ -8,6 +8,9 @@
 //! 5. Freshness: events appended at a steady rate; time from append to commit, observed with Postgres
 //!    `LISTEN/NOTIFY` (a notification is delivered when its transaction commits).
 //! 6. The sidecar's peak RSS (`VmHWM`) over the whole run.
+//! 7. The sidecar on MariaDB and on SQLite with the same events ([`drivers`]).
+
+mod drivers;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -553,6 +556,12 @@ async fn main() -> anyhow::Result<()> {
     let _ = child.kill();
     let _ = child.wait();
 
+    let mut others = Vec::new();
+    for driver in [Driver::Mysql, Driver::Sqlite] {
+        eprintln!("sidecar on {}", driver.as_str());
+        others.push(drivers::run(&js, &store, &projection, driver, !args.relaxed).await?);
+    }
+
     let min_ceiling = js_ceiling.min(pg_ceiling);
     println!(
         "## PostgreSQL {}\n",
@@ -613,5 +622,14 @@ async fn main() -> anyhow::Result<()> {
         "| sidecar peak RSS | {:.1} MiB (target ≤ 32 MiB) |",
         rss_kib as f64 / 1024.0
     );
+    for other in &others {
+        println!(
+            "| sidecar on {}, {} events (cold start to last commit) | {:.0} events/s ({:.2} × the sidecar on PostgreSQL) |",
+            other.label,
+            other.events,
+            other.rate,
+            other.rate / sidecar_rate
+        );
+    }
     Ok(())
 }
