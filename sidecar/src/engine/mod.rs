@@ -252,7 +252,7 @@ impl Projector {
                 .await?
         {
             while let Some(batch) = replay.next_batch().await? {
-                let flow = self.process(&batch, Acks::None).await;
+                let flow = self.process(&batch, None, Acks::None).await;
                 self.report.rebuild_replayed(batch.len());
                 match flow {
                     Flow::Continue => {}
@@ -273,15 +273,19 @@ impl Projector {
                 .await;
         }
 
-        let mut live = self.source.subscribe(opened).await?;
+        let mut live = self.source.subscribe(opened).await?.read_ahead();
         self.report.waiting(None);
         self.backoff.reset();
         info!(projection = %self.report.key(), checkpoint = self.checkpoint.last_sequence, "consuming");
         loop {
-            let Some(batch) = live.next_batch().await? else {
+            let Some(next) = live.next_batch().await? else {
                 return Ok(Exit::Shutdown);
             };
-            match self.process(&batch.messages, live.acks()).await {
+            let batch = next.batch;
+            match self
+                .process(&batch.messages, Some(next.events), live.acks())
+                .await
+            {
                 Flow::Continue => {}
                 Flow::Exit(exit) => return Ok(exit),
                 Flow::Resubscribe => {
@@ -302,16 +306,30 @@ impl Projector {
         }
     }
 
-    /// Applies a batch until it commits (retrying transient failures), then acknowledges what was committed.
-    async fn process(&mut self, batch: &[Message], acks: Acks) -> Flow {
+    /// Applies a batch (its events decoded already, or now) until it commits (retrying transient failures), then
+    /// acknowledges what was committed.
+    async fn process(
+        &mut self,
+        batch: &[Message],
+        decoded: Option<Vec<Result<Event, event::DecodeError>>>,
+        acks: Acks,
+    ) -> Flow {
         let sequenced = source::sequenced(batch);
+        let mut decoded = decoded.unwrap_or_else(|| source::decode(batch));
         let items: Vec<source::Incoming<'_>> = sequenced
             .iter()
             .map(|(seq, m)| source::incoming(*seq, m))
             .collect();
         loop {
             let started = Instant::now();
-            match self.apply_batch(&items).await {
+            // A retry decodes again: the first try may have moved the events on to the apply step.
+            let events = std::mem::take(&mut decoded);
+            let events = if events.len() == items.len() {
+                events
+            } else {
+                source::decode(batch)
+            };
+            match self.apply_batch(&items, events).await {
                 Ok(Some(Outcome::Committed(committed))) => {
                     self.backoff.reset();
                     let upto = committed.upto;
@@ -370,18 +388,17 @@ impl Projector {
     async fn apply_batch(
         &mut self,
         items: &[source::Incoming<'_>],
+        decoded: Vec<Result<Event, event::DecodeError>>,
     ) -> Result<Option<Outcome>, Transient> {
-        let todo: Vec<&source::Incoming> = items
+        let checkpoint = self.checkpoint.last_sequence;
+        let (todo, decoded): (Vec<&source::Incoming>, Vec<_>) = items
             .iter()
-            .filter(|i| i.seq > self.checkpoint.last_sequence)
-            .collect();
+            .zip(decoded)
+            .filter(|(i, _)| i.seq > checkpoint)
+            .unzip();
         let Some(upto) = todo.last().map(|i| i.seq) else {
             return Ok(None);
         };
-        let decoded: Vec<Result<Event, event::DecodeError>> = todo
-            .iter()
-            .map(|i| event::decode(i.seq, i.subject, i.headers, i.payload))
-            .collect();
         let decoded = if decoded.iter().all(Result::is_ok) {
             let events: Vec<Event> = decoded.into_iter().flatten().collect();
             match self.apply.batch(&self.checkpoint, &events, upto).await {

@@ -21,6 +21,7 @@ use tokio::sync::watch;
 use tracing::{info, warn};
 
 use super::report::Report;
+use crate::event::{self, DecodeError, Event};
 
 /// A failure worth retrying for (NATS unreachable, a subscription ended, a database down).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,6 +45,14 @@ pub fn sequenced(batch: &[Message]) -> Vec<(u64, &Message)> {
     batch
         .iter()
         .filter_map(|m| m.info().ok().map(|i| (i.stream_sequence, m)))
+        .collect()
+}
+
+/// The messages of a batch that carry a stream sequence, decoded, in the order of [`sequenced`].
+pub fn decode(batch: &[Message]) -> Vec<Result<Event, DecodeError>> {
+    sequenced(batch)
+        .iter()
+        .map(|(seq, m)| event::decode(*seq, m.subject.as_str(), m.headers.as_ref(), &m.payload))
         .collect()
 }
 
@@ -355,6 +364,46 @@ pub struct Batch {
     pub interrupted: Option<String>,
 }
 
+/// A batch from the durable consumer, already decoded.
+#[derive(Debug)]
+pub struct Decoded {
+    /// The batch.
+    pub batch: Batch,
+    /// Its events, in the order of [`sequenced`].
+    pub events: Vec<Result<Event, DecodeError>>,
+}
+
+/// The durable consumer read ahead by a task of its own: the next batch is pulled and decoded while the current one
+/// is applied and committed. At most one decoded batch waits; dropping this stops the task and the subscription
+/// (what it held unacknowledged is redelivered, and skipped where the checkpoint already covers it).
+#[derive(Debug)]
+pub struct ReadAhead {
+    acks: Acks,
+    batches: tokio::sync::mpsc::Receiver<Result<Option<Decoded>, Transient>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl ReadAhead {
+    /// How this consumer's batches are acknowledged.
+    pub fn acks(&self) -> Acks {
+        self.acks
+    }
+
+    /// The next decoded batch; `None` on shutdown.
+    pub async fn next_batch(&mut self) -> Result<Option<Decoded>, Transient> {
+        match self.batches.recv().await {
+            Some(next) => next,
+            None => Err(Transient("the pull subscription ended".into())),
+        }
+    }
+}
+
+impl Drop for ReadAhead {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 /// The durable consumer, pulled.
 pub struct Live {
     messages: pull::Stream,
@@ -374,9 +423,29 @@ impl std::fmt::Debug for Live {
 }
 
 impl Live {
-    /// How this consumer's batches are acknowledged.
-    pub fn acks(&self) -> Acks {
-        self.acks
+    /// Reads ahead on a task of its own.
+    pub fn read_ahead(mut self) -> ReadAhead {
+        let acks = self.acks;
+        let (tx, batches) = tokio::sync::mpsc::channel(1);
+        let task = tokio::spawn(async move {
+            loop {
+                let next = self.next_batch().await.map(|batch| {
+                    batch.map(|batch| Decoded {
+                        events: decode(&batch.messages),
+                        batch,
+                    })
+                });
+                let last = !matches!(&next, Ok(Some(d)) if d.batch.interrupted.is_none());
+                if tx.send(next).await.is_err() || last {
+                    return;
+                }
+            }
+        });
+        ReadAhead {
+            acks,
+            batches,
+            task,
+        }
     }
 
     /// Waits for the next batch, beating the heartbeat while idle; `None` on shutdown.
