@@ -37,48 +37,16 @@ async fn dev_mode_projects_the_example_into_postgres() {
 async fn project_the_example(data_dir: &Path, database: Option<&str>, read_url: &str) {
     let nats = NatsServer::start().await.expect("nats");
     let example = repo::user_management_example();
-    let admin_port = free_port();
-    let mut command = Command::new(env!("CARGO_BIN_EXE_projectionist-sidecar"));
-    if let Some(db) = database {
-        command.env("PROJECTIONIST_DATABASE_URL", db);
-    }
-    let mut dev = command
-        .arg("dev")
-        .arg("-f")
-        .arg(&example)
-        .arg("--data-dir")
-        .arg(data_dir)
-        .arg("--admin-addr")
-        .arg(format!("127.0.0.1:{admin_port}"))
-        .env("PROJECTIONIST_API_ADDR", "127.0.0.1:0")
-        .env("PROJECTIONIST_NATS_URL", nats.url())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("dev");
-    let admin = ([127, 0, 0, 1], admin_port).into();
-    assert!(
-        wait_until(Duration::from_secs(30), || async {
-            http_get(admin, "/readyz").await.0 == 200
-        })
-        .await
-    );
-
-    let out = Command::new(env!("CARGO_BIN_EXE_projectionist-sidecar"))
-        .arg("append")
-        .arg("-f")
-        .arg(&example)
-        .arg("--events")
-        .arg(example.join("events.ndjson"))
-        .env("PROJECTIONIST_NATS_URL", nats.url())
-        .output()
-        .expect("append");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (dev, admin) = start_dev(
+        &example,
+        data_dir,
+        database,
+        &nats.url(),
+        &[],
+        Stdio::inherit(),
+    )
+    .await;
+    append_events(&example, &example.join("events.ndjson"), &nats.url());
     let caught_up = wait_until(Duration::from_secs(30), || async {
         http_get(admin, "/readyz")
             .await
@@ -117,12 +85,7 @@ async fn project_the_example(data_dir: &Path, database: Option<&str>, read_url: 
             .is_empty()
     );
 
-    kill(Pid::from_raw(dev.id() as i32), Signal::SIGINT).expect("interrupt");
-    let status = tokio::task::spawn_blocking(move || dev.wait())
-        .await
-        .expect("join")
-        .expect("wait");
-    assert!(status.success(), "{status:?}");
+    interrupt(dev).await;
 }
 
 /// `dev` follows its files: an edited handler with a new rebuild token rebuilds the read model with the new SQL
@@ -142,44 +105,20 @@ async fn dev_mode_follows_its_yaml_files() {
             .join("user-management_users-read-model.db")
             .display()
     );
-    let admin_port = free_port();
     let log = tempfile::NamedTempFile::new().expect("log");
-    let mut dev = Command::new(env!("CARGO_BIN_EXE_projectionist-sidecar"))
-        .arg("dev")
-        .arg("-f")
-        .arg(files.path())
-        .arg("--data-dir")
-        .arg(data.path())
-        .arg("--admin-addr")
-        .arg(format!("127.0.0.1:{admin_port}"))
-        .args(["--reload-interval", "200ms"])
-        .env("PROJECTIONIST_API_ADDR", "127.0.0.1:0")
-        .env("PROJECTIONIST_NATS_URL", nats.url())
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(log.reopen().expect("log"))
-        .spawn()
-        .expect("dev");
-    let admin = ([127, 0, 0, 1], admin_port).into();
-    assert!(
-        wait_until(Duration::from_secs(30), || async {
-            http_get(admin, "/readyz").await.0 == 200
-        })
-        .await
-    );
-    let out = Command::new(env!("CARGO_BIN_EXE_projectionist-sidecar"))
-        .arg("append")
-        .arg("-f")
-        .arg(files.path())
-        .arg("--events")
-        .arg(files.path().join("events.ndjson"))
-        .env("PROJECTIONIST_NATS_URL", nats.url())
-        .output()
-        .expect("append");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    let (dev, admin) = start_dev(
+        files.path(),
+        data.path(),
+        None,
+        &nats.url(),
+        &["--reload-interval", "200ms"],
+        log.reopen().expect("log").into(),
+    )
+    .await;
+    append_events(
+        files.path(),
+        &files.path().join("events.ndjson"),
+        &nats.url(),
     );
     let names =
         || async { query_strings(&read_url, "SELECT id, name FROM users ORDER BY id").await };
@@ -242,6 +181,70 @@ async fn dev_mode_follows_its_yaml_files() {
     .await;
     assert_eq!(token, vec![vec!["upper-case-names".to_string()]]);
 
+    interrupt(dev).await;
+}
+
+/// `dev -f files` on a fresh admin port, until it is ready; the process and its admin address.
+async fn start_dev(
+    files: &Path,
+    data_dir: &Path,
+    database: Option<&str>,
+    nats_url: &str,
+    extra: &[&str],
+    stderr: Stdio,
+) -> (std::process::Child, std::net::SocketAddr) {
+    let admin_port = free_port();
+    let mut command = Command::new(env!("CARGO_BIN_EXE_projectionist-sidecar"));
+    if let Some(db) = database {
+        command.env("PROJECTIONIST_DATABASE_URL", db);
+    }
+    let dev = command
+        .arg("dev")
+        .arg("-f")
+        .arg(files)
+        .arg("--data-dir")
+        .arg(data_dir)
+        .arg("--admin-addr")
+        .arg(format!("127.0.0.1:{admin_port}"))
+        .args(extra)
+        .env("PROJECTIONIST_API_ADDR", "127.0.0.1:0")
+        .env("PROJECTIONIST_NATS_URL", nats_url)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(stderr)
+        .spawn()
+        .expect("dev");
+    let admin = ([127, 0, 0, 1], admin_port).into();
+    assert!(
+        wait_until(Duration::from_secs(30), || async {
+            http_get(admin, "/readyz").await.0 == 200
+        })
+        .await
+    );
+    (dev, admin)
+}
+
+/// `append -f files --events events`.
+fn append_events(files: &Path, events: &Path, nats_url: &str) {
+    let out = Command::new(env!("CARGO_BIN_EXE_projectionist-sidecar"))
+        .arg("append")
+        .arg("-f")
+        .arg(files)
+        .arg("--events")
+        .arg(events)
+        .env("PROJECTIONIST_NATS_URL", nats_url)
+        .output()
+        .expect("append");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// SIGINT, then a clean exit.
+async fn interrupt(dev: std::process::Child) {
+    let mut dev = dev;
     kill(Pid::from_raw(dev.id() as i32), Signal::SIGINT).expect("interrupt");
     let status = tokio::task::spawn_blocking(move || dev.wait())
         .await

@@ -5,30 +5,18 @@
 //!
 //! Run it with `bash scripts/local-cluster.sh`.
 
-use std::process::Command;
 use std::time::Duration;
 
-use anyhow::{Context, bail};
+use anyhow::bail;
 use projectionist_tests::control_plane::{ControlPlane, tool};
 use projectionist_tests::nats::NatsServer;
 use projectionist_tests::postgres::Postgres;
-use projectionist_tests::process::{ServerProcess, free_port, wait_for_port};
+use projectionist_tests::process::{ServerProcess, wait_for_port};
+use projectionist_tests::release::Release;
 use projectionist_tests::repo;
 
 const SYSTEM: &str = "projectionist-system";
 const APP: &str = "user-management";
-
-fn run(command: &mut Command) -> anyhow::Result<String> {
-    let out = command.output().context("running a tool")?;
-    if !out.status.success() {
-        bail!(
-            "{command:?}: {}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
 
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
@@ -43,27 +31,13 @@ async fn main() -> anyhow::Result<()> {
     let db_url = postgres.fresh_database().await?;
 
     println!("installing the chart with helm…");
-    let chart = repo::root().join("charts/projectionist");
-    run(Command::new(tool("helm")?)
-        .arg("--kubeconfig")
-        .arg(&kubeconfig)
-        .args(["install", "projectionist"])
-        .arg(&chart)
-        .args(["-n", SYSTEM, "--create-namespace"]))?;
-    let operator_kubeconfig = plane.service_account_kubeconfig(SYSTEM, "projectionist")?;
-
-    let (admin_port, webhook_port) = (free_port()?, free_port()?);
-    let mut operator = Command::new(repo::root().join("target/debug/projectionist-operator"));
-    operator
-        .args(["run", "--admin-addr"])
-        .arg(format!("127.0.0.1:{admin_port}"))
-        .arg("--webhook-addr")
-        .arg(format!("127.0.0.1:{webhook_port}"))
-        .arg("--work-dir")
-        .arg(work.path().join("operator"))
-        .env("KUBECONFIG", &operator_kubeconfig)
-        .env("POD_NAMESPACE", SYSTEM)
-        .env("RUST_LOG", "info,kube=warn");
+    let release = Release::install(&plane, SYSTEM, &work.path().join("operator"), &[])?;
+    let (admin_port, webhook_port) = (release.admin_port, release.webhook_port);
+    let mut operator = release.operator_command(
+        &repo::root().join("target/debug/projectionist-operator"),
+        "projectionist-local",
+    );
+    operator.env("RUST_LOG", "info,kube=warn");
     let operator = ServerProcess::spawn(
         "projectionist-operator",
         operator,
