@@ -24,7 +24,7 @@ use crate::engine::{Exit, Projector};
 use crate::handler::Handlers;
 use crate::pipeline::Pipeline;
 use crate::secrets;
-use crate::status::{Metrics, ProjectionState};
+use crate::status::{Metrics, ProjectionLabel, ProjectionState};
 use crate::store::{self, Store};
 
 /// One projection to run, with local overrides.
@@ -411,21 +411,41 @@ async fn run_once(
     metrics: Arc<Metrics>,
     stop_rx: watch::Receiver<bool>,
 ) -> Exit {
-    match start_projection(launch, state.clone(), metrics, stop_rx.clone()).await {
-        Ok(projector) => projector.run().await,
-        Err(e) => {
-            let reason = format!("cannot start: {e:#}");
-            error!(projection = %key, reason = %reason, "projection not started");
-            state.halt(reason.clone());
-            // Keep the halted state visible on /readyz until shutdown (or a config change).
-            let mut stop_rx = stop_rx;
-            while !*stop_rx.borrow() {
-                state.beat();
-                let _ = tokio::time::timeout(Duration::from_secs(1), stop_rx.changed()).await;
-            }
-            Exit::Halted(reason)
-        }
+    use futures::FutureExt;
+    let reason =
+        match start_projection(launch, state.clone(), metrics.clone(), stop_rx.clone()).await {
+            // A panic is a bug; it stops this projection only, with the reason where a halt shows it.
+            Ok(projector) => match std::panic::AssertUnwindSafe(projector.run())
+                .catch_unwind()
+                .await
+            {
+                Ok(exit) => return exit,
+                Err(panic) => {
+                    let message = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| s.to_string())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_else(|| "unknown panic".into());
+                    metrics
+                        .halted
+                        .get_or_create(&ProjectionLabel {
+                            projection: key.clone(),
+                        })
+                        .set(1);
+                    format!("stopped by an internal error (please report it): {message}")
+                }
+            },
+            Err(e) => format!("cannot start: {e:#}"),
+        };
+    error!(projection = %key, reason = %reason, "projection not running");
+    state.halt(reason.clone());
+    // Keep the halted state visible on /readyz until shutdown (or a config change).
+    let mut stop_rx = stop_rx;
+    while !*stop_rx.borrow() {
+        state.beat();
+        let _ = tokio::time::timeout(Duration::from_secs(1), stop_rx.changed()).await;
     }
+    Exit::Halted(reason)
 }
 
 /// Resolves on SIGTERM or SIGINT.

@@ -331,3 +331,28 @@ pub async fn store_ready(env: &Env, operator: &Operator, name: &str) -> EventSto
     )
     .await
 }
+
+/// The stream's info, if it exists.
+pub async fn stream_info(
+    js: &async_nats::jetstream::Context,
+    stream: &str,
+) -> Option<async_nats::jetstream::stream::Info> {
+    Some(js.get_stream(stream).await.ok()?.cached_info().clone())
+}
+
+/// The consumer's info, if it exists.
+pub async fn consumer_info(
+    js: &async_nats::jetstream::Context,
+    stream: &str,
+    consumer: &str,
+) -> Option<async_nats::jetstream::consumer::Info> {
+    Some(
+        js.get_stream(stream)
+            .await
+            .ok()?
+            .consumer_info(consumer)
+            .await
+            .ok()?
+            .clone(),
+    )
+}

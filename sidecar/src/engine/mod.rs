@@ -281,6 +281,10 @@ impl Projector {
             let Some(next) = live.next_batch().await? else {
                 return Ok(Exit::Shutdown);
             };
+            if self.stopping() {
+                // A batch read ahead is left unacknowledged: it is delivered again after the restart.
+                return Ok(Exit::Shutdown);
+            }
             let batch = next.batch;
             match self
                 .process(&batch.messages, Some(next.events), live.acks())
