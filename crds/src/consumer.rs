@@ -18,7 +18,7 @@ use time::format_description::well_known::Rfc3339;
 
 use crate::duration;
 use crate::event_store::EventStore;
-use crate::projection::{Projection, StartPolicy};
+use crate::projection::{Projection, StartAt, StartPolicy};
 use crate::subject;
 
 /// The priority group every sidecar pulls from; the server pins one client of it at a time.
@@ -74,46 +74,13 @@ pub fn consumer_config(
             source,
         })?;
 
-    let stream_subjects = store.subjects();
     let filters = spec
         .events
         .as_ref()
         .map(|e| e.subjects.clone())
         .unwrap_or_default();
-    for filter in &filters {
-        subject::validate(filter).map_err(ConsumerSpecError::Subject)?;
-        if !subject::is_covered(filter, &stream_subjects) {
-            return Err(ConsumerSpecError::FilterOutsideStream {
-                filter: filter.clone(),
-                stream_subjects,
-            });
-        }
-    }
-    let (filter_subject, filter_subjects) = match filters.as_slice() {
-        [one] => (one.clone(), Vec::new()),
-        _ => (String::new(), filters),
-    };
-
-    let start = spec.start_at.clone().unwrap_or_default();
-    let deliver_policy = match start.policy {
-        StartPolicy::Beginning => DeliverPolicy::All,
-        StartPolicy::New => DeliverPolicy::New,
-        StartPolicy::Sequence => DeliverPolicy::ByStartSequence {
-            start_sequence: start.sequence.ok_or_else(|| {
-                ConsumerSpecError::StartAt("policy Sequence needs sequence".into())
-            })?,
-        },
-        StartPolicy::Time => {
-            let text = start
-                .time
-                .as_deref()
-                .ok_or_else(|| ConsumerSpecError::StartAt("policy Time needs time".into()))?;
-            let start_time = OffsetDateTime::parse(text, &Rfc3339).map_err(|e| {
-                ConsumerSpecError::StartAt(format!("time {text:?} is not RFC 3339: {e}"))
-            })?;
-            DeliverPolicy::ByStartTime { start_time }
-        }
-    };
+    let (filter_subject, filter_subjects) = server_filters(&filters, store)?;
+    let deliver_policy = deliver_policy(&spec.start_at.clone().unwrap_or_default())?;
 
     let max_events = i64::from(spec.batch.max_events);
     let namespace = projection
@@ -152,12 +119,57 @@ pub fn consumer_config(
     })
 }
 
+/// Checks subject filters against the store and splits them the way the server takes them: one filter as
+/// `filter_subject`, several as `filter_subjects`.
+pub fn server_filters(
+    filters: &[String],
+    store: &EventStore,
+) -> Result<(String, Vec<String>), ConsumerSpecError> {
+    let stream_subjects = store.subjects();
+    for filter in filters {
+        subject::validate(filter).map_err(ConsumerSpecError::Subject)?;
+        if !subject::is_covered(filter, &stream_subjects) {
+            return Err(ConsumerSpecError::FilterOutsideStream {
+                filter: filter.clone(),
+                stream_subjects,
+            });
+        }
+    }
+    Ok(match filters {
+        [one] => (one.clone(), Vec::new()),
+        _ => (String::new(), filters.to_vec()),
+    })
+}
+
+/// The deliver policy of a start position.
+pub fn deliver_policy(start: &StartAt) -> Result<DeliverPolicy, ConsumerSpecError> {
+    Ok(match start.policy {
+        StartPolicy::Beginning => DeliverPolicy::All,
+        StartPolicy::New => DeliverPolicy::New,
+        StartPolicy::Sequence => DeliverPolicy::ByStartSequence {
+            start_sequence: start.sequence.ok_or_else(|| {
+                ConsumerSpecError::StartAt("policy Sequence needs sequence".into())
+            })?,
+        },
+        StartPolicy::Time => {
+            let text = start
+                .time
+                .as_deref()
+                .ok_or_else(|| ConsumerSpecError::StartAt("policy Time needs time".into()))?;
+            let start_time = OffsetDateTime::parse(text, &Rfc3339).map_err(|e| {
+                ConsumerSpecError::StartAt(format!("time {text:?} is not RFC 3339: {e}"))
+            })?;
+            DeliverPolicy::ByStartTime { start_time }
+        }
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::common::{NatsConnection, SecretKeyRef};
     use crate::event_store::EventStoreSpec;
-    use crate::projection::{Database, Driver, EventSelection, Handler, ProjectionSpec, StartAt};
+    use crate::projection::{Database, Driver, EventSelection, Handler, ProjectionSpec};
 
     pub(crate) fn store() -> EventStore {
         let mut s = EventStore::new(

@@ -5,7 +5,7 @@ use std::path::Path;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
 
-use crate::{EventStore, Projection};
+use crate::{EventStore, Projection, Reactor};
 
 /// One generated CRD file.
 #[derive(Debug, Clone)]
@@ -18,12 +18,12 @@ pub struct CrdFile {
     pub crd: CustomResourceDefinition,
 }
 
-/// Both CRDs, EventStore first.
+/// Every CRD, EventStore first.
 pub fn crds() -> Vec<CustomResourceDefinition> {
-    vec![EventStore::crd(), Projection::crd()]
+    vec![EventStore::crd(), Projection::crd(), Reactor::crd()]
 }
 
-/// Both CRDs as files.
+/// Every CRD as a file.
 pub fn files() -> Vec<CrdFile> {
     crds()
         .into_iter()

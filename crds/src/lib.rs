@@ -2,6 +2,8 @@
 //!
 //! - [`event_store`]: the `EventStore` custom resource — a JetStream stream that behaves like an append-only ledger.
 //! - [`projection`]: the `Projection` custom resource — a durable consumer plus SQL handlers for one read model.
+//! - [`reactor`]: the `Reactor` custom resource — events delivered to the service's own HTTP endpoint, in order per
+//!   aggregate, with a parking lot; [`reactor_config`] is its resolved file in the sidecar.
 //! - [`common`]: types both resources share: Secret references, NATS connection settings, conditions.
 //! - [`duration`]: the Go/Kubernetes duration strings (`30s`, `1m30s`) used throughout the API.
 //! - [`stream`]: EventStore → JetStream stream config, with the event-store guardrails as defaults.
@@ -22,6 +24,8 @@ pub mod diff;
 pub mod duration;
 pub mod event_store;
 pub mod projection;
+pub mod reactor;
+pub mod reactor_config;
 pub mod sidecar_config;
 pub mod store_config;
 pub mod stream;
@@ -30,6 +34,7 @@ pub mod template;
 
 pub use event_store::{EventStore, EventStoreSpec, EventStoreStatus};
 pub use projection::{Projection, ProjectionSpec, ProjectionStatus};
+pub use reactor::{Reactor, ReactorSpec, ReactorStatus};
 pub use sidecar_config::SidecarConfig;
 
 /// The API group of both custom resources.
