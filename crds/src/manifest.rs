@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::{EventStore, Projection};
+use crate::{EventStore, Projection, Reactor};
 
 /// The EventStores and Projections found in some files.
 #[derive(Debug, Default, Clone)]
@@ -14,6 +14,8 @@ pub struct Manifests {
     pub event_stores: Vec<EventStore>,
     /// Projections, in file order.
     pub projections: Vec<Projection>,
+    /// Every Reactor, in file order.
+    pub reactors: Vec<Reactor>,
 }
 
 /// A manifest that cannot be read.
@@ -40,8 +42,10 @@ pub enum ManifestError {
         source: serde_yaml::Error,
     },
     /// A Projection's EventStore is not among the manifests.
-    #[error("Projection {projection}: EventStore {store:?} not found in the given files")]
+    #[error("{kind} {projection}: EventStore {store:?} not found in the given files")]
     MissingStore {
+        /// `Projection` or `Reactor`.
+        kind: &'static str,
         /// The Projection's name.
         projection: String,
         /// The EventStore it names.
@@ -96,6 +100,9 @@ impl Manifests {
                 "Projection" => self
                     .projections
                     .push(serde_yaml::from_value(value).map_err(parse_err)?),
+                "Reactor" => self
+                    .reactors
+                    .push(serde_yaml::from_value(value).map_err(parse_err)?),
                 _ => {}
             }
         }
@@ -104,15 +111,31 @@ impl Manifests {
 
     /// The EventStore a Projection reads (same namespace and name).
     pub fn store_of(&self, projection: &Projection) -> Result<&EventStore, ManifestError> {
+        self.store_named(
+            &projection.metadata,
+            &projection.spec.event_store,
+            "Projection",
+        )
+    }
+
+    /// The EventStore a Reactor reads.
+    pub fn store_of_reactor(&self, reactor: &Reactor) -> Result<&EventStore, ManifestError> {
+        self.store_named(&reactor.metadata, &reactor.spec.event_store, "Reactor")
+    }
+
+    fn store_named(
+        &self,
+        reader: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+        store: &str,
+        kind: &'static str,
+    ) -> Result<&EventStore, ManifestError> {
         self.event_stores
             .iter()
-            .find(|s| {
-                s.metadata.name.as_deref() == Some(projection.spec.event_store.as_str())
-                    && s.metadata.namespace == projection.metadata.namespace
-            })
+            .find(|s| s.metadata.name.as_deref() == Some(store) && s.metadata.namespace == reader.namespace)
             .ok_or_else(|| ManifestError::MissingStore {
-                projection: projection.metadata.name.clone().unwrap_or_default(),
-                store: projection.spec.event_store.clone(),
+                kind,
+                projection: reader.name.clone().unwrap_or_default(),
+                store: store.to_string(),
             })
     }
 }

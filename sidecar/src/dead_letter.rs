@@ -130,8 +130,19 @@ pub async fn publish(
     projection: &str,
     letter: &DeadLetter,
 ) -> Result<(), async_nats::PublishError> {
+    publish_from(nats, subject, "Projectionist-Projection", projection, letter).await
+}
+
+/// Publishes a dead letter of `owner` (a projection or a reactor, named in the `owner_header`).
+pub async fn publish_from(
+    nats: &async_nats::Client,
+    subject: &str,
+    owner_header: &str,
+    owner: &str,
+    letter: &DeadLetter,
+) -> Result<(), async_nats::PublishError> {
     let mut headers = async_nats::HeaderMap::new();
-    headers.insert("Projectionist-Projection", projection);
+    headers.insert(owner_header, owner);
     headers.insert(
         "Projectionist-Stream-Sequence",
         letter.sequence.to_string().as_str(),

@@ -13,9 +13,10 @@ use projectionist_crds::Projection;
 use projectionist_crds::manifest::Manifests;
 use projectionist_crds::projection::Driver;
 use projectionist_crds::sidecar_config::{SidecarConfig, resolve};
+use projectionist_crds::reactor_config::resolve_reactor;
 use projectionist_crds::store_config::resolve_store;
 
-use crate::runtime::{Launch, StoreLaunch, Watch, Workload};
+use crate::runtime::{Launch, ReactorLaunch, StoreLaunch, Watch, Workload};
 
 /// The driver a connection URL speaks, from its scheme.
 pub fn driver_of(url: &str) -> anyhow::Result<Driver> {
@@ -118,8 +119,9 @@ impl Follow {
     }
 }
 
-/// What `dev` runs for `manifests` (read from `files`, which it follows): every Projection (each with `database`, or its own SQLite file under
-/// `data_dir`) and every EventStore for the event-store API, all on `nats_url`.
+/// What `dev` runs for `manifests` (read from `files`, which it follows): every Projection (each with `database`,
+/// or its own SQLite file under `data_dir`), every Reactor, and every EventStore for the event-store API, all on
+/// `nats_url`.
 pub fn workload(
     files: &[PathBuf],
     manifests: &Manifests,
@@ -128,7 +130,7 @@ pub fn workload(
     nats_url: &str,
 ) -> anyhow::Result<Workload> {
     if manifests.projections.is_empty() && manifests.event_stores.is_empty() {
-        anyhow::bail!("no EventStore or Projection in the given files");
+        anyhow::bail!("no EventStore, Projection or Reactor in the given files");
     }
     std::fs::create_dir_all(data_dir)
         .with_context(|| format!("creating {}", data_dir.display()))?;
@@ -174,8 +176,20 @@ pub fn workload(
             })
         })
         .collect::<anyhow::Result<Vec<Launch>>>()?;
+    let reactors = manifests
+        .reactors
+        .iter()
+        .map(|reactor| {
+            let store = manifests.store_of_reactor(reactor)?;
+            Ok(ReactorLaunch {
+                config: resolve_reactor(store, reactor)?.config,
+                nats_url: Some(nats_url.to_string()),
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
     Ok(Workload {
         projections,
+        reactors,
         stores,
     })
 }

@@ -4,6 +4,8 @@
 //!   graceful shutdown.
 //! - [`engine`]: one projection as stages — source (the durable consumer, replay, acknowledgements) → plan → apply
 //!   (one transaction with the checkpoint) → policy (retry, dead letter, skip, halt) → report (metrics, readiness).
+//! - [`reactor`]: one reactor — events delivered to the service's own HTTP endpoint in order per aggregate, with
+//!   retries and a parking lot in NATS.
 //! - [`event`]: CloudEvents decoding from JetStream messages.
 //! - [`handler`]: parsed SQL handlers and the values they bind from an event.
 //! - [`database`]: the pool, the sidecar's own tables, error classification.
@@ -31,6 +33,7 @@ pub mod handler;
 pub mod merge;
 pub mod pipeline;
 pub mod provision;
+pub mod reactor;
 pub mod runtime;
 pub mod secrets;
 pub mod status;

@@ -236,6 +236,14 @@ async fn run_cmd(config_dir: &std::path::Path, serve: &Serve) -> anyhow::Result<
                 nats_url: None,
             })
             .collect(),
+        reactors: dir
+            .reactors
+            .into_iter()
+            .map(|(_, config)| runtime::ReactorLaunch {
+                config,
+                nats_url: None,
+            })
+            .collect(),
         stores: dir
             .stores
             .into_iter()
@@ -372,6 +380,17 @@ fn check(dir: &std::path::Path) -> anyhow::Result<()> {
             config.event_store.name,
             config.stream,
             config.subjects.join(", ")
+        );
+    }
+    for (file, config) in &configs.reactors {
+        println!(
+            "{}: reactor {}/{} delivers stream {} through consumer {} to {}",
+            file.display(),
+            config.reactor.namespace,
+            config.reactor.name,
+            config.stream,
+            config.consumer,
+            config.url
         );
     }
     for (file, config) in configs.projections {

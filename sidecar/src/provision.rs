@@ -1,4 +1,5 @@
-//! Provisioning on NATS from manifests: the stream of each EventStore and the durable consumer of each Projection,
+//! Provisioning on NATS from manifests: the stream of each EventStore, the durable consumer of each Projection, and
+//! the durable consumer and parking-lot stream of each Reactor,
 //! created or updated in place with the same mappings the operator uses. An immutable difference is refused with the
 //! fields named, never sent to fail on the server.
 
@@ -6,7 +7,7 @@ use async_nats::jetstream::context::{ConsumerInfoErrorKind, GetStreamErrorKind};
 use async_nats::jetstream::{self, stream};
 use projectionist_crds::diff::{diff_consumer, diff_stream};
 use projectionist_crds::manifest::Manifests;
-use projectionist_crds::{consumer, stream as stream_mapping};
+use projectionist_crds::{consumer, reactor as reactor_mapping, stream as stream_mapping};
 
 /// Why provisioning failed.
 #[derive(Debug, thiserror::Error)]
@@ -67,7 +68,8 @@ pub enum Outcome {
     InSync,
 }
 
-/// Creates or updates every EventStore's stream and every Projection's consumer in `manifests`.
+/// Creates or updates every EventStore's stream, every Projection's consumer and every Reactor's consumer and
+/// parking lot in `manifests`.
 pub async fn provision(
     js: &jetstream::Context,
     manifests: &Manifests,
@@ -80,78 +82,108 @@ pub async fn provision(
             name: name.clone(),
             message: e.to_string(),
         })?;
-        let outcome = match js.get_stream(&desired.name).await {
-            Ok(mut existing) => {
-                let actual = existing
-                    .info()
-                    .await
-                    .map_err(nats_err(format!("reading stream {}", desired.name)))?
-                    .config
-                    .clone();
-                apply_stream(js, &desired, &actual).await?
-            }
-            Err(e)
-                if matches!(e.kind(), GetStreamErrorKind::JetStream(ref j)
-                    if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) =>
-            {
-                js.create_stream(desired.clone())
-                    .await
-                    .map_err(nats_err(format!("creating stream {}", desired.name)))?;
-                Outcome::Created
-            }
-            Err(e) => return Err(nats_err(format!("looking up stream {}", desired.name))(e)),
-        };
+        let outcome = ensure_stream(js, &desired).await?;
         report.push((format!("stream {}", desired.name), outcome));
     }
     for projection in &manifests.projections {
-        let name = projection.metadata.name.clone().unwrap_or_default();
+        let store = manifests.store_of(projection)?;
+        let desired =
+            consumer::consumer_config(projection, store).map_err(|e| ProvisionError::Spec {
+                kind: "Projection",
+                name: projection.metadata.name.clone().unwrap_or_default(),
+                message: e.to_string(),
+            })?;
+        let outcome = ensure_consumer(js, &store.stream_name(), desired).await?;
+        report.push((format!("consumer {}", projection.consumer_name()), outcome));
+    }
+    for reactor in &manifests.reactors {
+        let store = manifests.store_of_reactor(reactor)?;
+        let name = reactor.metadata.name.clone().unwrap_or_default();
         let spec_err = |message: String| ProvisionError::Spec {
-            kind: "Projection",
+            kind: "Reactor",
             name: name.clone(),
             message,
         };
-        let store = manifests.store_of(projection)?;
+        projectionist_crds::reactor_config::resolve_reactor(store, reactor)
+            .map_err(|e| spec_err(e.to_string()))?;
+        let parking = reactor_mapping::parking_stream_config(reactor, store);
+        let outcome = ensure_stream(js, &parking).await?;
+        report.push((format!("stream {}", parking.name), outcome));
         let desired =
-            consumer::consumer_config(projection, store).map_err(|e| spec_err(e.to_string()))?;
-        let consumer_name = projection.consumer_name();
-        let stream = js
-            .get_stream(store.stream_name())
-            .await
-            .map_err(nats_err(format!(
-                "looking up stream {}",
-                store.stream_name()
-            )))?;
-        let outcome = match stream.consumer_info(&consumer_name).await {
-            Ok(info) => {
-                let diff = diff_consumer(&desired, &info.config);
-                if diff.is_empty() {
-                    Outcome::InSync
-                } else if diff.has_immutable() {
-                    return Err(ProvisionError::Immutable {
-                        kind: "consumer",
-                        name: consumer_name,
-                        changes: diff.describe(),
-                    });
-                } else {
-                    stream
-                        .update_consumer(desired)
-                        .await
-                        .map_err(nats_err(format!("updating consumer {consumer_name}")))?;
-                    Outcome::Updated(diff.describe())
-                }
-            }
-            Err(e) if e.kind() == ConsumerInfoErrorKind::NotFound => {
-                stream
-                    .create_consumer(desired)
-                    .await
-                    .map_err(nats_err(format!("creating consumer {consumer_name}")))?;
-                Outcome::Created
-            }
-            Err(e) => return Err(nats_err(format!("reading consumer {consumer_name}"))(e)),
-        };
-        report.push((format!("consumer {consumer_name}"), outcome));
+            reactor_mapping::consumer_config(reactor, store).map_err(|e| spec_err(e.to_string()))?;
+        let outcome = ensure_consumer(js, &store.stream_name(), desired).await?;
+        report.push((format!("consumer {}", reactor.consumer_name()), outcome));
     }
     Ok(report)
+}
+
+/// Creates the stream, or updates it in place when it differs.
+async fn ensure_stream(
+    js: &jetstream::Context,
+    desired: &stream::Config,
+) -> Result<Outcome, ProvisionError> {
+    match js.get_stream(&desired.name).await {
+        Ok(mut existing) => {
+            let actual = existing
+                .info()
+                .await
+                .map_err(nats_err(format!("reading stream {}", desired.name)))?
+                .config
+                .clone();
+            apply_stream(js, desired, &actual).await
+        }
+        Err(e)
+            if matches!(e.kind(), GetStreamErrorKind::JetStream(ref j)
+                if j.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND) =>
+        {
+            js.create_stream(desired.clone())
+                .await
+                .map_err(nats_err(format!("creating stream {}", desired.name)))?;
+            Ok(Outcome::Created)
+        }
+        Err(e) => Err(nats_err(format!("looking up stream {}", desired.name))(e)),
+    }
+}
+
+/// Creates the durable consumer on `stream_name`, or updates it in place when it differs.
+async fn ensure_consumer(
+    js: &jetstream::Context,
+    stream_name: &str,
+    desired: jetstream::consumer::pull::Config,
+) -> Result<Outcome, ProvisionError> {
+    let consumer_name = desired.durable_name.clone().unwrap_or_default();
+    let stream = js
+        .get_stream(stream_name)
+        .await
+        .map_err(nats_err(format!("looking up stream {stream_name}")))?;
+    match stream.consumer_info(&consumer_name).await {
+        Ok(info) => {
+            let diff = diff_consumer(&desired, &info.config);
+            if diff.is_empty() {
+                Ok(Outcome::InSync)
+            } else if diff.has_immutable() {
+                Err(ProvisionError::Immutable {
+                    kind: "consumer",
+                    name: consumer_name,
+                    changes: diff.describe(),
+                })
+            } else {
+                stream
+                    .update_consumer(desired)
+                    .await
+                    .map_err(nats_err(format!("updating consumer {consumer_name}")))?;
+                Ok(Outcome::Updated(diff.describe()))
+            }
+        }
+        Err(e) if e.kind() == ConsumerInfoErrorKind::NotFound => {
+            stream
+                .create_consumer(desired)
+                .await
+                .map_err(nats_err(format!("creating consumer {consumer_name}")))?;
+            Ok(Outcome::Created)
+        }
+        Err(e) => Err(nats_err(format!("reading consumer {consumer_name}"))(e)),
+    }
 }
 
 async fn apply_stream(

@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use projectionist_crds::SidecarConfig;
+use projectionist_crds::reactor_config::{self, ReactorConfig};
 use projectionist_crds::store_config::{self, StoreConfig};
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
@@ -23,6 +24,10 @@ use crate::engine::report::Report;
 use crate::engine::{Exit, Projector};
 use crate::handler::Handlers;
 use crate::pipeline::Pipeline;
+use crate::reactor::deliver::Endpoint;
+use crate::reactor::job::Deliverer;
+use crate::reactor::metrics::ReactorMetrics;
+use crate::reactor::{Reactor, ReactorHandle};
 use crate::secrets;
 use crate::status::{Metrics, ProjectionLabel, ProjectionState};
 use crate::store::{self, Store};
@@ -75,16 +80,19 @@ impl Watch {
     }
 }
 
-/// What a config directory holds: projections (`SidecarConfig`) and event stores for the API (`StoreConfig`).
+/// What a config directory holds: projections (`SidecarConfig`), reactors (`ReactorConfig`) and event stores for
+/// the API (`StoreConfig`).
 #[derive(Debug, Default)]
 pub struct ConfigDir {
     /// Each projection's file and config.
     pub projections: Vec<(PathBuf, SidecarConfig)>,
+    /// Each reactor's file and config.
+    pub reactors: Vec<(PathBuf, ReactorConfig)>,
     /// Each store's file and config.
     pub stores: Vec<(PathBuf, StoreConfig)>,
 }
 
-/// Reads every `*.yaml`/`*.yml` file in `dir` (sorted by name): a `SidecarConfig` or a `StoreConfig`, by its
+/// Reads every `*.yaml`/`*.yml` file in `dir` (sorted by name): a `SidecarConfig`, `ReactorConfig` or `StoreConfig`, by its
 /// `kind`. Any bad file fails the whole start, with the file and field named.
 pub fn read_config_dir(dir: &Path) -> anyhow::Result<ConfigDir> {
     let mut files: Vec<_> = std::fs::read_dir(dir)
@@ -95,7 +103,7 @@ pub fn read_config_dir(dir: &Path) -> anyhow::Result<ConfigDir> {
     files.sort();
     if files.is_empty() {
         anyhow::bail!(
-            "{}: no SidecarConfig or StoreConfig files (*.yaml)",
+            "{}: no SidecarConfig, ReactorConfig or StoreConfig files (*.yaml)",
             dir.display()
         );
     }
@@ -104,8 +112,11 @@ pub fn read_config_dir(dir: &Path) -> anyhow::Result<ConfigDir> {
         let text =
             std::fs::read_to_string(&f).with_context(|| format!("reading {}", f.display()))?;
         let path = f.display().to_string();
-        if store_config::kind_of(&text).as_deref() == Some(store_config::KIND) {
+        let kind = store_config::kind_of(&text);
+        if kind.as_deref() == Some(store_config::KIND) {
             out.stores.push((f, StoreConfig::from_yaml(&path, &text)?));
+        } else if kind.as_deref() == Some(reactor_config::KIND) {
+            out.reactors.push((f, ReactorConfig::from_yaml(&path, &text)?));
         } else {
             out.projections
                 .push((f, SidecarConfig::from_yaml(&path, &text)?));
@@ -130,11 +141,22 @@ pub struct StoreLaunch {
     pub nats_url: Option<String>,
 }
 
+/// A reactor to run, with a local override.
+#[derive(Debug, Clone)]
+pub struct ReactorLaunch {
+    /// The resolved config.
+    pub config: ReactorConfig,
+    /// NATS URL to use instead of the config's servers and credentials (the `dev` mode).
+    pub nats_url: Option<String>,
+}
+
 /// Everything one sidecar runs.
 #[derive(Debug, Default)]
 pub struct Workload {
     /// Projections.
     pub projections: Vec<Launch>,
+    /// Reactors.
+    pub reactors: Vec<ReactorLaunch>,
     /// Event stores for the API, besides those of the projections.
     pub stores: Vec<StoreLaunch>,
 }
@@ -187,8 +209,28 @@ async fn api_stores(workload: &Workload) -> BTreeMap<String, Arc<Store>> {
             nats_url: l.nats_url.clone(),
         })
     });
+    let from_reactors = workload.reactors.iter().map(|l| {
+        let c = &l.config;
+        StoreLaunch {
+            config: StoreConfig {
+                api_version: c.api_version.clone(),
+                kind: store_config::KIND.to_string(),
+                event_store: c.event_store.clone(),
+                nats: c.nats.clone(),
+                stream: c.stream.clone(),
+                subjects: c.store_subjects.clone(),
+            },
+            nats_url: l.nats_url.clone(),
+        }
+    });
     let mut stores = BTreeMap::new();
-    for launch in workload.stores.iter().cloned().chain(from_projections) {
+    for launch in workload
+        .stores
+        .iter()
+        .cloned()
+        .chain(from_projections)
+        .chain(from_reactors)
+    {
         let name = launch.config.event_store.name.clone();
         if stores.contains_key(&name) {
             continue;
@@ -237,6 +279,28 @@ async fn start_projection(
     ))
 }
 
+fn start_reactor(
+    launch: ReactorLaunch,
+    key: String,
+    store: Arc<Store>,
+    state: Arc<ProjectionState>,
+    metrics: Arc<ReactorMetrics>,
+    shutdown: watch::Receiver<bool>,
+) -> anyhow::Result<(Reactor, ReactorHandle)> {
+    let config = launch.config;
+    let deliverer = Deliverer {
+        key: key.clone(),
+        endpoint: Endpoint::new(&config.url, config.timeout, &key)?,
+        store: store.clone(),
+        retry_initial: config.retry_initial,
+        retry_max: config.retry_max,
+        max_attempts: config.max_attempts,
+        metrics,
+    };
+    let nats = store.client().clone();
+    Ok(Reactor::new(config, nats, deliverer, state, shutdown))
+}
+
 /// Runs `workload` until `shutdown` resolves, then waits up to `grace` for the projections to stop.
 pub async fn run(
     workload: Workload,
@@ -245,11 +309,12 @@ pub async fn run(
     grace: Duration,
     reload: Duration,
 ) -> anyhow::Result<()> {
-    if workload.projections.is_empty() && workload.stores.is_empty() {
-        anyhow::bail!("nothing to run: no projection and no event store configured");
+    if workload.projections.is_empty() && workload.stores.is_empty() && workload.reactors.is_empty() {
+        anyhow::bail!("nothing to run: no projection, reactor or event store configured");
     }
     let mut registry = Registry::default();
     let metrics = Metrics::new(&mut registry);
+    let reactor_metrics = ReactorMetrics::new(&mut registry);
     let api_metrics = api::ApiMetrics::new(&mut registry);
     let stores = api_stores(&workload).await;
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -275,11 +340,29 @@ pub async fn run(
         let (metrics, stop_rx) = (metrics.clone(), stop_rx.clone());
         tasks.spawn(supervise(key, launch, state, metrics, stop_rx, reload));
     }
+    let mut reactors = BTreeMap::new();
+    for launch in workload.reactors {
+        let Some(store) = stores.get(&launch.config.event_store.name).cloned() else {
+            error!(reactor = %launch.config.reactor.name, store = %launch.config.event_store.name, "the reactor's store cannot be reached; the reactor does not run");
+            continue;
+        };
+        let key = format!("{}/{}", launch.config.reactor.namespace, launch.config.reactor.name);
+        let state = ProjectionState::new(&format!("reactor {key}"));
+        states.push(state.clone());
+        match start_reactor(launch, key.clone(), store, state, reactor_metrics.clone(), stop_rx.clone()) {
+            Ok((reactor, handle)) => {
+                reactors.insert(handle.key.rsplit('/').next().unwrap_or_default().to_string(), handle);
+                tasks.spawn(async move { (key, reactor.run().await) });
+            }
+            Err(e) => error!(reactor = %key, error = %format!("{e:#}"), "cannot start the reactor"),
+        }
+    }
     let api_task = listeners.api.map(|listener| {
         info!(api = ?listener.local_addr().ok(), stores = ?stores.keys().collect::<Vec<_>>(), "event-store API listening");
         let state = Arc::new(api::ApiState {
             stores,
             projections: waits,
+            reactors,
             metrics: Some(api_metrics),
         });
         let mut api_stop = stop_rx.clone();
@@ -302,7 +385,7 @@ pub async fn run(
     let finished = tokio::time::timeout(grace, async {
         while let Some(joined) = tasks.join_next().await {
             match joined {
-                Ok((key, exit)) => info!(projection = %key, exit = ?exit, "projection stopped"),
+                Ok((key, exit)) => info!(name = %key, exit = ?exit, "stopped"),
                 Err(e) => error!(error = %e, "projection task failed"),
             }
         }

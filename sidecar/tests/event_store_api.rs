@@ -596,11 +596,10 @@ async fn the_openapi_document_is_served_as_kept_in_the_repository_and_names_ever
                 None,
             )
             .await;
-            assert!(
-                r.status != 404 && r.status != 405,
-                "{method} {path} is routed: {}",
-                r.status
-            );
+            // This sidecar runs no reactor: its routes answer a 404 that says so, not the router's.
+            let routed = r.status != 405
+                && (r.status != 404 || String::from_utf8_lossy(&r.body).contains("runs no reactor"));
+            assert!(routed, "{method} {path} is routed: {}", r.status);
         }
     }
     f.sidecar.stop().await;

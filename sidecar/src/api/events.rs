@@ -189,7 +189,7 @@ pub fn parse_append(body: &[u8]) -> Result<(Expected, Vec<NewEvent>), Problem> {
     Ok((expected, events))
 }
 
-fn parse_event(i: usize, value: Value, now: &str) -> Result<NewEvent, Problem> {
+pub(crate) fn parse_event(i: usize, value: Value, now: &str) -> Result<NewEvent, Problem> {
     let at = format!("events[{i}]");
     let bad = |field: &str, message: String| {
         Problem::bad_request(format!("{at}.{field}: {message}"))

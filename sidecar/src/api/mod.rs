@@ -3,12 +3,14 @@
 //!
 //! - [`events`]: append to an aggregate with an expected version (several events atomically) and read it back.
 //! - [`wait`]: read-your-writes — wait until a projection has applied every event of its filter up to a sequence.
+//! - [`reactors`]: a reactor's parking lot — list, retry, skip.
 //! - [`problem`]: errors as `application/problem+json`.
 //! - [`metrics`]: requests by route and status, append latency, conflicts, duplicates.
 
 pub mod events;
 pub mod metrics;
 pub mod problem;
+pub mod reactors;
 pub mod wait;
 
 use std::collections::BTreeMap;
@@ -51,6 +53,8 @@ pub struct ApiState {
     pub stores: BTreeMap<String, Arc<Store>>,
     /// Projections by Projection name.
     pub projections: BTreeMap<String, WaitTarget>,
+    /// Reactors by Reactor name.
+    pub reactors: BTreeMap<String, crate::reactor::ReactorHandle>,
     /// Request metrics.
     pub metrics: Option<Arc<ApiMetrics>>,
 }
@@ -64,6 +68,15 @@ pub fn router(state: Arc<ApiState>) -> Router {
             post(events::append).get(events::read),
         )
         .route("/v1/projections/{name}/wait", get(wait::wait))
+        .route("/v1/reactors/{name}/parked", get(reactors::list))
+        .route(
+            "/v1/reactors/{name}/parked/{aggregate}/retry",
+            post(reactors::retry),
+        )
+        .route(
+            "/v1/reactors/{name}/parked/{aggregate}/skip",
+            post(reactors::skip),
+        )
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), count))

@@ -153,6 +153,11 @@ impl Store {
         format!("{}.{}", self.prefix, aggregate.key())
     }
 
+    /// The store's NATS connection.
+    pub fn client(&self) -> &async_nats::Client {
+        &self.client
+    }
+
     /// JetStream on the store's connection.
     pub fn jetstream(&self) -> &jetstream::Context {
         &self.js
@@ -220,9 +225,9 @@ impl Store {
                     "events[{i}] is {size} bytes with its headers; NATS accepts at most {max_payload}"
                 )));
             }
-            messages.push((headers, e.data.clone()));
+            messages.push((subject.clone(), headers, e.data.clone()));
         }
-        let ack = if let [(headers, data)] = messages.as_slice() {
+        let ack = if let [(_, headers, data)] = messages.as_slice() {
             let mut headers = headers.clone();
             if let Expected::Version(v) = expected {
                 headers.insert(
@@ -232,7 +237,7 @@ impl Store {
             }
             self.request(&subject, headers, data.clone()).await?
         } else {
-            self.publish_batch(&subject, expected, messages).await?
+            self.publish_batch(expected, messages).await?
         };
         match ack.error {
             None => {
@@ -256,17 +261,65 @@ impl Store {
         }
     }
 
+    /// Appends events of several aggregates at once, all or none, without expectations (the events a reactor
+    /// emits). Events whose ids were appended before (the same answer to a redelivered event) are duplicates: the
+    /// call succeeds and appends nothing. Answers the sequences, or none for a duplicate.
+    pub async fn append_all(&self, events: &[(Aggregate, NewEvent)]) -> Result<Vec<u64>, AppendError> {
+        if events.is_empty() {
+            return Ok(Vec::new());
+        }
+        if !self.connected().await {
+            return Err(AppendError::Unavailable(format!(
+                "not connected ({:?})",
+                self.client.connection_state()
+            )));
+        }
+        let max_payload = self.client.server_info().max_payload;
+        let mut messages = Vec::with_capacity(events.len());
+        for (i, (aggregate, e)) in events.iter().enumerate() {
+            e.validate(&format!("events[{i}]"))?;
+            let headers = e.headers(aggregate);
+            let size = e.data.len() + header_size(&headers) + 64;
+            if max_payload > 0 && size > max_payload {
+                return Err(AppendError::TooLarge(format!(
+                    "events[{i}] is {size} bytes with its headers; NATS accepts at most {max_payload}"
+                )));
+            }
+            messages.push((self.subject(aggregate), headers, e.data.clone()));
+        }
+        let ack = if messages.len() == 1 {
+            let (subject, headers, data) = messages.remove(0);
+            self.request(&subject, headers, data).await?
+        } else {
+            self.publish_batch(Expected::Any, messages).await?
+        };
+        match ack.error {
+            None if ack.duplicate => Ok(Vec::new()),
+            None => {
+                let n = events.len() as u64;
+                Ok((ack.seq + 1 - n.min(ack.seq)..=ack.seq).collect())
+            }
+            Some(err) if err.err_code == DUPLICATE_IN_BATCH || err.description.contains("duplicate") => {
+                Ok(Vec::new())
+            }
+            Some(err) if err.err_code == MESSAGE_TOO_LARGE => Err(AppendError::TooLarge(err.description)),
+            Some(err) => Err(AppendError::Refused(format!(
+                "{} (code {})",
+                err.description, err.err_code
+            ))),
+        }
+    }
+
     /// Publishes an atomic batch: every message but the last without a reply, the last with the commit header as a
     /// request whose answer is the batch's pub ack. A lost connection mid-batch leaves a gap the server refuses.
     async fn publish_batch(
         &self,
-        subject: &str,
         expected: Expected,
-        messages: Vec<(HeaderMap, Bytes)>,
+        messages: Vec<(String, HeaderMap, Bytes)>,
     ) -> Result<PubAck, AppendError> {
         let batch_id = batch_id();
         let last = messages.len();
-        for (i, (mut headers, data)) in messages.into_iter().enumerate() {
+        for (i, (subject, mut headers, data)) in messages.into_iter().enumerate() {
             let n = i + 1;
             headers.insert("Nats-Batch-Id", batch_id.as_str());
             headers.insert("Nats-Batch-Sequence", n.to_string().as_str());
@@ -280,10 +333,10 @@ impl Store {
             }
             if n == last {
                 headers.insert("Nats-Batch-Commit", "1");
-                return self.request(subject, headers, data).await;
+                return self.request(&subject, headers, data).await;
             }
             self.client
-                .publish_with_headers(subject.to_string(), headers, data)
+                .publish_with_headers(subject, headers, data)
                 .await
                 .map_err(|e| AppendError::Unavailable(e.to_string()))?;
         }

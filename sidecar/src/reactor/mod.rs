@@ -1,0 +1,626 @@
+//! Reactors: a reactor pulls its durable consumer, queues each event in its aggregate's lane, delivers the heads of
+//! up to `concurrency` lanes to the endpoint at once, acknowledges each event once it is done, keeps every event it
+//! holds in progress on the server, and parks what fails for good together with the rest of its aggregate.
+//!
+//! - [`lanes`]: per-aggregate lanes (pure): one job per aggregate at a time, in stream order.
+//! - [`deliver`]: one call to the endpoint (CloudEvents HTTP binary mode) and its answer classified.
+//! - [`job`]: an event delivered until done (retries, emitted events appended); a parked aggregate drained.
+//! - [`emit`]: the events an answer emits.
+//! - [`parking`]: the parking lot in a JetStream stream.
+//! - [`metrics`]: Prometheus series.
+//!
+//! The dispatcher (this module) is the only owner of the lanes, the held messages and the parked set; jobs run on
+//! tasks of their own and report back. The event-store API reaches it through a [`ReactorHandle`].
+
+pub mod deliver;
+pub mod emit;
+pub mod job;
+pub mod lanes;
+pub mod metrics;
+pub mod parking;
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::consumer::PullConsumer;
+use async_nats::jetstream::{self, AckKind, Message};
+use futures::StreamExt;
+use projectionist_crds::reactor::ReactorErrorPolicy;
+use projectionist_crds::reactor_config::ReactorConfig;
+use tokio::sync::{mpsc, oneshot, watch};
+use tracing::{error, info, warn};
+
+use crate::dead_letter::{self, DeadLetter};
+use crate::engine::Exit;
+use crate::status::ProjectionState;
+use deliver::Delivery;
+use job::{Deliverer, Drained, Outcome, retrying, sleep_or_stop};
+use lanes::Lanes;
+use metrics::ReactorMetrics;
+use parking::{Parked, ParkingLot};
+
+/// A request of the API to a running reactor.
+#[derive(Debug)]
+pub enum Command {
+    /// List the parked aggregates.
+    List(oneshot::Sender<Result<Vec<Parked>, String>>),
+    /// Deliver an aggregate's held events again.
+    Retry(String, oneshot::Sender<Result<Parked, Refusal>>),
+    /// Drop an aggregate's first held event, with a record on the dead-letter subject.
+    Skip(String, oneshot::Sender<Result<Skipped, Refusal>>),
+}
+
+/// Why a parking-lot request was refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// The aggregate is not parked.
+    NotParked(String),
+    /// A retry of the aggregate is running.
+    Busy(String),
+    /// NATS could not be reached.
+    Unavailable(String),
+}
+
+/// The event a skip dropped.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Skipped {
+    /// Its original stream sequence.
+    pub sequence: u64,
+    /// Its event id.
+    pub id: Option<String>,
+    /// Held events left for the aggregate.
+    pub remaining: u64,
+}
+
+/// How the API reaches a reactor.
+#[derive(Debug, Clone)]
+pub struct ReactorHandle {
+    /// `<namespace>/<name>`.
+    pub key: String,
+    /// Its state (halted, waiting).
+    pub state: Arc<ProjectionState>,
+    commands: mpsc::Sender<Command>,
+}
+
+impl ReactorHandle {
+    /// Sends a command; `None` when the reactor is not running.
+    pub async fn send(&self, command: Command) -> Option<()> {
+        self.commands.send(command).await.ok()
+    }
+}
+
+/// What a job reports back.
+#[derive(Debug)]
+enum Done {
+    Live { aggregate: String, seq: u64, outcome: Outcome },
+    Drain { aggregate: String, outcome: Drained },
+}
+
+/// One reactor.
+#[derive(Debug)]
+pub struct Reactor {
+    config: ReactorConfig,
+    js: jetstream::Context,
+    deliverer: Arc<Deliverer>,
+    state: Arc<ProjectionState>,
+    shutdown: watch::Receiver<bool>,
+    commands: mpsc::Receiver<Command>,
+    prefix: String,
+}
+
+impl Reactor {
+    /// A reactor and the handle the API uses to reach it.
+    pub fn new(
+        config: ReactorConfig,
+        nats: async_nats::Client,
+        deliverer: Deliverer,
+        state: Arc<ProjectionState>,
+        shutdown: watch::Receiver<bool>,
+    ) -> (Self, ReactorHandle) {
+        let (tx, commands) = mpsc::channel(16);
+        let handle = ReactorHandle {
+            key: deliverer.key.clone(),
+            state: state.clone(),
+            commands: tx,
+        };
+        let prefix = crate::store::subject_prefix(&config.store_subjects).unwrap_or_default();
+        let reactor = Self {
+            config,
+            js: jetstream::new(nats),
+            deliverer: Arc::new(deliverer),
+            state,
+            shutdown,
+            commands,
+            prefix,
+        };
+        (reactor, handle)
+    }
+
+    fn key(&self) -> &str {
+        &self.deliverer.key
+    }
+
+    /// Runs until shutdown or a halt, reconnecting after NATS failures.
+    pub async fn run(mut self) -> Exit {
+        let mut delay = Duration::from_millis(200);
+        loop {
+            match self.run_connected().await {
+                Ok(exit) => return exit,
+                Err(reason) => {
+                    warn!(reactor = %self.key(), reason = %reason, "reactor not running; retrying");
+                    self.state.set_waiting(Some(reason));
+                    let mut shutdown = self.shutdown.clone();
+                    if sleep_or_stop(delay, &mut shutdown).await {
+                        return Exit::Shutdown;
+                    }
+                    delay = (delay * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
+    }
+
+    async fn consumer(&self) -> Result<PullConsumer, String> {
+        let stream = self
+            .js
+            .get_stream(&self.config.stream)
+            .await
+            .map_err(|e| format!("stream {}: {e}", self.config.stream))?;
+        stream
+            .get_consumer(&self.config.consumer)
+            .await
+            .map_err(|e| format!("consumer {}: {e}", self.config.consumer))
+    }
+
+    async fn subscribe(&self, consumer: &PullConsumer) -> Result<jetstream::consumer::pull::Stream, String> {
+        consumer
+            .stream()
+            .group(self.config.priority_group.clone())
+            .max_messages_per_batch(256)
+            .expires(Duration::from_secs(5))
+            .heartbeat(Duration::from_secs(2))
+            .messages()
+            .await
+            .map_err(|e| format!("subscribing: {e}"))
+    }
+
+    async fn run_connected(&mut self) -> Result<Exit, String> {
+        let consumer = self.consumer().await?;
+        let lot = ParkingLot::open(&self.js, &self.config.parking_stream, &self.config.parking_prefix).await?;
+        let parked = lot.load().await?;
+        let messages = self.subscribe(&consumer).await?;
+        info!(reactor = %self.key(), parked = parked.len(), "reactor running");
+        self.state.set_waiting(None);
+        let mut dispatch = Dispatch {
+            held: BTreeMap::new(),
+            lanes: Lanes::new(self.config.concurrency as usize),
+            parked,
+            lot,
+            results: mpsc::unbounded_channel(),
+            tasks: tokio::task::JoinSet::new(),
+            last_received: None,
+            highest: 0,
+        };
+        let exit = self.dispatch(&mut dispatch, &consumer, Some(messages)).await;
+        dispatch.tasks.abort_all();
+        // What is still held goes back to the server at once (for this sidecar after a restart, or another replica).
+        for held in dispatch.held.values() {
+            let _ = held.ack_with(AckKind::Nak(None)).await;
+        }
+        Ok(exit)
+    }
+
+    async fn dispatch(
+        &mut self,
+        d: &mut Dispatch,
+        consumer: &PullConsumer,
+        mut messages: Option<jetstream::consumer::pull::Stream>,
+    ) -> Exit {
+        let progress = (self.config.ack_wait / 3).clamp(Duration::from_millis(100), Duration::from_secs(5));
+        let mut tick = tokio::time::interval(progress);
+        let mut shutdown = self.shutdown.clone();
+        loop {
+            self.start_ready(d);
+            let event = tokio::select! {
+                next = next_message(&mut messages) => Wake::Message(next),
+                Some(done) = d.results.1.recv() => Wake::Done(done),
+                Some(command) = self.commands.recv() => Wake::Command(command),
+                _ = tick.tick() => Wake::Tick,
+                _ = shutdown.changed() => Wake::Tick,
+            };
+            if *shutdown.borrow() {
+                return Exit::Shutdown;
+            }
+            match event {
+                Wake::Message(Some(Ok(m))) => self.received(d, m).await,
+                Wake::Message(Some(Err(e))) => {
+                    warn!(reactor = %self.key(), error = %e, "pull failed; subscribing again");
+                    messages = None;
+                }
+                Wake::Message(None) => messages = None,
+                Wake::Done(done) => {
+                    if let Some(exit) = self.finished(d, done).await {
+                        return exit;
+                    }
+                }
+                Wake::Command(command) => self.command(d, command).await,
+                Wake::Tick => {
+                    for held in d.held.values() {
+                        let _ = held.ack_with(AckKind::Progress).await;
+                    }
+                    if messages.is_none() {
+                        match self.subscribe(consumer).await {
+                            Ok(m) => {
+                                messages = Some(m);
+                                self.state.set_waiting(None);
+                            }
+                            Err(e) => self.state.set_waiting(Some(e)),
+                        }
+                    }
+                    self.report(d);
+                }
+            }
+        }
+    }
+
+    fn report(&self, d: &Dispatch) {
+        self.state.beat();
+        let floor = d.held.keys().next().map_or(d.highest, |first| first - 1);
+        self.state.set_checkpoint(floor);
+        let m = &self.deliverer.metrics;
+        ReactorMetrics::set(&m.in_flight, self.key(), d.lanes.busy() as i64);
+        ReactorMetrics::set(&m.parked_aggregates, self.key(), d.parked.len() as i64);
+    }
+
+    /// Starts the jobs lanes are free for.
+    fn start_ready(&self, d: &mut Dispatch) {
+        while let Some((aggregate, seq)) = d.lanes.next() {
+            let Some(held) = d.held.get(&seq) else {
+                d.lanes.done(&aggregate);
+                continue;
+            };
+            let delivery = delivery_of(&held, seq, &aggregate);
+            let (deliverer, tx, mut shutdown) =
+                (self.deliverer.clone(), d.results.0.clone(), self.shutdown.clone());
+            d.tasks.spawn(async move {
+                let outcome = deliverer.deliver(&delivery, &mut shutdown).await;
+                let _ = tx.send(Done::Live { aggregate, seq, outcome });
+            });
+        }
+        // Reap finished tasks so the set does not grow.
+        while d.tasks.try_join_next().is_some() {}
+    }
+
+    /// A message from the consumer.
+    async fn received(&mut self, d: &mut Dispatch, m: Message) {
+        let Ok(info) = m.info() else {
+            return;
+        };
+        let (seq, delivered) = (info.stream_sequence, info.delivered);
+        self.state.lag.store(info.pending as i64, std::sync::atomic::Ordering::Relaxed);
+        if delivered > 1 {
+            ReactorMetrics::count(&self.deliverer.metrics.redelivered, self.key(), 1);
+        }
+        d.highest = d.highest.max(seq);
+        // After a quiet spell another replica may have been delivering (and parking): read the lot again.
+        let quiet = d.last_received.is_none_or(|t| t.elapsed() > self.config.ack_wait / 2);
+        d.last_received = Some(Instant::now());
+        if quiet {
+            let mut shutdown = self.shutdown.clone();
+            if let Some(parked) = retrying(&mut shutdown, || d.lot.load()).await {
+                d.parked = parked;
+            }
+        }
+        if let Some(held) = d.held.get_mut(&seq) {
+            // Redelivered while held: keep the newest delivery, whose acknowledgement the server expects.
+            *held = m;
+            return;
+        }
+        let aggregate = self.aggregate_of(m.subject.as_str());
+        if !self.wanted(&m) {
+            let _ = m.ack().await;
+            return;
+        }
+        if let Some(parked) = d.parked.get(&aggregate)
+            && !d.lanes.is_busy(&aggregate)
+        {
+            if seq > parked.last_sequence {
+                let reason = format!("held behind sequence {}", parked.first_sequence);
+                self.park(d, &aggregate, &delivery_of(&m, seq, &aggregate), &reason).await;
+            }
+            let _ = m.ack().await;
+            return;
+        }
+        d.held.insert(seq, m);
+        d.lanes.push(&aggregate, seq);
+    }
+
+    /// The aggregate of a subject: what follows the store's prefix.
+    fn aggregate_of(&self, subject: &str) -> String {
+        subject
+            .strip_prefix(&self.prefix)
+            .and_then(|s| s.strip_prefix('.'))
+            .unwrap_or(subject)
+            .to_string()
+    }
+
+    /// Whether the event's type is one the reactor wants.
+    fn wanted(&self, m: &Message) -> bool {
+        if self.config.types.is_empty() {
+            return true;
+        }
+        let type_ = match m.headers.as_ref().and_then(|h| h.get("ce-type")) {
+            Some(t) => t.as_str().to_string(),
+            None => match serde_json::from_slice::<serde_json::Value>(&m.payload) {
+                Ok(v) => v.get("type").and_then(|t| t.as_str()).unwrap_or_default().to_string(),
+                // Not an event at all: delivered, so that it fails and is handled by the policy, never dropped.
+                Err(_) => return true,
+            },
+        };
+        self.config.types.iter().any(|t| *t == type_)
+    }
+
+    /// Moves one event to the parking lot (retrying until NATS takes it).
+    async fn park(&self, d: &mut Dispatch, aggregate: &str, delivery: &Delivery, reason: &str) {
+        let mut shutdown = self.shutdown.clone();
+        if retrying(&mut shutdown, || d.lot.park(delivery, reason)).await.is_none() {
+            return;
+        }
+        ReactorMetrics::count(&self.deliverer.metrics.parked, self.key(), 1);
+        let entry = d.parked.entry(aggregate.to_string()).or_insert_with(|| Parked {
+            aggregate: aggregate.to_string(),
+            events: 0,
+            first_sequence: delivery.sequence,
+            last_sequence: 0,
+            reason: reason.to_string(),
+            parked_at: now(),
+        });
+        entry.events += 1;
+        entry.last_sequence = entry.last_sequence.max(delivery.sequence);
+    }
+
+    /// Parks the events queued behind a failed one, and acknowledges them.
+    async fn park_queue(&self, d: &mut Dispatch, aggregate: &str, first: u64) {
+        for seq in d.lanes.take_queue(aggregate) {
+            if let Some(held) = d.held.remove(&seq) {
+                let reason = format!("held behind sequence {first}");
+                self.park(d, aggregate, &delivery_of(&held, seq, aggregate), &reason).await;
+                let _ = held.ack().await;
+            }
+        }
+    }
+
+    /// A job finished; `Some` when the reactor stops.
+    async fn finished(&mut self, d: &mut Dispatch, done: Done) -> Option<Exit> {
+        match done {
+            Done::Live { aggregate, seq, outcome } => {
+                let held = d.held.remove(&seq)?;
+                match outcome {
+                    Outcome::Delivered => {
+                        let _ = held.ack().await;
+                    }
+                    Outcome::Interrupted => {
+                        d.held.insert(seq, held);
+                        return Some(Exit::Shutdown);
+                    }
+                    Outcome::Failed(reason) => match self.config.on_error {
+                        ReactorErrorPolicy::Park => {
+                            warn!(reactor = %self.key(), sequence = seq, aggregate = %aggregate, reason = %reason, "parking the aggregate");
+                            let delivery = delivery_of(&held, seq, &aggregate);
+                            self.park(d, &aggregate, &delivery, &reason).await;
+                            let _ = held.ack().await;
+                            self.park_queue(d, &aggregate, seq).await;
+                        }
+                        ReactorErrorPolicy::DeadLetter => {
+                            warn!(reactor = %self.key(), sequence = seq, reason = %reason, "dead-lettering the event");
+                            self.dead_letter(&delivery_of(&held, seq, &aggregate), &reason).await;
+                            let _ = held.ack().await;
+                        }
+                        ReactorErrorPolicy::Halt => {
+                            let reason = format!("halted at sequence {seq} ({aggregate}): {reason}");
+                            error!(reactor = %self.key(), reason = %reason, "reactor halted");
+                            ReactorMetrics::set(&self.deliverer.metrics.halted, self.key(), 1);
+                            d.held.insert(seq, held);
+                            self.state.halt(reason.clone());
+                            return Some(Exit::Halted(reason));
+                        }
+                    },
+                }
+                d.lanes.done(&aggregate);
+            }
+            Done::Drain { aggregate, outcome } => {
+                match outcome {
+                    Drained::Emptied => {
+                        info!(reactor = %self.key(), aggregate = %aggregate, "parked events delivered; the aggregate goes on");
+                        d.parked.remove(&aggregate);
+                    }
+                    Drained::Stuck(reason) => {
+                        warn!(reactor = %self.key(), aggregate = %aggregate, reason = %reason, "a parked event failed again; the aggregate stays parked");
+                        let mut shutdown = self.shutdown.clone();
+                        let lot = d.lot.clone();
+                        let described = retrying(&mut shutdown, || async {
+                            let count = lot.load().await?.get(&aggregate).map_or(0, |p| p.events);
+                            lot.describe(&aggregate, count).await
+                        })
+                        .await
+                        .flatten();
+                        match described {
+                            Some(p) => {
+                                let first = p.first_sequence;
+                                d.parked.insert(aggregate.clone(), p);
+                                self.park_queue(d, &aggregate, first).await;
+                            }
+                            None => {
+                                d.parked.remove(&aggregate);
+                            }
+                        }
+                    }
+                    Drained::Interrupted => return Some(Exit::Shutdown),
+                }
+                d.lanes.done(&aggregate);
+            }
+        }
+        None
+    }
+
+    async fn dead_letter(&self, delivery: &Delivery, reason: &str) {
+        let header = |n: &str| delivery.headers.get(n).map(|v| v.as_str().to_string());
+        let letter = DeadLetter {
+            sequence: delivery.sequence,
+            event_id: header("ce-id"),
+            event_type: header("ce-type"),
+            subject: format!("{}.{}", self.prefix, delivery.aggregate),
+            payload: delivery.payload.to_vec(),
+            error: reason.to_string(),
+            policy: projectionist_crds::projection::ErrorPolicy::DeadLetter,
+            attempts: 0,
+        };
+        let client = self.deliverer.store.client();
+        let mut shutdown = self.shutdown.clone();
+        let subject = self.config.dead_letter_subject.clone();
+        let published = retrying(&mut shutdown, || async {
+            dead_letter::publish_from(client, &subject, "Projectionist-Reactor", self.key(), &letter)
+                .await
+                .map_err(|e| e.to_string())?;
+            client.flush().await.map_err(|e| e.to_string())
+        })
+        .await;
+        if published.is_some() {
+            ReactorMetrics::count(&self.deliverer.metrics.dead_letters, self.key(), 1);
+        }
+    }
+
+    async fn command(&mut self, d: &mut Dispatch, command: Command) {
+        let refresh = d.lot.load().await;
+        if let Ok(parked) = &refresh {
+            // The lot is the truth; entries of aggregates being retried are kept as they are.
+            let busy: HashMap<String, Parked> = d
+                .parked
+                .iter()
+                .filter(|(a, _)| d.lanes.is_busy(a))
+                .map(|(a, p)| (a.clone(), p.clone()))
+                .collect();
+            d.parked = parked.clone();
+            d.parked.extend(busy);
+        }
+        match command {
+            Command::List(reply) => {
+                let _ = reply.send(refresh.map(|_| d.parked.values().cloned().collect()));
+            }
+            Command::Retry(aggregate, reply) => {
+                let answer = match (&refresh, d.parked.get(&aggregate)) {
+                    (Err(e), _) => Err(Refusal::Unavailable(e.clone())),
+                    (_, None) => Err(Refusal::NotParked(aggregate.clone())),
+                    (_, Some(_)) if !d.lanes.occupy(&aggregate) => Err(Refusal::Busy(aggregate.clone())),
+                    (_, Some(parked)) => {
+                        let parked = parked.clone();
+                        info!(reactor = %self.key(), aggregate = %aggregate, events = parked.events, "retrying a parked aggregate");
+                        let (deliverer, lot, tx, mut shutdown) = (
+                            self.deliverer.clone(),
+                            d.lot.clone(),
+                            d.results.0.clone(),
+                            self.shutdown.clone(),
+                        );
+                        let name = aggregate.clone();
+                        d.tasks.spawn(async move {
+                            let outcome = deliverer.drain(&lot, &name, &mut shutdown).await;
+                            let _ = tx.send(Done::Drain { aggregate: name, outcome });
+                        });
+                        Ok(parked)
+                    }
+                };
+                let _ = reply.send(answer);
+            }
+            Command::Skip(aggregate, reply) => {
+                let answer = self.skip(d, &aggregate).await;
+                let _ = reply.send(answer);
+            }
+        }
+    }
+
+    async fn skip(&self, d: &mut Dispatch, aggregate: &str) -> Result<Skipped, Refusal> {
+        if d.lanes.is_busy(aggregate) {
+            return Err(Refusal::Busy(aggregate.to_string()));
+        }
+        let Some(parked) = d.parked.get(aggregate).cloned() else {
+            return Err(Refusal::NotParked(aggregate.to_string()));
+        };
+        let head = d
+            .lot
+            .head(aggregate)
+            .await
+            .map_err(Refusal::Unavailable)?
+            .ok_or_else(|| Refusal::NotParked(aggregate.to_string()))?;
+        let delivery = parking::delivery_of(&head);
+        let reason = format!(
+            "skipped from the parking lot on request; it was parked because: {}",
+            head.headers
+                .get(parking::REASON)
+                .map(|v| v.as_str().to_string())
+                .unwrap_or_default()
+        );
+        self.dead_letter(&delivery, &reason).await;
+        d.lot.remove(head.sequence).await.map_err(Refusal::Unavailable)?;
+        let remaining = parked.events.saturating_sub(1);
+        info!(reactor = %self.key(), aggregate = %aggregate, sequence = delivery.sequence, remaining, "skipped a parked event");
+        match d.lot.describe(aggregate, remaining).await {
+            Ok(Some(p)) => {
+                d.parked.insert(aggregate.to_string(), p);
+            }
+            Ok(None) => {
+                d.parked.remove(aggregate);
+            }
+            Err(e) => warn!(reactor = %self.key(), error = %e, "cannot read the parking lot after a skip"),
+        }
+        Ok(Skipped {
+            sequence: delivery.sequence,
+            id: delivery.headers.get("ce-id").map(|v| v.as_str().to_string()),
+            remaining,
+        })
+    }
+}
+
+/// What woke the dispatcher.
+enum Wake {
+    Message(Option<Result<Message, String>>),
+    Done(Done),
+    Command(Command),
+    Tick,
+}
+
+/// The dispatcher's state while connected.
+struct Dispatch {
+    held: BTreeMap<u64, Message>,
+    lanes: Lanes,
+    parked: BTreeMap<String, Parked>,
+    lot: ParkingLot,
+    results: (mpsc::UnboundedSender<Done>, mpsc::UnboundedReceiver<Done>),
+    tasks: tokio::task::JoinSet<()>,
+    last_received: Option<Instant>,
+    highest: u64,
+}
+
+async fn next_message(
+    messages: &mut Option<jetstream::consumer::pull::Stream>,
+) -> Option<Result<Message, String>> {
+    match messages {
+        Some(m) => m.next().await.map(|r| r.map_err(|e| e.to_string())),
+        None => std::future::pending().await,
+    }
+}
+
+fn delivery_of(m: &Message, sequence: u64, aggregate: &str) -> Delivery {
+    Delivery {
+        sequence,
+        aggregate: aggregate.to_string(),
+        headers: m.headers.clone().unwrap_or_default(),
+        payload: m.payload.clone(),
+    }
+}
+
+fn now() -> String {
+    time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
