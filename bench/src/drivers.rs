@@ -111,6 +111,7 @@ pub async fn run(
     let manifests = Manifests {
         event_stores: vec![store.clone()],
         projections: vec![projection.clone()],
+        ..Default::default()
     };
     projectionist_sidecar::provision::provision(js, &manifests).await?;
     let total = js

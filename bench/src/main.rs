@@ -441,6 +441,7 @@ async fn main() -> anyhow::Result<()> {
     let manifests = Manifests {
         event_stores: vec![store.clone()],
         projections: vec![projection.clone()],
+        ..Default::default()
     };
     projectionist_sidecar::provision::provision(&js, &manifests).await?;
     let stream = store.stream_name();

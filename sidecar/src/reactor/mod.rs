@@ -319,7 +319,7 @@ impl Reactor {
         }
         let aggregate = self.aggregate_of(m.subject.as_str());
         if !self.wanted(&m) {
-            let _ = m.ack().await;
+            confirm_ack(&m, &mut self.shutdown.clone()).await;
             return;
         }
         if let Some(parked) = d.parked.get(&aggregate)
@@ -329,7 +329,7 @@ impl Reactor {
                 let reason = format!("held behind sequence {}", parked.first_sequence);
                 self.park(d, &aggregate, &delivery_of(&m, seq, &aggregate), &reason).await;
             }
-            let _ = m.ack().await;
+            confirm_ack(&m, &mut self.shutdown.clone()).await;
             return;
         }
         d.held.insert(seq, m);
@@ -386,7 +386,7 @@ impl Reactor {
             if let Some(held) = d.held.remove(&seq) {
                 let reason = format!("held behind sequence {first}");
                 self.park(d, aggregate, &delivery_of(&held, seq, aggregate), &reason).await;
-                let _ = held.ack().await;
+                confirm_ack(&held, &mut self.shutdown.clone()).await;
             }
         }
     }
@@ -397,9 +397,7 @@ impl Reactor {
             Done::Live { aggregate, seq, outcome } => {
                 let held = d.held.remove(&seq)?;
                 match outcome {
-                    Outcome::Delivered => {
-                        let _ = held.ack().await;
-                    }
+                    Outcome::Delivered => {}
                     Outcome::Interrupted => {
                         d.held.insert(seq, held);
                         return Some(Exit::Shutdown);
@@ -409,13 +407,13 @@ impl Reactor {
                             warn!(reactor = %self.key(), sequence = seq, aggregate = %aggregate, reason = %reason, "parking the aggregate");
                             let delivery = delivery_of(&held, seq, &aggregate);
                             self.park(d, &aggregate, &delivery, &reason).await;
-                            let _ = held.ack().await;
+                            confirm_ack(&held, &mut self.shutdown.clone()).await;
                             self.park_queue(d, &aggregate, seq).await;
                         }
                         ReactorErrorPolicy::DeadLetter => {
                             warn!(reactor = %self.key(), sequence = seq, reason = %reason, "dead-lettering the event");
                             self.dead_letter(&delivery_of(&held, seq, &aggregate), &reason).await;
-                            let _ = held.ack().await;
+                            confirm_ack(&held, &mut self.shutdown.clone()).await;
                         }
                         ReactorErrorPolicy::Halt => {
                             let reason = format!("halted at sequence {seq} ({aggregate}): {reason}");
@@ -607,6 +605,24 @@ async fn next_message(
     match messages {
         Some(m) => m.next().await.map(|r| r.map_err(|e| e.to_string())),
         None => std::future::pending().await,
+    }
+}
+
+/// Acknowledges a message and waits for the server to confirm it, a few times while NATS is unreachable (an
+/// acknowledgement that never gets through only means a redelivery of an event that was done).
+async fn confirm_ack(message: &Message, shutdown: &mut watch::Receiver<bool>) {
+    let mut delay = Duration::from_millis(100);
+    for _ in 0..8 {
+        match message.double_ack().await {
+            Ok(()) => return,
+            Err(e) => {
+                warn!(error = %e, "acknowledgement not confirmed; retrying");
+                if sleep_or_stop(delay, shutdown).await {
+                    return;
+                }
+                delay = (delay * 2).min(Duration::from_secs(5));
+            }
+        }
     }
 }
 

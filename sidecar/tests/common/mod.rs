@@ -125,6 +125,7 @@ pub async fn provision(js: &jetstream::Context, store: &EventStore, projection: 
     let manifests = projectionist_crds::manifest::Manifests {
         event_stores: vec![store.clone()],
         projections: vec![projection.clone()],
+        ..Default::default()
     };
     projectionist_sidecar::provision::provision(js, &manifests)
         .await
