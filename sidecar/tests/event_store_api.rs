@@ -66,6 +66,7 @@ async fn start(policy: ErrorPolicy, max_wait: &str) -> Fixture {
             nats_url: Some(nats.url()),
         }],
         stores: Vec::new(),
+        ..Default::default()
     })
     .await;
     Fixture {

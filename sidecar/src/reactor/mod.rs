@@ -280,11 +280,17 @@ impl Reactor {
                 d.lanes.done(&aggregate);
                 continue;
             };
-            let delivery = delivery_of(&held, seq, &aggregate);
+            let delivery = delivery_of(held, seq, &aggregate);
+            let message = held.clone();
             let (deliverer, tx, mut shutdown) =
                 (self.deliverer.clone(), d.results.0.clone(), self.shutdown.clone());
             d.tasks.spawn(async move {
                 let outcome = deliverer.deliver(&delivery, &mut shutdown).await;
+                if outcome == Outcome::Delivered {
+                    // The aggregate's next event starts only once the server has recorded this one as done, so
+                    // that a crash can never bring back an event after a later one of its aggregate.
+                    confirm_ack(&message, &mut shutdown).await;
+                }
                 let _ = tx.send(Done::Live { aggregate, seq, outcome });
             });
         }
@@ -640,3 +646,4 @@ fn now() -> String {
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default()
 }
+

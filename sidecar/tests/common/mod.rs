@@ -328,6 +328,7 @@ impl InProcess {
         Self::run(runtime::Workload {
             projections: vec![launch],
             stores: Vec::new(),
+            ..Default::default()
         })
         .await
     }
