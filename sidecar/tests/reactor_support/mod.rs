@@ -291,9 +291,20 @@ pub async fn append(
     id: &str,
     data: serde_json::Value,
 ) {
+    append_to(js, store, &endpoint.shared, aggregate, id, data).await;
+}
+
+/// [`append`], recording into the endpoint's shared state.
+pub async fn append_to(
+    js: &jetstream::Context,
+    store: &EventStore,
+    shared: &Shared,
+    aggregate: &str,
+    id: &str,
+    data: serde_json::Value,
+) {
     let key = format!("acct.{aggregate}");
-    endpoint
-        .shared
+    shared
         .expected
         .lock()
         .expect("lock")

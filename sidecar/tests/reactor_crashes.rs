@@ -1,0 +1,139 @@
+//! A reactor that keeps crashing: the sidecar process SIGKILLed 20 times and nats-server restarted twice while events
+//! are appended and delivered. Nothing is lost, each aggregate's events arrive in stream order (a repeat is only a
+//! redelivery of the same event), and a parked aggregate is still parked, with every later event held, afterwards.
+
+mod common;
+mod reactor_support;
+
+use std::process::Command;
+use std::time::Duration;
+
+use projectionist_crds::projection::{Driver, ErrorPolicy};
+use projectionist_crds::reactor_config::resolve_reactor;
+use projectionist_tests::nats::NatsServer;
+use rand::Rng;
+use reactor_support::{Endpoint, Reply, append, provision, reactor};
+use serde_json::{Value, json};
+
+fn spawn(dir: &std::path::Path) -> common::SidecarProcess {
+    common::SidecarProcess::spawn(
+        Command::new(env!("CARGO_BIN_EXE_projectionist-sidecar"))
+            .arg("run")
+            .arg("--config-dir")
+            .arg(dir)
+            .arg("--admin-addr")
+            .arg("127.0.0.1:0")
+            .env("PROJECTIONIST_API_ADDR", "127.0.0.1:0"),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkills_and_nats_restarts_lose_nothing_and_keep_each_aggregate_in_order() {
+    let mut nats = NatsServer::start().await.expect("nats");
+    let js = nats.jetstream().await.expect("js");
+    let endpoint = Endpoint::start(|call| {
+        let poison = serde_json::from_slice::<Value>(&call.body)
+            .ok()
+            .is_some_and(|v| v["poison"] == json!(true));
+        if poison { Reply::status(422) } else { Reply::ok() }
+    })
+    .await;
+    let (store, _) = common::ledger(&nats.url(), Driver::Sqlite, ErrorPolicy::Halt, "1s");
+    let reactor = reactor(&endpoint.url(), json!({"delivery": {"concurrency": 8, "retry": {"initial": "20ms", "max": "500ms"}, "maxAttempts": 0}}));
+    provision(&js, &store, &reactor).await;
+    let dir = tempfile::tempdir().expect("dir");
+    let config = resolve_reactor(&store, &reactor).expect("resolves").config;
+    std::fs::write(dir.path().join("reactor.yaml"), config.to_yaml().expect("yaml")).expect("write");
+
+    // The parked aggregate: its second event is poison; every later one must stay held.
+    append(&js, &store, &endpoint, "p", "p0", json!({})).await;
+    append(&js, &store, &endpoint, "p", "p1", json!({"poison": true})).await;
+
+    let (aggregates, rounds) = (40, 25);
+    let appender = {
+        let (js, store) = (js.clone(), store.clone());
+        let shared = endpoint.shared.clone();
+        tokio::spawn(async move {
+            for round in 0..rounds {
+                for a in 0..aggregates {
+                    reactor_support::append_to(&js, &store, &shared, &format!("a{a}"), &format!("e-{a}-{round}"), json!({})).await;
+                }
+                if round % 5 == 4 {
+                    reactor_support::append_to(&js, &store, &shared, "p", &format!("p-{round}"), json!({})).await;
+                }
+                tokio::time::sleep(Duration::from_millis(40)).await;
+            }
+        })
+    };
+
+    let mut sidecar = spawn(dir.path());
+    for kill in 0..20 {
+        let pause = rand::rng().random_range(400..1200);
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(sidecar.id() as i32),
+            nix::sys::signal::Signal::SIGKILL,
+        )
+        .expect("kill");
+        let _ = sidecar.wait();
+        if kill == 6 || kill == 13 {
+            nats.stop();
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            nats.start_again().await.expect("nats back");
+        }
+        sidecar = spawn(dir.path());
+    }
+    appender.await.expect("appended");
+
+    let total = aggregates * rounds;
+    let expected = endpoint.shared.expected.lock().expect("lock").clone();
+    let all = common::wait_until(Duration::from_secs(120), || async {
+        let delivered = endpoint.shared.delivered();
+        (0..aggregates).all(|a| {
+            let key = format!("acct.a{a}");
+            delivered.get(&key).map(Vec::len) == Some(expected[&key].len())
+        })
+    })
+    .await;
+    let delivered = endpoint.shared.delivered();
+    let count: usize = (0..aggregates).map(|a| delivered.get(&format!("acct.a{a}")).map_or(0, Vec::len)).sum();
+    assert!(all, "delivered {count} of {total}");
+    for (aggregate, ids) in &delivered {
+        if aggregate != "acct.p" {
+            assert_eq!(ids, &expected[aggregate], "order of {aggregate}");
+        }
+    }
+    // Repeats are redeliveries of the same event: an aggregate never goes back to an earlier event.
+    let calls = endpoint.shared.calls.lock().expect("lock").clone();
+    for (aggregate, ids) in &expected {
+        let positions: Vec<usize> = calls
+            .iter()
+            .filter(|c| &c.aggregate == aggregate && (200..300).contains(&c.status))
+            .filter_map(|c| ids.iter().position(|i| *i == c.id))
+            .collect();
+        assert!(positions.windows(2).all(|w| w[0] <= w[1]), "{aggregate}: {positions:?}");
+    }
+    assert!(endpoint.violations().is_empty(), "{:?}", endpoint.violations());
+
+    // The parked aggregate is still parked, every event after the poison one held and none delivered.
+    assert!(endpoint.shared.succeeded("p0"));
+    let held_ids = &expected["acct.p"][1..];
+    for id in held_ids {
+        assert!(!endpoint.shared.succeeded(id), "{id} was delivered past the poison event");
+    }
+    let parking = js.get_stream(reactor.parking_stream()).await.expect("parking lot");
+    let held = common::wait_until(Duration::from_secs(30), || async {
+        let mut subjects = parking
+            .info_with_subjects("projectionist.parked.test.notifier.acct.p")
+            .await
+            .expect("info");
+        let mut n = 0;
+        while let Some((_, c)) = futures::TryStreamExt::try_next(&mut subjects).await.expect("subjects") {
+            n += c;
+        }
+        n == held_ids.len()
+    })
+    .await;
+    assert!(held, "every event of the parked aggregate is held");
+    drop(sidecar);
+}
