@@ -17,6 +17,7 @@ pub mod leader;
 pub mod metrics;
 pub mod nats;
 pub mod projection;
+pub mod reactor;
 pub mod runtime;
 pub mod webhook;
 pub mod writes;

@@ -15,6 +15,7 @@ use kube::runtime::events::EventType;
 use kube::{Resource, ResourceExt};
 use projectionist_crds::consumer::consumer_config;
 use projectionist_crds::diff::diff_consumer;
+use projectionist_crds::event_store::EventStore;
 use projectionist_crds::projection::{Projection, ProjectionStatus};
 use projectionist_crds::sidecar_config::{ResolveError, resolve};
 
@@ -126,32 +127,27 @@ fn not_ready(
     );
 }
 
-async fn sync(
-    projection: &Projection,
+/// The EventStore a Projection or Reactor reads, when its stream can be used; otherwise the `Ready=False` reason
+/// and message that say why.
+pub(crate) async fn usable_store(
     ctx: &Context,
-    status: &mut ProjectionStatus,
-    generation: Option<i64>,
-) -> Result<Action, Error> {
-    let namespace = projection.namespace().unwrap_or_default();
-    let store_name = &projection.spec.event_store;
-    let wait = Action::requeue(ctx.settings.resync);
-    let Some(store) = ctx.event_store(&namespace, store_name).await? else {
-        not_ready(
-            status,
+    namespace: &str,
+    store_name: &str,
+) -> Result<Result<Arc<EventStore>, (&'static str, String)>, Error> {
+    let Some(store) = ctx.event_store(namespace, store_name).await? else {
+        return Ok(Err((
             "EventStoreNotFound",
             format!(
                 "EventStore {store_name:?} does not exist in namespace {namespace}; create it or correct spec.eventStore"
             ),
-            generation,
-        );
-        return Ok(wait);
+        )));
     };
     let store_conditions = store
         .status
         .as_ref()
         .map(|s| s.conditions.as_slice())
         .unwrap_or_default();
-    // A store whose last spec change was refused still has its stream, unchanged: projections keep working.
+    // A store whose last spec change was refused still has its stream, unchanged: readers keep working.
     let stream_usable = conditions::is_true(store_conditions, "Ready")
         || conditions::get(store_conditions, "Ready")
             .is_some_and(|c| c.reason == "ImmutableFieldChanged");
@@ -159,14 +155,28 @@ async fn sync(
         let why = conditions::get(store_conditions, "Ready")
             .map(|c| format!("{}: {}", c.reason, c.message))
             .unwrap_or_else(|| "not reconciled yet".into());
-        not_ready(
-            status,
+        return Ok(Err((
             "EventStoreNotReady",
             format!("waiting for EventStore {store_name} to be Ready ({why})"),
-            generation,
-        );
-        return Ok(wait);
+        )));
     }
+    Ok(Ok(store))
+}
+
+async fn sync(
+    projection: &Projection,
+    ctx: &Context,
+    status: &mut ProjectionStatus,
+    generation: Option<i64>,
+) -> Result<Action, Error> {
+    let namespace = projection.namespace().unwrap_or_default();
+    let store = match usable_store(ctx, &namespace, &projection.spec.event_store).await? {
+        Ok(store) => store,
+        Err((reason, message)) => {
+            not_ready(status, reason, message, generation);
+            return Ok(Action::requeue(ctx.settings.resync));
+        }
+    };
     let resolved = match resolve(&store, projection) {
         Ok(r) => r,
         Err(e) => {
@@ -280,56 +290,14 @@ fn refresh(
         .priority_groups
         .iter()
         .find_map(|g| g.pinned_client_id.clone());
-    let caught_up = info.num_pending == 0 && info.num_ack_pending == 0;
-    if caught_up {
-        conditions::set(
-            &mut status.conditions,
-            "CaughtUp",
-            true,
-            "CaughtUp",
-            format!(
-                "every event up to sequence {} is applied",
-                info.ack_floor.stream_sequence
-            ),
-            generation,
-        );
-    } else {
-        conditions::set(
-            &mut status.conditions,
-            "CaughtUp",
-            false,
-            "Behind",
-            format!(
-                "{} events pending, {} awaiting acknowledgement",
-                info.num_pending, info.num_ack_pending
-            ),
-            generation,
-        );
-    }
-    let still = ctx.progress(&key(projection), info.ack_floor.stream_sequence);
-    if !caught_up && still >= ctx.settings.stall_after {
-        conditions::set(
-            &mut status.conditions,
-            "Stalled",
-            true,
-            "NoProgress",
-            format!(
-                "no event acknowledged for {}s while {} are pending; check the sidecar's /readyz and logs",
-                still.as_secs(),
-                info.num_pending + info.num_ack_pending as u64
-            ),
-            generation,
-        );
-    } else {
-        conditions::set(
-            &mut status.conditions,
-            "Stalled",
-            false,
-            "Progressing",
-            "",
-            generation,
-        );
-    }
+    progress_conditions(
+        &mut status.conditions,
+        ctx,
+        &key(projection),
+        info,
+        "applied",
+        generation,
+    );
     match &projection.spec.rebuild {
         Some(rebuild) => {
             let done = info.config.metadata.get(REBUILT_METADATA) == Some(&rebuild.token);
@@ -366,6 +334,61 @@ fn refresh(
             status.rebuild_token = None;
             status.conditions.retain(|c| c.type_ != "Rebuilding");
         }
+    }
+}
+
+/// `CaughtUp` and `Stalled` from consumer info: caught up when nothing is pending or unacknowledged; stalled when
+/// nothing was acknowledged for `stallAfter` while events are pending. `done` says what acknowledged means.
+pub(crate) fn progress_conditions(
+    conditions: &mut Vec<projectionist_crds::common::Condition>,
+    ctx: &Context,
+    key: &str,
+    info: &consumer::Info,
+    done: &str,
+    generation: Option<i64>,
+) {
+    let caught_up = info.num_pending == 0 && info.num_ack_pending == 0;
+    if caught_up {
+        conditions::set(
+            conditions,
+            "CaughtUp",
+            true,
+            "CaughtUp",
+            format!(
+                "every event up to sequence {} is {done}",
+                info.ack_floor.stream_sequence
+            ),
+            generation,
+        );
+    } else {
+        conditions::set(
+            conditions,
+            "CaughtUp",
+            false,
+            "Behind",
+            format!(
+                "{} events pending, {} awaiting acknowledgement",
+                info.num_pending, info.num_ack_pending
+            ),
+            generation,
+        );
+    }
+    let still = ctx.progress(key, info.ack_floor.stream_sequence);
+    if !caught_up && still >= ctx.settings.stall_after {
+        conditions::set(
+            conditions,
+            "Stalled",
+            true,
+            "NoProgress",
+            format!(
+                "no event acknowledged for {}s while {} are pending; check the sidecar's /readyz and logs",
+                still.as_secs(),
+                info.num_pending + info.num_ack_pending as u64
+            ),
+            generation,
+        );
+    } else {
+        conditions::set(conditions, "Stalled", false, "Progressing", "", generation);
     }
 }
 

@@ -15,6 +15,7 @@ use kube::runtime::watcher;
 use kube::{Api, ResourceExt};
 use projectionist_crds::event_store::EventStore;
 use projectionist_crds::projection::Projection;
+use projectionist_crds::reactor::Reactor;
 use tokio::sync::watch;
 
 use axum_server::tls_rustls::RustlsConfig;
@@ -28,7 +29,7 @@ use crate::leader::Elector;
 use crate::metrics::{FailureLabels, KindLabels, Metrics};
 use crate::nats::Pool;
 use crate::webhook::{self, Caches, Injection};
-use crate::{event_store, projection};
+use crate::{event_store, projection, reactor};
 
 /// Everything `run` needs.
 #[derive(Debug, Clone)]
@@ -58,39 +59,48 @@ pub struct WebhookOptions {
     pub injection: Injection,
 }
 
-/// Starts the webhook: caches of Projections and EventStores, the certificate, its refresh, and the HTTPS server.
+/// A cache of `api`'s objects and the task that keeps it filled. Only specs and statuses are kept: managedFields
+/// are dropped before they reach memory.
+fn cache<K>(
+    api: Api<K>,
+    config: watcher::Config,
+) -> (
+    reflector::Store<K>,
+    impl std::future::Future<Output = ()> + Send + 'static,
+)
+where
+    K: kube::Resource<DynamicType = ()>
+        + Clone
+        + std::fmt::Debug
+        + serde::de::DeserializeOwned
+        + Send
+        + Sync
+        + 'static,
+{
+    let (store, writer) = reflector::store::<K>();
+    let fill = reflector::reflector(
+        writer,
+        watcher::watcher(api, config).modify(|o| o.managed_fields_mut().clear()),
+    )
+    .default_backoff()
+    .for_each(|_| futures::future::ready(()));
+    (store, fill)
+}
+
+/// Starts the webhook: caches of Projections, Reactors and EventStores, the certificate, its refresh, and the HTTPS server.
 async fn start_webhook(
     client: kube::Client,
     options: WebhookOptions,
     stop: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    let (projections, projections_writer) = reflector::store::<Projection>();
-    let (stores, stores_writer) = reflector::store::<EventStore>();
-    let watch_projections = reflector::reflector(
-        projections_writer,
-        // The webhook needs specs, not field ownership: managedFields are not kept in memory.
-        watcher::watcher(
-            Api::<Projection>::all(client.clone()),
-            watcher::Config::default(),
-        )
-        .modify(|o| o.managed_fields_mut().clear()),
-    )
-    .default_backoff()
-    .for_each(|_| futures::future::ready(()));
-    let watch_stores = reflector::reflector(
-        stores_writer,
-        // The webhook needs specs, not field ownership: managedFields are not kept in memory.
-        watcher::watcher(
-            Api::<EventStore>::all(client.clone()),
-            watcher::Config::default(),
-        )
-        .modify(|o| o.managed_fields_mut().clear()),
-    )
-    .default_backoff()
-    .for_each(|_| futures::future::ready(()));
+    let (projections, watch_projections) = cache(Api::<Projection>::all(client.clone()), watcher::Config::default());
+    let (reactors, watch_reactors) = cache(Api::<Reactor>::all(client.clone()), watcher::Config::default());
+    let (stores, watch_stores) = cache(Api::<EventStore>::all(client.clone()), watcher::Config::default());
     tokio::spawn(watch_projections);
+    tokio::spawn(watch_reactors);
     tokio::spawn(watch_stores);
     projections.wait_until_ready().await?;
+    reactors.wait_until_ready().await?;
     stores.wait_until_ready().await?;
 
     let mut cert = loop {
@@ -139,6 +149,7 @@ async fn start_webhook(
     });
     let caches = Caches {
         projections,
+        reactors,
         stores,
     };
     let mut stopped = stop;
@@ -341,19 +352,25 @@ async fn run_controllers(
     shutdown: impl std::future::Future<Output = ()> + Send + Sync + 'static,
 ) {
     let client = ctx.client.clone();
-    let (stores, projections, maps): (Api<EventStore>, Api<Projection>, Api<ConfigMap>) =
-        match &options.namespace {
-            Some(ns) => (
-                Api::namespaced(client.clone(), ns),
-                Api::namespaced(client.clone(), ns),
-                Api::namespaced(client.clone(), ns),
-            ),
-            None => (
-                Api::all(client.clone()),
-                Api::all(client.clone()),
-                Api::all(client),
-            ),
-        };
+    let (stores, projections, reactors, maps): (
+        Api<EventStore>,
+        Api<Projection>,
+        Api<Reactor>,
+        Api<ConfigMap>,
+    ) = match &options.namespace {
+        Some(ns) => (
+            Api::namespaced(client.clone(), ns),
+            Api::namespaced(client.clone(), ns),
+            Api::namespaced(client.clone(), ns),
+            Api::namespaced(client.clone(), ns),
+        ),
+        None => (
+            Api::all(client.clone()),
+            Api::all(client.clone()),
+            Api::all(client.clone()),
+            Api::all(client),
+        ),
+    };
     let config = controller::Config::default().concurrency(options.concurrency);
     let (shutdown_tx, _) = tokio::sync::broadcast::channel::<()>(1);
     let trigger = shutdown_tx.clone();
@@ -370,30 +387,15 @@ async fn run_controllers(
 
     // The caches reconciles read from, each filled by its own task so that a reconcile waiting for one never
     // holds up the controller streams (an owned stream only advances while its controller has a free slot).
-    let (store_cache, store_writer) = reflector::store::<EventStore>();
-    let (map_cache, map_writer) = reflector::store::<ConfigMap>();
     let managed = format!("app.kubernetes.io/managed-by={MANAGER}");
-    let fill_stores = reflector::reflector(
-        store_writer,
-        watcher::watcher(stores.clone(), watcher::Config::default())
-            .modify(|o| o.managed_fields_mut().clear()),
-    )
-    .default_backoff()
-    .for_each(|_| futures::future::ready(()));
-    let fill_maps = reflector::reflector(
-        map_writer,
-        watcher::watcher(maps.clone(), watcher::Config::default().labels(&managed))
-            .modify(|o| o.managed_fields_mut().clear()),
-    )
-    .default_backoff()
-    .for_each(|_| futures::future::ready(()));
+    let (store_cache, fill_stores) = cache(stores.clone(), watcher::Config::default());
+    let (map_cache, fill_maps) = cache(maps.clone(), watcher::Config::default().labels(&managed));
     let fillers = [tokio::spawn(fill_stores), tokio::spawn(fill_maps)];
     ctx.use_caches(context::Caches {
         stores: store_cache,
         config_maps: map_cache,
     });
-    let store_controller = Controller::new(stores.clone(), watcher::Config::default());
-    let store_controller = store_controller
+    let store_controller = Controller::new(stores.clone(), watcher::Config::default())
         .with_config(config.clone())
         .graceful_shutdown_on(on_shutdown(&shutdown_tx))
         .run(
@@ -409,6 +411,42 @@ async fn run_controllers(
         .for_each(|result| async move {
             if let Err(e) = result {
                 tracing::debug!(error = %e, "EventStore controller");
+            }
+        });
+
+    let reactor_controller = Controller::new(reactors, watcher::Config::default());
+    let reactor_cache = reactor_controller.store();
+    let reactor_controller = reactor_controller
+        .owns(maps.clone(), watcher::Config::default().labels(&managed))
+        .watches(
+            stores.clone(),
+            watcher::Config::default(),
+            move |store: EventStore| {
+                let namespace = store.namespace();
+                let name = store.name_any();
+                reactor_cache
+                    .state()
+                    .into_iter()
+                    .filter(|r| r.namespace() == namespace && r.spec.event_store == name)
+                    .map(|r| ObjectRef::from_obj(&*r))
+                    .collect::<Vec<_>>()
+            },
+        )
+        .with_config(config.clone())
+        .graceful_shutdown_on(on_shutdown(&shutdown_tx))
+        .run(
+            |object, ctx: Arc<Context>| async move {
+                let started = Instant::now();
+                let result = reactor::reconcile(object, ctx.clone()).await;
+                record(&ctx.metrics, "Reactor", started, &result);
+                result
+            },
+            error_policy,
+            ctx.clone(),
+        )
+        .for_each(|result| async move {
+            if let Err(e) = result {
+                tracing::debug!(error = %e, "Reactor controller");
             }
         });
 
@@ -447,7 +485,7 @@ async fn run_controllers(
                 tracing::debug!(error = %e, "Projection controller");
             }
         });
-    futures::join!(store_controller, projection_controller);
+    futures::join!(store_controller, projection_controller, reactor_controller);
     for filler in fillers {
         filler.abort();
     }

@@ -1,7 +1,8 @@
 //! The sidecar injection webhook: pods created in a namespace that opted in (the webhook configuration's
 //! `namespaceSelector` on the label `projectionist.dev/injection=enabled`), without the opt-out annotation
 //! `projectionist.dev/inject: "false"`, and matched by the `podSelector` of one or more Projections of their namespace,
-//! get one `projectionist-sidecar` running those projections. A pod annotated `projectionist.dev/event-stores:
+//! get one `projectionist-sidecar` running those projections; Reactors select pods the same way and run in the same
+//! sidecar. A pod annotated `projectionist.dev/event-stores:
 //! "users,orders"` gets the sidecar with the event-store API for those EventStores of its namespace, whether or not a
 //! Projection selects it.
 //!
@@ -24,12 +25,15 @@ use kube::core::admission::{AdmissionRequest, AdmissionReview};
 use kube::runtime::reflector::Store;
 use projectionist_crds::event_store::EventStore;
 use projectionist_crds::projection::Projection;
+use projectionist_crds::reactor::Reactor;
+use projectionist_crds::reactor_config::resolve_reactor;
 use projectionist_crds::sidecar_config::{SECRET_FILES_DIR, SecretMount, SecretSource, resolve};
 use projectionist_crds::store_config::{EVENT_STORES_ANNOTATION, annotated_stores, resolve_store};
 use serde_json::{Value, json};
 
 use crate::event_store::{store_config_key, store_config_map_name};
 use crate::projection::{config_key, config_map_name};
+use crate::reactor::{config_key as reactor_config_key, config_map_name as reactor_config_map_name};
 
 /// Name of the injected container.
 pub const CONTAINER: &str = "projectionist-sidecar";
@@ -80,6 +84,8 @@ pub fn selector_matches(selector: &LabelSelector, labels: &BTreeMap<String, Stri
     labels_ok && expressions_ok
 }
 
+/// Pod annotation the webhook sets to the reactors it injected.
+pub const INJECTED_REACTORS_ANNOTATION: &str = "projectionist.dev/injected-reactors";
 /// Pod annotation the webhook sets to the event stores the injected API serves.
 pub const INJECTED_STORES_ANNOTATION: &str = "projectionist.dev/injected-event-stores";
 
@@ -90,6 +96,8 @@ pub struct Decision {
     pub patch: Vec<Value>,
     /// The projections injected.
     pub projections: Vec<String>,
+    /// The reactors injected.
+    pub reactors: Vec<String>,
     /// The event stores the injected API serves by the pod's annotation.
     pub stores: Vec<String>,
     /// Why something was left out.
@@ -97,16 +105,28 @@ pub struct Decision {
 }
 
 /// Decides the injection for `pod` given the Projections (with their EventStores) and the EventStores of its
-/// namespace.
+/// namespace, no Reactors among them.
 pub fn inject(
     pod: &Pod,
-    candidates: &[(Projection, Option<EventStore>)],
+    projections: &[(Projection, Option<EventStore>)],
     stores: &[EventStore],
     settings: &Injection,
 ) -> Decision {
+    let candidates = Candidates {
+        projections: projections.to_vec(),
+        reactors: Vec::new(),
+        stores: stores.to_vec(),
+    };
+    inject_candidates(pod, &candidates, settings)
+}
+
+/// Decides the injection for `pod` given everything of its namespace that may select it.
+pub fn inject_candidates(pod: &Pod, namespace: &Candidates, settings: &Injection) -> Decision {
+    let (candidates, stores) = (&namespace.projections, &namespace.stores);
     let mut decision = Decision {
         patch: Vec::new(),
         projections: Vec::new(),
+        reactors: Vec::new(),
         stores: Vec::new(),
         warnings: Vec::new(),
     };
@@ -182,6 +202,39 @@ pub fn inject(
             "items": [{"key": config_key(&name), "path": config_key(&name)}]}}));
         decision.projections.push(name);
     }
+    let mut matched_reactors: Vec<&(Reactor, Option<EventStore>)> = namespace
+        .reactors
+        .iter()
+        .filter(|(r, _)| {
+            r.spec
+                .pod_selector
+                .as_ref()
+                .is_some_and(|s| selector_matches(s, &labels))
+        })
+        .collect();
+    matched_reactors.sort_by_key(|(r, _)| r.name_any());
+    for (reactor, store) in matched_reactors {
+        let name = reactor.name_any();
+        let Some(store) = store else {
+            decision.warnings.push(format!(
+                "reactor {name} not injected: EventStore {} not found",
+                reactor.spec.event_store
+            ));
+            continue;
+        };
+        match resolve_reactor(store, reactor) {
+            Ok(resolved) => need(&resolved.secrets),
+            Err(e) => {
+                decision
+                    .warnings
+                    .push(format!("reactor {name} not injected: {e}"));
+                continue;
+            }
+        }
+        let (map, key) = (reactor_config_map_name(&name), reactor_config_key(&name));
+        sources.push(json!({"configMap": {"name": map, "items": [{"key": key, "path": key}]}}));
+        decision.reactors.push(name);
+    }
     let wanted = annotations
         .get(EVENT_STORES_ANNOTATION)
         .map(|v| annotated_stores(v))
@@ -198,7 +251,8 @@ pub fn inject(
             "items": [{"key": store_config_key(&name), "path": store_config_key(&name)}]}}));
         decision.stores.push(name);
     }
-    if decision.projections.is_empty() && decision.stores.is_empty() {
+    if decision.projections.is_empty() && decision.reactors.is_empty() && decision.stores.is_empty()
+    {
         return decision;
     }
 
@@ -292,6 +346,9 @@ pub fn inject(
     if !decision.stores.is_empty() {
         injected.insert(INJECTED_STORES_ANNOTATION, decision.stores.join(","));
     }
+    if !decision.reactors.is_empty() {
+        injected.insert(INJECTED_REACTORS_ANNOTATION, decision.reactors.join(","));
+    }
     if pod.metadata.annotations.is_some() {
         for (name, value) in injected {
             let key = name.replace('~', "~0").replace('/', "~1");
@@ -305,10 +362,12 @@ pub fn inject(
     decision
 }
 
-/// What the webhook server reads: the Projections and EventStores of every namespace, kept current by watches.
+/// What the webhook server reads: the Projections, Reactors and EventStores of every namespace, kept current by
+/// watches.
 #[derive(Clone)]
 pub struct Caches {
     pub projections: Store<Projection>,
+    pub reactors: Store<Reactor>,
     pub stores: Store<EventStore>,
 }
 
@@ -324,8 +383,14 @@ struct WebhookState {
     settings: Arc<Injection>,
 }
 
-/// The Projections (with their EventStores) and the EventStores of one namespace.
-pub type Candidates = (Vec<(Projection, Option<EventStore>)>, Vec<EventStore>);
+/// What of one namespace may select a pod: its Projections and Reactors (each with its EventStore, when it exists)
+/// and its EventStores.
+#[derive(Debug, Clone, Default)]
+pub struct Candidates {
+    pub projections: Vec<(Projection, Option<EventStore>)>,
+    pub reactors: Vec<(Reactor, Option<EventStore>)>,
+    pub stores: Vec<EventStore>,
+}
 
 /// Answers one AdmissionReview body. A body that is not an AdmissionReview gets `400` with the reason.
 pub fn review(
@@ -350,8 +415,7 @@ pub fn review(
         .clone()
         .or_else(|| pod.namespace())
         .unwrap_or_else(|| "default".into());
-    let (projections, stores) = candidates(&namespace);
-    let decision = inject(pod, &projections, &stores, settings);
+    let decision = inject_candidates(pod, &candidates(&namespace), settings);
     if !decision.warnings.is_empty() {
         response["warnings"] = json!(decision.warnings);
     }
@@ -362,7 +426,7 @@ pub fn review(
         response["patchType"] = json!("JSONPatch");
         response["patch"] = json!(base64::engine::general_purpose::STANDARD.encode(patch));
         tracing::info!(namespace, pod = pod.metadata.name.as_deref().or(pod.metadata.generate_name.as_deref()).unwrap_or(""),
-            projections = ?decision.projections, stores = ?decision.stores, "injected the sidecar");
+            projections = ?decision.projections, reactors = ?decision.reactors, stores = ?decision.stores, "injected the sidecar");
     }
     Ok(
         json!({"apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview", "response": response}),
@@ -379,21 +443,28 @@ async fn mutate(State(state): State<WebhookState>, body: Bytes) -> Response {
             .filter(|s| s.namespace().as_deref() == Some(namespace))
             .map(|s| (**s).clone())
             .collect();
+        let store_of = |name: &str| stores.iter().find(|s| s.name_any() == name).cloned();
         let projections = state
             .caches
             .projections
             .state()
             .into_iter()
             .filter(|p| p.namespace().as_deref() == Some(namespace))
-            .map(|p| {
-                let store = stores
-                    .iter()
-                    .find(|s| s.name_any() == p.spec.event_store)
-                    .cloned();
-                ((*p).clone(), store)
-            })
+            .map(|p| ((*p).clone(), store_of(&p.spec.event_store)))
             .collect();
-        (projections, stores)
+        let reactors = state
+            .caches
+            .reactors
+            .state()
+            .into_iter()
+            .filter(|r| r.namespace().as_deref() == Some(namespace))
+            .map(|r| ((*r).clone(), store_of(&r.spec.event_store)))
+            .collect();
+        Candidates {
+            projections,
+            reactors,
+            stores,
+        }
     };
     match review(&body, candidates, &state.settings) {
         Ok(value) => (StatusCode::OK, axum::Json(value)).into_response(),

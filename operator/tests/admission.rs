@@ -102,6 +102,7 @@ async fn setup_with(labels: &'static [(&'static str, &'static str)]) -> Setup {
         tls,
         Caches {
             projections,
+            reactors: reflector::store().0,
             stores,
         },
         settings,

@@ -6,39 +6,13 @@ use std::time::Duration;
 
 use async_nats::jetstream::stream::{DiscardPolicy, StorageType};
 use common::{
-    Env, condition, consumer_info, eventually, projection_reason, store_ready, store_reason,
+    Env, condition, config_map, event_reasons, table, consumer_info, eventually, projection_reason, store_ready, store_reason,
     stream_info,
 };
 use k8s_openapi::api::core::v1::ConfigMap;
-use k8s_openapi::api::events::v1::Event;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, PostParams};
+use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};
 use projectionist_crds::sidecar_config::SidecarConfig;
 use serde_json::json;
-
-async fn config_map(env: &Env, name: &str) -> Option<ConfigMap> {
-    let maps: Api<ConfigMap> = Api::namespaced(env.client.clone(), &env.namespace);
-    maps.get_opt(name).await.ok().flatten()
-}
-
-async fn event_reasons(env: &Env) -> Vec<String> {
-    let events: Api<Event> = Api::namespaced(env.client.clone(), &env.namespace);
-    events
-        .list(&ListParams::default())
-        .await
-        .map(|l| l.items.into_iter().filter_map(|e| e.reason).collect())
-        .unwrap_or_default()
-}
-
-async fn table(env: &Env, plural: &str) -> serde_json::Value {
-    let request = http::Request::get(format!(
-        "/apis/projectionist.dev/v1alpha1/namespaces/{}/{plural}",
-        env.namespace
-    ))
-    .header("Accept", "application/json;as=Table;v=v1;g=meta.k8s.io")
-    .body(Vec::new())
-    .expect("request");
-    env.client.request(request).await.expect("table")
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn examples_become_a_stream_a_consumer_and_ready_resources() {

@@ -2,7 +2,7 @@
 
 use k8s_openapi::api::core::v1::{Pod, ResourceRequirements};
 use projectionist_crds::{EventStore, Projection};
-use projectionist_operator::webhook::{Injection, inject, review};
+use projectionist_operator::webhook::{Candidates, Injection, inject, inject_candidates, review};
 use projectionist_tests::repo;
 use serde_json::{Value, json};
 
@@ -232,11 +232,10 @@ fn a_projection_whose_store_is_missing_is_skipped_with_a_warning() {
 #[test]
 fn reviews_are_answered_and_malformed_ones_refused_with_a_reason() {
     let (store, projection) = examples();
-    let candidates = |_: &str| {
-        (
-            vec![(projection.clone(), Some(store.clone()))],
-            vec![store.clone()],
-        )
+    let candidates = |_: &str| Candidates {
+        projections: vec![(projection.clone(), Some(store.clone()))],
+        reactors: Vec::new(),
+        stores: vec![store.clone()],
     };
     let request = json!({
         "apiVersion": "admission.k8s.io/v1", "kind": "AdmissionReview",
@@ -329,4 +328,72 @@ fn pod_with_stores(stores: &str) -> Pod {
         json!({"app.kubernetes.io/name": "user-commands"}),
         Some(json!({"projectionist.dev/event-stores": stores})),
     )
+}
+
+fn example_reactor() -> projectionist_crds::Reactor {
+    let text = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../examples/reactors/welcome-email.yaml"
+    ))
+    .expect("example");
+    serde_yaml::from_str(&text).expect("reactor")
+}
+
+#[test]
+fn a_pod_selected_by_a_reactor_gets_the_sidecar_with_the_reactors_config_next_to_projections() {
+    let (store, projection) = examples();
+    let reactor = example_reactor();
+    let email = pod(json!({"app.kubernetes.io/name": "email-service"}), None);
+    let candidates = Candidates {
+        projections: vec![(projection.clone(), Some(store.clone()))],
+        reactors: vec![(reactor.clone(), Some(store.clone()))],
+        stores: vec![store.clone()],
+    };
+    let decision = inject_candidates(&email, &candidates, &settings(true));
+    assert_eq!(decision.reactors, ["welcome-email"]);
+    assert!(decision.projections.is_empty());
+    let pod = patched(&email, &decision.patch);
+    assert_eq!(
+        pod["metadata"]["annotations"]["projectionist.dev/injected-reactors"],
+        "welcome-email"
+    );
+    let sources = pod["spec"]["volumes"]
+        .as_array()
+        .expect("volumes")
+        .iter()
+        .find(|v| v["name"] == "projectionist-config")
+        .expect("config volume")["projected"]["sources"]
+        .clone();
+    assert_eq!(sources[0]["configMap"]["name"], "welcome-email-reactor-config");
+    assert_eq!(
+        sources[0]["configMap"]["items"][0]["path"],
+        "reactor-welcome-email.yaml"
+    );
+    // The NATS credentials of the store reach the sidecar.
+    let container = sidecar(&pod, "initContainers");
+    assert!(
+        container["env"].as_array().expect("env").len() > 2,
+        "{container}"
+    );
+
+    // A pod selected by both gets one sidecar running both.
+    let mut both = reactor.clone();
+    both.spec.pod_selector = projection.spec.pod_selector.clone();
+    let candidates = Candidates {
+        reactors: vec![(both, Some(store.clone()))],
+        ..candidates
+    };
+    let decision = inject_candidates(&app_pod(), &candidates, &settings(true));
+    assert_eq!(decision.projections, ["users-read-model"]);
+    assert_eq!(decision.reactors, ["welcome-email"]);
+
+    // A reactor whose store is missing is left out with a warning.
+    let orphan = Candidates {
+        projections: Vec::new(),
+        reactors: vec![(reactor, None)],
+        stores: Vec::new(),
+    };
+    let decision = inject_candidates(&email, &orphan, &settings(true));
+    assert!(decision.patch.is_empty());
+    assert!(decision.warnings[0].contains("reactor welcome-email not injected"), "{:?}", decision.warnings);
 }

@@ -170,6 +170,10 @@ impl Env {
         Api::namespaced(self.client.clone(), &self.namespace)
     }
 
+    pub fn reactors(&self) -> Api<projectionist_crds::Reactor> {
+        Api::namespaced(self.client.clone(), &self.namespace)
+    }
+
     pub fn projections(&self) -> Api<Projection> {
         Api::namespaced(self.client.clone(), &self.namespace)
     }
@@ -318,6 +322,33 @@ pub async fn projection_reason(
     .await
 }
 
+fn reactor_conditions(reactor: &projectionist_crds::Reactor) -> Conditions {
+    reactor
+        .status
+        .as_ref()
+        .map(|s| s.conditions.clone())
+        .unwrap_or_default()
+}
+
+/// Waits until the Reactor's `Ready` condition has `reason`.
+pub async fn reactor_reason(
+    env: &Env,
+    operator: &Operator,
+    name: &str,
+    reason: &str,
+) -> projectionist_crds::Reactor {
+    let what = format!("Reactor {name} with Ready reason {reason}");
+    wait_ready(
+        env.reactors(),
+        name,
+        what,
+        reactor_conditions,
+        |_, r| r == reason,
+        operator,
+    )
+    .await
+}
+
 /// Waits until a store is Ready (any ready reason).
 pub async fn store_ready(env: &Env, operator: &Operator, name: &str) -> EventStore {
     let what = format!("EventStore {name} Ready");
@@ -356,3 +387,32 @@ pub async fn consumer_info(
             .clone(),
     )
 }
+
+/// A helper shared by the controller tests.
+pub async fn config_map(env: &Env, name: &str) -> Option<k8s_openapi::api::core::v1::ConfigMap> {
+    let maps: Api<k8s_openapi::api::core::v1::ConfigMap> = Api::namespaced(env.client.clone(), &env.namespace);
+    maps.get_opt(name).await.ok().flatten()
+}
+
+/// A helper shared by the controller tests.
+pub async fn event_reasons(env: &Env) -> Vec<String> {
+    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(env.client.clone(), &env.namespace);
+    events
+        .list(&kube::api::ListParams::default())
+        .await
+        .map(|l| l.items.into_iter().filter_map(|e| e.reason).collect())
+        .unwrap_or_default()
+}
+
+/// A helper shared by the controller tests.
+pub async fn table(env: &Env, plural: &str) -> serde_json::Value {
+    let request = http::Request::get(format!(
+        "/apis/projectionist.dev/v1alpha1/namespaces/{}/{plural}",
+        env.namespace
+    ))
+    .header("Accept", "application/json;as=Table;v=v1;g=meta.k8s.io")
+    .body(Vec::new())
+    .expect("request");
+    env.client.request(request).await.expect("table")
+}
+
