@@ -131,7 +131,10 @@ impl Manifests {
     ) -> Result<&EventStore, ManifestError> {
         self.event_stores
             .iter()
-            .find(|s| s.metadata.name.as_deref() == Some(store) && s.metadata.namespace == reader.namespace)
+            .find(|s| {
+                s.metadata.name.as_deref() == Some(store)
+                    && s.metadata.namespace == reader.namespace
+            })
             .ok_or_else(|| ManifestError::MissingStore {
                 kind,
                 projection: reader.name.clone().unwrap_or_default(),

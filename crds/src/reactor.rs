@@ -326,9 +326,17 @@ impl Reactor {
 
     /// The dead-letter subject: `spec.onError.deadLetterSubject` or `projectionist.deadletter.<namespace>.<name>`.
     pub fn dead_letter_subject(&self) -> String {
-        self.spec.on_error.dead_letter_subject.clone().unwrap_or_else(|| {
-            format!("projectionist.deadletter.{}.{}", self.namespace(), self.token())
-        })
+        self.spec
+            .on_error
+            .dead_letter_subject
+            .clone()
+            .unwrap_or_else(|| {
+                format!(
+                    "projectionist.deadletter.{}.{}",
+                    self.namespace(),
+                    self.token()
+                )
+            })
     }
 
     /// The parking lot: a stream of its own, `PARKED_<namespace>_<name>`.
@@ -466,13 +474,22 @@ mod tests {
         assert_eq!(r.spec.on_error.policy, ReactorErrorPolicy::Park);
         assert_eq!(r.spec.endpoint.timeout, "10s");
         let c = consumer_config(&r, &store()).expect("config");
-        assert_eq!(c.durable_name.as_deref(), Some("shop_reactor_welcome-email"));
-        assert_eq!(c.deliver_policy, async_nats::jetstream::consumer::DeliverPolicy::New);
+        assert_eq!(
+            c.durable_name.as_deref(),
+            Some("shop_reactor_welcome-email")
+        );
+        assert_eq!(
+            c.deliver_policy,
+            async_nats::jetstream::consumer::DeliverPolicy::New
+        );
         assert_eq!(c.ack_policy, AckPolicy::Explicit);
         assert_eq!(c.max_ack_pending, 1024);
         assert_eq!(r.parking_stream(), "PARKED_shop_welcome-email");
         let p = parking_stream_config(&r, &store());
-        assert_eq!(p.subjects, vec!["projectionist.parked.shop.welcome-email.>"]);
+        assert_eq!(
+            p.subjects,
+            vec!["projectionist.parked.shop.welcome-email.>"]
+        );
         assert!(p.allow_direct);
         assert_eq!(
             r.dead_letter_subject(),
@@ -488,7 +505,10 @@ mod tests {
             ..Default::default()
         });
         let c = consumer_config(&r, &store()).expect("config");
-        assert_eq!(c.deliver_policy, async_nats::jetstream::consumer::DeliverPolicy::All);
+        assert_eq!(
+            c.deliver_policy,
+            async_nats::jetstream::consumer::DeliverPolicy::All
+        );
         r.spec.events = Some(ReactorEvents {
             subjects: vec!["shop.orders.>".into()],
             types: vec![],

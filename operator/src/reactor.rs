@@ -73,12 +73,22 @@ pub async fn reconcile(reactor: Arc<Reactor>, ctx: Arc<Context>) -> Result<Actio
 }
 
 fn not_ready(status: &mut ReactorStatus, reason: &str, message: String, generation: Option<i64>) {
-    conditions::set(&mut status.conditions, "Ready", false, reason, message, generation);
+    conditions::set(
+        &mut status.conditions,
+        "Ready",
+        false,
+        reason,
+        message,
+        generation,
+    );
 }
 
 async fn delete_on_nats(reactor: &Reactor, ctx: &Context) -> Result<(), Error> {
     let namespace = reactor.namespace().unwrap_or_default();
-    let Some(store) = ctx.event_store(&namespace, &reactor.spec.event_store).await? else {
+    let Some(store) = ctx
+        .event_store(&namespace, &reactor.spec.event_store)
+        .await?
+    else {
         ctx.event(reactor, EventType::Warning, "ConsumerNotDeleted", "Delete",
             format!("EventStore {} is gone, so the consumer {} and the parking lot {} could not be reached; delete them on NATS if they still exist",
                 reactor.spec.event_store, reactor.consumer_name(), reactor.parking_stream())).await;
@@ -87,12 +97,27 @@ async fn delete_on_nats(reactor: &Reactor, ctx: &Context) -> Result<(), Error> {
     let js = ctx.jetstream(&store).await?;
     let consumer = reactor.consumer_name();
     if js.delete_consumer(&store.stream_name(), &consumer).await? {
-        ctx.event(reactor, EventType::Normal, "ConsumerDeleted", "Delete", format!("deleted consumer {consumer}"))
-            .await;
+        ctx.event(
+            reactor,
+            EventType::Normal,
+            "ConsumerDeleted",
+            "Delete",
+            format!("deleted consumer {consumer}"),
+        )
+        .await;
     }
     if js.delete_stream(&reactor.parking_stream()).await? {
-        ctx.event(reactor, EventType::Normal, "ParkingLotDeleted", "Delete",
-            format!("deleted the parking lot {} with the events it held", reactor.parking_stream())).await;
+        ctx.event(
+            reactor,
+            EventType::Normal,
+            "ParkingLotDeleted",
+            "Delete",
+            format!(
+                "deleted the parking lot {} with the events it held",
+                reactor.parking_stream()
+            ),
+        )
+        .await;
     }
     Ok(())
 }
@@ -115,7 +140,10 @@ async fn sync(
         Ok(r) => r,
         Err(e) => {
             let reason = match e {
-                ReactorResolveError::Invalid { field: "endpoint.url", .. } => "InvalidEndpoint",
+                ReactorResolveError::Invalid {
+                    field: "endpoint.url",
+                    ..
+                } => "InvalidEndpoint",
                 _ => "InvalidSpec",
             };
             not_ready(status, reason, e.to_string(), generation);
@@ -134,8 +162,14 @@ async fn sync(
     match js.stream_info(&parking.name).await? {
         None => {
             js.create_stream(parking.clone()).await?;
-            ctx.event(reactor, EventType::Normal, "ParkingLotCreated", "Create",
-                format!("created the parking lot {}", parking.name)).await;
+            ctx.event(
+                reactor,
+                EventType::Normal,
+                "ParkingLotCreated",
+                "Create",
+                format!("created the parking lot {}", parking.name),
+            )
+            .await;
         }
         Some(info) => {
             let diff = diff_stream(&parking, &info.config);
@@ -151,8 +185,14 @@ async fn sync(
     let info = match js.consumer_info(&stream, &consumer_name).await? {
         None => {
             let info = js.put_consumer(&stream, desired, true).await?;
-            ctx.event(reactor, EventType::Normal, "ConsumerCreated", "Create",
-                format!("created consumer {consumer_name} on stream {stream}")).await;
+            ctx.event(
+                reactor,
+                EventType::Normal,
+                "ConsumerCreated",
+                "Create",
+                format!("created consumer {consumer_name} on stream {stream}"),
+            )
+            .await;
             info
         }
         Some(info) => {
@@ -176,8 +216,14 @@ async fn sync(
             } else {
                 let what = diff.describe();
                 let info = js.put_consumer(&stream, desired, false).await?;
-                ctx.event(reactor, EventType::Normal, "ConsumerUpdated", "Update",
-                    format!("updated consumer {consumer_name}: {what}")).await;
+                ctx.event(
+                    reactor,
+                    EventType::Normal,
+                    "ConsumerUpdated",
+                    "Update",
+                    format!("updated consumer {consumer_name}: {what}"),
+                )
+                .await;
                 info
             }
         }
@@ -216,7 +262,14 @@ async fn refresh(
         .priority_groups
         .iter()
         .find_map(|g| g.pinned_client_id.clone());
-    progress_conditions(&mut status.conditions, ctx, &key(reactor), info, "done", generation);
+    progress_conditions(
+        &mut status.conditions,
+        ctx,
+        &key(reactor),
+        info,
+        "done",
+        generation,
+    );
     let js = ctx.jetstream(store).await?;
     if let Some(parking) = js.stream_info(&reactor.parking_stream()).await? {
         let state = &parking.state;

@@ -93,9 +93,18 @@ async fn start_webhook(
     options: WebhookOptions,
     stop: watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    let (projections, watch_projections) = cache(Api::<Projection>::all(client.clone()), watcher::Config::default());
-    let (reactors, watch_reactors) = cache(Api::<Reactor>::all(client.clone()), watcher::Config::default());
-    let (stores, watch_stores) = cache(Api::<EventStore>::all(client.clone()), watcher::Config::default());
+    let (projections, watch_projections) = cache(
+        Api::<Projection>::all(client.clone()),
+        watcher::Config::default(),
+    );
+    let (reactors, watch_reactors) = cache(
+        Api::<Reactor>::all(client.clone()),
+        watcher::Config::default(),
+    );
+    let (stores, watch_stores) = cache(
+        Api::<EventStore>::all(client.clone()),
+        watcher::Config::default(),
+    );
     tokio::spawn(watch_projections);
     tokio::spawn(watch_reactors);
     tokio::spawn(watch_stores);

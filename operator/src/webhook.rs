@@ -33,7 +33,9 @@ use serde_json::{Value, json};
 
 use crate::event_store::{store_config_key, store_config_map_name};
 use crate::projection::{config_key, config_map_name};
-use crate::reactor::{config_key as reactor_config_key, config_map_name as reactor_config_map_name};
+use crate::reactor::{
+    config_key as reactor_config_key, config_map_name as reactor_config_map_name,
+};
 
 /// Name of the injected container.
 pub const CONTAINER: &str = "projectionist-sidecar";

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use async_nats::jetstream::stream::{DiscardPolicy, StorageType};
 use common::{
-    Env, condition, config_map, event_reasons, table, consumer_info, eventually, projection_reason, store_ready, store_reason,
-    stream_info,
+    Env, condition, config_map, consumer_info, event_reasons, eventually, projection_reason,
+    store_ready, store_reason, stream_info, table,
 };
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, DeleteParams, Patch, PatchParams, PostParams};

@@ -22,7 +22,7 @@ use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Pod, Secret};
 use kube::api::{Api, PostParams};
-use projectionist_crds::{EventStore, Projection};
+use projectionist_crds::{EventStore, Projection, Reactor};
 use projectionist_tests::control_plane::ControlPlane;
 use projectionist_tests::nats::NatsServer;
 use projectionist_tests::postgres::Postgres;
@@ -225,6 +225,35 @@ fn sidecar_binary() -> PathBuf {
     path
 }
 
+/// The service's own endpoint for the Reactor: records the `ce-id` of every event it is given, answers 204.
+async fn welcome_endpoint() -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+) {
+    let delivered = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let record = delivered.clone();
+    let app = axum::Router::new().route(
+        "/events",
+        axum::routing::post(move |headers: axum::http::HeaderMap| {
+            let record = record.clone();
+            async move {
+                if let Some(id) = headers.get("ce-id").and_then(|v| v.to_str().ok()) {
+                    record.lock().expect("lock").push(id.to_string());
+                }
+                axum::http::StatusCode::NO_CONTENT
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let addr = listener.local_addr().expect("addr");
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    (addr, delivered)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pod_gets_the_sidecar_and_the_read_model_equals_the_reference_fold() {
     let sidecar_bin = sidecar_binary();
@@ -357,6 +386,28 @@ async fn a_pod_gets_the_sidecar_and_the_read_model_equals_the_reference_fold() {
         .create(&PostParams::default(), &projection)
         .await
         .expect("Projection");
+    // A Reactor of the same service: UserCreated delivered to an endpoint of the pod (here, of the test).
+    let (endpoint, delivered) = welcome_endpoint().await;
+    let mut reactor: Reactor =
+        repo::read_yaml(&repo::user_management_example().join("../reactors/welcome-email.yaml"))
+            .expect("welcome-email.yaml");
+    reactor.spec.endpoint.url = format!("http://{endpoint}/events");
+    reactor.spec.pod_selector = projection.spec.pod_selector.clone();
+    let reactors: Api<Reactor> = Api::namespaced(client.clone(), APP);
+    reactors
+        .create(&PostParams::default(), &reactor)
+        .await
+        .expect("Reactor");
+    eventually(
+        "Reactor Ready",
+        Duration::from_secs(60),
+        || async {
+            let r = reactors.get("welcome-email").await.ok()?;
+            (condition(&r.status?.conditions, "Ready")?.0 == "True").then_some(())
+        },
+        || operator.log_tail(),
+    )
+    .await;
     eventually(
         "Projection Ready",
         Duration::from_secs(60),
@@ -575,6 +626,46 @@ async fn a_pod_gets_the_sidecar_and_the_read_model_equals_the_reference_fold() {
         rows(&db_url, "SELECT event_id FROM projectionist_dead_letters").await,
         Some(vec![])
     );
+    // Every UserCreated reached the service's endpoint (each user has one), and the Reactor is caught up.
+    let mut created_ids: Vec<String> = events
+        .iter()
+        .filter(|e| e["type"] == "UserCreated")
+        .map(|e| e["id"].as_str().expect("id").to_string())
+        .collect();
+    created_ids.sort();
+    eventually(
+        "every UserCreated delivered to the endpoint",
+        Duration::from_secs(60),
+        || async {
+            let mut unique = delivered.lock().expect("lock").clone();
+            unique.sort();
+            unique.dedup();
+            (unique == created_ids).then_some(())
+        },
+        || format!("sidecar:\n{}", sidecar.log_tail()),
+    )
+    .await;
+    eventually(
+        "the Reactor caught up with nothing parked",
+        Duration::from_secs(60),
+        || async {
+            let s = reactors.get("welcome-email").await.ok()?.status?;
+            (s.pending == Some(0)
+                && s.ack_pending == Some(0)
+                && s.parked_aggregates == Some(0)
+                && condition(&s.conditions, "CaughtUp")?.0 == "True")
+                .then_some(())
+        },
+        || operator.log_tail(),
+    )
+    .await;
+    let listed = plane
+        .kubectl(&["get", "react", "-n", APP])
+        .expect("kubectl");
+    let listed = String::from_utf8_lossy(&listed.stdout).into_owned();
+    for column in ["STORE", "READY", "LAG", "PARKED", "AGE", "welcome-email"] {
+        assert!(listed.contains(column), "{column} in:\n{listed}");
+    }
 
     // The Projection's status: lag 0, every event acknowledged, CaughtUp.
     let status = eventually(
@@ -707,6 +798,7 @@ async fn a_pod_gets_the_sidecar_and_the_read_model_equals_the_reference_fold() {
     let explained: BTreeMap<(&str, &str, &str), &str> = [
         (("update", "projectionist.dev", "eventstores/finalizers"), "blockOwnerDeletion on an owned ConfigMap, where owner-reference permissions are enforced"),
         (("update", "projectionist.dev", "projections/finalizers"), "blockOwnerDeletion on an owned ConfigMap, where owner-reference permissions are enforced"),
+        (("update", "projectionist.dev", "reactors/finalizers"), "blockOwnerDeletion on an owned ConfigMap, where owner-reference permissions are enforced"),
         (("patch", "projectionist.dev", "eventstores"), "the finalizer of deletionPolicy: Delete"),
         (("patch", "events.k8s.io", "events"), "a repeated Event becomes a series"),
         (("get", "projectionist.dev", "eventstores"), "a Projection whose EventStore the cache does not yet show Ready reads it from the API server"),

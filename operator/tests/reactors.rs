@@ -49,7 +49,10 @@ async fn a_reactor_becomes_a_consumer_a_parking_lot_a_config_map_and_a_status() 
     let ready = reactor_reason(&env, &operator, "welcome-email", "ConsumerReady").await;
     let status = ready.status.clone().expect("status");
     let consumer_name = ready.consumer_name();
-    assert_eq!(status.consumer_name.as_deref(), Some(consumer_name.as_str()));
+    assert_eq!(
+        status.consumer_name.as_deref(),
+        Some(consumer_name.as_str())
+    );
     assert_eq!(status.pending, Some(0));
     assert_eq!(status.parked_aggregates, Some(0));
     assert_eq!(status.parked_events, Some(0));
@@ -68,7 +71,10 @@ async fn a_reactor_becomes_a_consumer_a_parking_lot_a_config_map_and_a_status() 
     assert_eq!(info.config.deliver_policy, DeliverPolicy::New);
     assert_eq!(info.config.ack_wait, Duration::from_secs(30));
     // The parking lot.
-    let parking = js.get_stream(ready.parking_stream()).await.expect("parking lot");
+    let parking = js
+        .get_stream(ready.parking_stream())
+        .await
+        .expect("parking lot");
     assert_eq!(
         parking.cached_info().config.subjects,
         vec![format!("{}.>", ready.parking_prefix())]
@@ -88,7 +94,10 @@ async fn a_reactor_becomes_a_consumer_a_parking_lot_a_config_map_and_a_status() 
     assert_eq!(config.url, "http://127.0.0.1:8080/events");
     let reasons = event_reasons(&env).await;
     for reason in ["ConsumerCreated", "ParkingLotCreated"] {
-        assert!(reasons.iter().any(|r| r == reason), "{reason} in {reasons:?}");
+        assert!(
+            reasons.iter().any(|r| r == reason),
+            "{reason} in {reasons:?}"
+        );
     }
     // kubectl get react: STORE, READY, LAG, PARKED, AGE.
     let t = table(&env, "reactors").await;
@@ -110,8 +119,12 @@ async fn a_reactor_becomes_a_consumer_a_parking_lot_a_config_map_and_a_status() 
         "the consumer and the parking lot deleted",
         Duration::from_secs(60),
         || {
-            let (js, store, consumer_name, reactors) =
-                (js.clone(), store.clone(), consumer_name.clone(), reactors.clone());
+            let (js, store, consumer_name, reactors) = (
+                js.clone(),
+                store.clone(),
+                consumer_name.clone(),
+                reactors.clone(),
+            );
             let parking = ready.parking_stream();
             async move {
                 let stream = js.get_stream(store.stream_name()).await.ok()?;
@@ -138,16 +151,28 @@ async fn reactors_that_cannot_work_get_a_condition_that_says_why() {
         let reactors = reactors.clone();
         async move { reactors.create(&PostParams::default(), &r).await }
     };
-    create(reactor(&env, "no-store", json!({"eventStore": "orders",
-        "endpoint": {"url": "http://127.0.0.1:8080/e"}})))
+    create(reactor(
+        &env,
+        "no-store",
+        json!({"eventStore": "orders",
+        "endpoint": {"url": "http://127.0.0.1:8080/e"}}),
+    ))
     .await
     .expect("created");
-    create(reactor(&env, "zero-timeout", json!({"eventStore": "users",
-        "endpoint": {"url": "http://127.0.0.1:8080/e", "timeout": "0s"}})))
+    create(reactor(
+        &env,
+        "zero-timeout",
+        json!({"eventStore": "users",
+        "endpoint": {"url": "http://127.0.0.1:8080/e", "timeout": "0s"}}),
+    ))
     .await
     .expect("created");
-    create(reactor(&env, "outside", json!({"eventStore": "users",
-        "endpoint": {"url": "http://127.0.0.1:8080/e"}, "events": {"subjects": ["elsewhere.>"]}})))
+    create(reactor(
+        &env,
+        "outside",
+        json!({"eventStore": "users",
+        "endpoint": {"url": "http://127.0.0.1:8080/e"}, "events": {"subjects": ["elsewhere.>"]}}),
+    ))
     .await
     .expect("created");
     let r = reactor_reason(&env, &operator, "no-store", "EventStoreNotFound").await;
@@ -160,13 +185,24 @@ async fn reactors_that_cannot_work_get_a_condition_that_says_why() {
     let message = &r.status.expect("status").conditions[0].message;
     assert!(message.contains("elsewhere.>"), "{message}");
     // What the schema can refuse, the API server refuses.
-    let refused = create(reactor(&env, "ftp", json!({"eventStore": "users",
-        "endpoint": {"url": "ftp://example.org/e"}})))
+    let refused = create(reactor(
+        &env,
+        "ftp",
+        json!({"eventStore": "users",
+        "endpoint": {"url": "ftp://example.org/e"}}),
+    ))
     .await
     .expect_err("refused");
-    assert!(refused.to_string().contains("spec.endpoint.url"), "{refused}");
-    let refused = create(reactor(&env, "wide", json!({"eventStore": "users",
-        "endpoint": {"url": "http://127.0.0.1/e"}, "delivery": {"concurrency": 0}})))
+    assert!(
+        refused.to_string().contains("spec.endpoint.url"),
+        "{refused}"
+    );
+    let refused = create(reactor(
+        &env,
+        "wide",
+        json!({"eventStore": "users",
+        "endpoint": {"url": "http://127.0.0.1/e"}, "delivery": {"concurrency": 0}}),
+    ))
     .await
     .expect_err("refused");
     assert!(refused.to_string().contains("concurrency"), "{refused}");

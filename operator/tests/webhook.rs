@@ -364,7 +364,10 @@ fn a_pod_selected_by_a_reactor_gets_the_sidecar_with_the_reactors_config_next_to
         .find(|v| v["name"] == "projectionist-config")
         .expect("config volume")["projected"]["sources"]
         .clone();
-    assert_eq!(sources[0]["configMap"]["name"], "welcome-email-reactor-config");
+    assert_eq!(
+        sources[0]["configMap"]["name"],
+        "welcome-email-reactor-config"
+    );
     assert_eq!(
         sources[0]["configMap"]["items"][0]["path"],
         "reactor-welcome-email.yaml"
@@ -395,5 +398,9 @@ fn a_pod_selected_by_a_reactor_gets_the_sidecar_with_the_reactors_config_next_to
     };
     let decision = inject_candidates(&email, &orphan, &settings(true));
     assert!(decision.patch.is_empty());
-    assert!(decision.warnings[0].contains("reactor welcome-email not injected"), "{:?}", decision.warnings);
+    assert!(
+        decision.warnings[0].contains("reactor welcome-email not injected"),
+        "{:?}",
+        decision.warnings
+    );
 }

@@ -130,7 +130,14 @@ pub async fn publish(
     projection: &str,
     letter: &DeadLetter,
 ) -> Result<(), async_nats::PublishError> {
-    publish_from(nats, subject, "Projectionist-Projection", projection, letter).await
+    publish_from(
+        nats,
+        subject,
+        "Projectionist-Projection",
+        projection,
+        letter,
+    )
+    .await
 }
 
 /// Publishes a dead letter of `owner` (a projection or a reactor, named in the `owner_header`).

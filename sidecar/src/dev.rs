@@ -12,8 +12,8 @@ use anyhow::Context;
 use projectionist_crds::Projection;
 use projectionist_crds::manifest::Manifests;
 use projectionist_crds::projection::Driver;
-use projectionist_crds::sidecar_config::{SidecarConfig, resolve};
 use projectionist_crds::reactor_config::resolve_reactor;
+use projectionist_crds::sidecar_config::{SidecarConfig, resolve};
 use projectionist_crds::store_config::resolve_store;
 
 use crate::runtime::{Launch, ReactorLaunch, StoreLaunch, Watch, Workload};

@@ -116,7 +116,8 @@ pub fn read_config_dir(dir: &Path) -> anyhow::Result<ConfigDir> {
         if kind.as_deref() == Some(store_config::KIND) {
             out.stores.push((f, StoreConfig::from_yaml(&path, &text)?));
         } else if kind.as_deref() == Some(reactor_config::KIND) {
-            out.reactors.push((f, ReactorConfig::from_yaml(&path, &text)?));
+            out.reactors
+                .push((f, ReactorConfig::from_yaml(&path, &text)?));
         } else {
             out.projections
                 .push((f, SidecarConfig::from_yaml(&path, &text)?));
@@ -309,7 +310,8 @@ pub async fn run(
     grace: Duration,
     reload: Duration,
 ) -> anyhow::Result<()> {
-    if workload.projections.is_empty() && workload.stores.is_empty() && workload.reactors.is_empty() {
+    if workload.projections.is_empty() && workload.stores.is_empty() && workload.reactors.is_empty()
+    {
         anyhow::bail!("nothing to run: no projection, reactor or event store configured");
     }
     let mut registry = Registry::default();
@@ -346,12 +348,30 @@ pub async fn run(
             error!(reactor = %launch.config.reactor.name, store = %launch.config.event_store.name, "the reactor's store cannot be reached; the reactor does not run");
             continue;
         };
-        let key = format!("{}/{}", launch.config.reactor.namespace, launch.config.reactor.name);
+        let key = format!(
+            "{}/{}",
+            launch.config.reactor.namespace, launch.config.reactor.name
+        );
         let state = ProjectionState::new(&format!("reactor {key}"));
         states.push(state.clone());
-        match start_reactor(launch, key.clone(), store, state, reactor_metrics.clone(), stop_rx.clone()) {
+        match start_reactor(
+            launch,
+            key.clone(),
+            store,
+            state,
+            reactor_metrics.clone(),
+            stop_rx.clone(),
+        ) {
             Ok((reactor, handle)) => {
-                reactors.insert(handle.key.rsplit('/').next().unwrap_or_default().to_string(), handle);
+                reactors.insert(
+                    handle
+                        .key
+                        .rsplit('/')
+                        .next()
+                        .unwrap_or_default()
+                        .to_string(),
+                    handle,
+                );
                 tasks.spawn(async move { (key, reactor.run().await) });
             }
             Err(e) => error!(reactor = %key, error = %format!("{e:#}"), "cannot start the reactor"),

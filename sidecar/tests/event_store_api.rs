@@ -599,7 +599,8 @@ async fn the_openapi_document_is_served_as_kept_in_the_repository_and_names_ever
             .await;
             // This sidecar runs no reactor: its routes answer a 404 that says so, not the router's.
             let routed = r.status != 405
-                && (r.status != 404 || String::from_utf8_lossy(&r.body).contains("runs no reactor"));
+                && (r.status != 404
+                    || String::from_utf8_lossy(&r.body).contains("runs no reactor"));
             assert!(routed, "{method} {path} is routed: {}", r.status);
         }
     }

@@ -35,15 +35,26 @@ async fn sigkills_and_nats_restarts_lose_nothing_and_keep_each_aggregate_in_orde
         let poison = serde_json::from_slice::<Value>(&call.body)
             .ok()
             .is_some_and(|v| v["poison"] == json!(true));
-        if poison { Reply::status(422) } else { Reply::ok() }
+        if poison {
+            Reply::status(422)
+        } else {
+            Reply::ok()
+        }
     })
     .await;
     let (store, _) = common::ledger(&nats.url(), Driver::Sqlite, ErrorPolicy::Halt, "1s");
-    let reactor = reactor(&endpoint.url(), json!({"delivery": {"concurrency": 8, "retry": {"initial": "20ms", "max": "500ms"}, "maxAttempts": 0}}));
+    let reactor = reactor(
+        &endpoint.url(),
+        json!({"delivery": {"concurrency": 8, "retry": {"initial": "20ms", "max": "500ms"}, "maxAttempts": 0}}),
+    );
     provision(&js, &store, &reactor).await;
     let dir = tempfile::tempdir().expect("dir");
     let config = resolve_reactor(&store, &reactor).expect("resolves").config;
-    std::fs::write(dir.path().join("reactor.yaml"), config.to_yaml().expect("yaml")).expect("write");
+    std::fs::write(
+        dir.path().join("reactor.yaml"),
+        config.to_yaml().expect("yaml"),
+    )
+    .expect("write");
 
     // The parked aggregate: its second event is poison; every later one must stay held.
     append(&js, &store, &endpoint, "p", "p0", json!({})).await;
@@ -56,10 +67,26 @@ async fn sigkills_and_nats_restarts_lose_nothing_and_keep_each_aggregate_in_orde
         tokio::spawn(async move {
             for round in 0..rounds {
                 for a in 0..aggregates {
-                    reactor_support::append_to(&js, &store, &shared, &format!("a{a}"), &format!("e-{a}-{round}"), json!({})).await;
+                    reactor_support::append_to(
+                        &js,
+                        &store,
+                        &shared,
+                        &format!("a{a}"),
+                        &format!("e-{a}-{round}"),
+                        json!({}),
+                    )
+                    .await;
                 }
                 if round % 5 == 4 {
-                    reactor_support::append_to(&js, &store, &shared, "p", &format!("p-{round}"), json!({})).await;
+                    reactor_support::append_to(
+                        &js,
+                        &store,
+                        &shared,
+                        "p",
+                        &format!("p-{round}"),
+                        json!({}),
+                    )
+                    .await;
                 }
                 tokio::time::sleep(Duration::from_millis(40)).await;
             }
@@ -96,7 +123,9 @@ async fn sigkills_and_nats_restarts_lose_nothing_and_keep_each_aggregate_in_orde
     })
     .await;
     let delivered = endpoint.shared.delivered();
-    let count: usize = (0..aggregates).map(|a| delivered.get(&format!("acct.a{a}")).map_or(0, Vec::len)).sum();
+    let count: usize = (0..aggregates)
+        .map(|a| delivered.get(&format!("acct.a{a}")).map_or(0, Vec::len))
+        .sum();
     assert!(all, "delivered {count} of {total}");
     for (aggregate, ids) in &delivered {
         if aggregate != "acct.p" {
@@ -111,24 +140,40 @@ async fn sigkills_and_nats_restarts_lose_nothing_and_keep_each_aggregate_in_orde
             .filter(|c| &c.aggregate == aggregate && (200..300).contains(&c.status))
             .filter_map(|c| ids.iter().position(|i| *i == c.id))
             .collect();
-        assert!(positions.windows(2).all(|w| w[0] <= w[1]), "{aggregate}: {positions:?}");
+        assert!(
+            positions.windows(2).all(|w| w[0] <= w[1]),
+            "{aggregate}: {positions:?}"
+        );
     }
-    assert!(endpoint.violations().is_empty(), "{:?}", endpoint.violations());
+    assert!(
+        endpoint.violations().is_empty(),
+        "{:?}",
+        endpoint.violations()
+    );
 
     // The parked aggregate is still parked, every event after the poison one held and none delivered.
     assert!(endpoint.shared.succeeded("p0"));
     let held_ids = &expected["acct.p"][1..];
     for id in held_ids {
-        assert!(!endpoint.shared.succeeded(id), "{id} was delivered past the poison event");
+        assert!(
+            !endpoint.shared.succeeded(id),
+            "{id} was delivered past the poison event"
+        );
     }
-    let parking = js.get_stream(reactor.parking_stream()).await.expect("parking lot");
+    let parking = js
+        .get_stream(reactor.parking_stream())
+        .await
+        .expect("parking lot");
     let held = common::wait_until(Duration::from_secs(30), || async {
         let mut subjects = parking
             .info_with_subjects("projectionist.parked.test.notifier.acct.p")
             .await
             .expect("info");
         let mut n = 0;
-        while let Some((_, c)) = futures::TryStreamExt::try_next(&mut subjects).await.expect("subjects") {
+        while let Some((_, c)) = futures::TryStreamExt::try_next(&mut subjects)
+            .await
+            .expect("subjects")
+        {
             n += c;
         }
         n == held_ids.len()

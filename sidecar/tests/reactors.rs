@@ -34,7 +34,9 @@ async fn start_sidecar(
 
 async fn api(sidecar: &common::InProcess, method: &str, path: &str) -> (u16, Value) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(sidecar.api).await.expect("connect");
+    let mut s = tokio::net::TcpStream::connect(sidecar.api)
+        .await
+        .expect("connect");
     let req = format!(
         "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
     );
@@ -42,8 +44,15 @@ async fn api(sidecar: &common::InProcess, method: &str, path: &str) -> (u16, Val
     let mut buf = Vec::new();
     let _ = tokio::time::timeout(Duration::from_secs(15), s.read_to_end(&mut buf)).await;
     let text = String::from_utf8_lossy(&buf).into_owned();
-    let code = text.split_whitespace().nth(1).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or_default();
+    let code = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b)
+        .unwrap_or_default();
     (code, serde_json::from_str(body).unwrap_or(Value::Null))
 }
 
@@ -80,7 +89,15 @@ async fn a_flaky_endpoint_gets_every_event_in_order_per_aggregate_one_call_at_a_
     let mut restarted = None;
     for round in 0..per_aggregate {
         for a in 0..aggregates {
-            append(&js, &store, &endpoint, &format!("a{a}"), &format!("e-{a}-{round}"), json!({"n": round})).await;
+            append(
+                &js,
+                &store,
+                &endpoint,
+                &format!("a{a}"),
+                &format!("e-{a}-{round}"),
+                json!({"n": round}),
+            )
+            .await;
         }
         if round == 4 {
             // The endpoint restarts: connections are refused for a while.
@@ -94,11 +111,30 @@ async fn a_flaky_endpoint_gets_every_event_in_order_per_aggregate_one_call_at_a_
     let restarted = restarted.expect("restarted");
     let total = aggregates * per_aggregate;
     let all = common::wait_until(Duration::from_secs(120), || async {
-        endpoint.shared.delivered().values().map(Vec::len).sum::<usize>() == total
+        endpoint
+            .shared
+            .delivered()
+            .values()
+            .map(Vec::len)
+            .sum::<usize>()
+            == total
     })
     .await;
-    assert!(all, "delivered {} of {total}", endpoint.shared.delivered().values().map(Vec::len).sum::<usize>());
-    assert!(endpoint.violations().is_empty(), "{:?}", endpoint.violations());
+    assert!(
+        all,
+        "delivered {} of {total}",
+        endpoint
+            .shared
+            .delivered()
+            .values()
+            .map(Vec::len)
+            .sum::<usize>()
+    );
+    assert!(
+        endpoint.violations().is_empty(),
+        "{:?}",
+        endpoint.violations()
+    );
     let expected = endpoint.shared.expected.lock().expect("lock").clone();
     for (aggregate, ids) in endpoint.shared.delivered() {
         assert_eq!(ids, expected[&aggregate], "order of {aggregate}");
@@ -113,9 +149,20 @@ async fn a_flaky_endpoint_gets_every_event_in_order_per_aggregate_one_call_at_a_
         .filter(|c| c.ended - c.started >= Duration::from_millis(1400))
         .filter(|c| !cut(c))
     {
-        let others = calls.iter().filter(|c| c.id == slow.id && c.attempt > slow.attempt).count();
-        let all: Vec<_> = calls.iter().filter(|c| c.id == slow.id).map(|c| (c.attempt, c.status, c.started, c.ended)).collect();
-        assert_eq!(others, 0, "{} was delivered again after its slow answer: {all:?}", slow.id);
+        let others = calls
+            .iter()
+            .filter(|c| c.id == slow.id && c.attempt > slow.attempt)
+            .count();
+        let all: Vec<_> = calls
+            .iter()
+            .filter(|c| c.id == slow.id)
+            .map(|c| (c.attempt, c.status, c.started, c.ended))
+            .collect();
+        assert_eq!(
+            others, 0,
+            "{} was delivered again after its slow answer: {all:?}",
+            slow.id
+        );
     }
     for limited in calls.iter().filter(|c| c.status == 429) {
         let next = calls
@@ -124,11 +171,15 @@ async fn a_flaky_endpoint_gets_every_event_in_order_per_aggregate_one_call_at_a_
             .map(|c| c.started)
             .next()
             .expect("retried");
-        assert!(next - limited.ended >= Duration::from_millis(900), "Retry-After honoured");
+        assert!(
+            next - limited.ended >= Duration::from_millis(900),
+            "Retry-After honoured"
+        );
     }
     let (_, metrics) = sidecar.get("/metrics").await;
     assert!(
-        common::metric(&metrics, "projectionist_sidecar_reactor_delivered_total").unwrap_or(0.0) >= total as f64,
+        common::metric(&metrics, "projectionist_sidecar_reactor_delivered_total").unwrap_or(0.0)
+            >= total as f64,
         "{metrics}"
     );
     sidecar.stop().await;
@@ -142,7 +193,11 @@ async fn a_poison_event_parks_its_aggregate_others_go_on_and_retry_and_skip_work
         let poison = serde_json::from_slice::<Value>(&call.body)
             .ok()
             .is_some_and(|v| v["poison"] == json!(true));
-        if poison { Reply::status(422) } else { Reply::ok() }
+        if poison {
+            Reply::status(422)
+        } else {
+            Reply::ok()
+        }
     })
     .await;
     let (store, _) = common::ledger(&nats.url(), Driver::Sqlite, ErrorPolicy::Halt, "1s");
@@ -186,11 +241,22 @@ async fn a_poison_event_parks_its_aggregate_others_go_on_and_retry_and_skip_work
     let (_, body) = api(&sidecar, "GET", "/v1/reactors/notifier/parked").await;
     assert!(held, "{body}");
     assert_eq!(body["parked"][0]["aggregate"], "acct.a");
-    assert!(body["parked"][0]["reason"].as_str().unwrap_or_default().contains("422"), "{body}");
+    assert!(
+        body["parked"][0]["reason"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("422"),
+        "{body}"
+    );
     assert!(!endpoint.shared.succeeded("a3") && !endpoint.shared.succeeded("a4"));
 
     // Retried while still failing: it stays parked, nothing reordered.
-    let (code, _) = api(&sidecar, "POST", "/v1/reactors/notifier/parked/acct.a/retry").await;
+    let (code, _) = api(
+        &sidecar,
+        "POST",
+        "/v1/reactors/notifier/parked/acct.a/retry",
+    )
+    .await;
     assert_eq!(code, 202);
     tokio::time::sleep(Duration::from_millis(500)).await;
     let (_, body) = api(&sidecar, "GET", "/v1/reactors/notifier/parked").await;
@@ -198,39 +264,82 @@ async fn a_poison_event_parks_its_aggregate_others_go_on_and_retry_and_skip_work
 
     // Fixed: the held events arrive in order, and the aggregate goes on.
     endpoint.shared.set(|_| Reply::ok());
-    let (code, _) = api(&sidecar, "POST", "/v1/reactors/notifier/parked/acct.a/retry").await;
+    let (code, _) = api(
+        &sidecar,
+        "POST",
+        "/v1/reactors/notifier/parked/acct.a/retry",
+    )
+    .await;
     assert_eq!(code, 202);
     append(&js, &store, &endpoint, "a", "a5", json!({})).await;
-    let drained = common::wait_until(Duration::from_secs(30), || async { endpoint.shared.succeeded("a5") }).await;
+    let drained = common::wait_until(Duration::from_secs(30), || async {
+        endpoint.shared.succeeded("a5")
+    })
+    .await;
     assert!(drained);
-    assert_eq!(endpoint.shared.delivered()["acct.a"], ["a1", "a2", "a3", "a4", "a5"]);
+    assert_eq!(
+        endpoint.shared.delivered()["acct.a"],
+        ["a1", "a2", "a3", "a4", "a5"]
+    );
 
     // Skip drops exactly the head, with a record on the dead-letter subject.
     let (code, body) = api(&sidecar, "POST", "/v1/reactors/notifier/parked/acct.c/skip").await;
     assert_eq!(code, 200, "{body}");
-    endpoint.shared.expected.lock().expect("lock").insert("acct.c".into(), vec!["c2".into()]);
+    endpoint
+        .shared
+        .expected
+        .lock()
+        .expect("lock")
+        .insert("acct.c".into(), vec!["c2".into()]);
     assert_eq!(body["skipped"]["id"], "c1");
     assert_eq!(body["skipped"]["remaining"], 1);
     let mut dead_letters = dead_letters;
-    let letter = tokio::time::timeout(Duration::from_secs(10), futures::StreamExt::next(&mut dead_letters))
-        .await
-        .expect("a record")
-        .expect("message");
-    assert_eq!(letter.headers.as_ref().and_then(|h| h.get("ce-id")).map(|v| v.as_str()), Some("c1"));
-    let (code, _) = api(&sidecar, "POST", "/v1/reactors/notifier/parked/acct.c/retry").await;
+    let letter = tokio::time::timeout(
+        Duration::from_secs(10),
+        futures::StreamExt::next(&mut dead_letters),
+    )
+    .await
+    .expect("a record")
+    .expect("message");
+    assert_eq!(
+        letter
+            .headers
+            .as_ref()
+            .and_then(|h| h.get("ce-id"))
+            .map(|v| v.as_str()),
+        Some("c1")
+    );
+    let (code, _) = api(
+        &sidecar,
+        "POST",
+        "/v1/reactors/notifier/parked/acct.c/retry",
+    )
+    .await;
     assert_eq!(code, 202);
-    assert!(common::wait_until(Duration::from_secs(30), || async { endpoint.shared.succeeded("c2") }).await);
+    assert!(
+        common::wait_until(Duration::from_secs(30), || async {
+            endpoint.shared.succeeded("c2")
+        })
+        .await
+    );
     assert!(!endpoint.shared.succeeded("c1"));
     let emptied = common::wait_until(Duration::from_secs(30), || async {
         api(&sidecar, "GET", "/v1/reactors/notifier/parked").await.1["parked"] == json!([])
     })
     .await;
-    assert!(emptied, "the parking lot is empty once every held event is done");
+    assert!(
+        emptied,
+        "the parking lot is empty once every held event is done"
+    );
     let (code, body) = api(&sidecar, "POST", "/v1/reactors/notifier/parked/acct.c/skip").await;
     assert_eq!(code, 404, "{body}");
     let (code, _) = api(&sidecar, "GET", "/v1/reactors/nobody/parked").await;
     assert_eq!(code, 404);
-    assert!(endpoint.violations().is_empty(), "{:?}", endpoint.violations());
+    assert!(
+        endpoint.violations().is_empty(),
+        "{:?}",
+        endpoint.violations()
+    );
     sidecar.stop().await;
 }
 
@@ -251,11 +360,22 @@ async fn an_emitting_reactor_appends_its_events_once_despite_redeliveries() {
     })
     .await;
     let (store, _) = common::ledger(&nats.url(), Driver::Sqlite, ErrorPolicy::Halt, "1s");
-    let reactor = reactor(&endpoint.url(), json!({"events": {"subjects": ["test.bank.acct.>"]}}));
+    let reactor = reactor(
+        &endpoint.url(),
+        json!({"events": {"subjects": ["test.bank.acct.>"]}}),
+    );
     provision(&js, &store, &reactor).await;
     let events = 30;
     for i in 0..events {
-        append(&js, &store, &endpoint, &format!("u{}", i % 7), &format!("u-{i}"), json!({})).await;
+        append(
+            &js,
+            &store,
+            &endpoint,
+            &format!("u{}", i % 7),
+            &format!("u-{i}"),
+            json!({}),
+        )
+        .await;
     }
     let sidecar = start_sidecar(&nats, &store, &reactor).await;
     let calls = || endpoint.shared.calls.lock().expect("lock").len();
@@ -264,7 +384,10 @@ async fn an_emitting_reactor_appends_its_events_once_despite_redeliveries() {
 
     // Forced redelivery of everything: the consumer is created again from the first event.
     let stream = js.get_stream(store.stream_name()).await.expect("stream");
-    stream.delete_consumer(&reactor.consumer_name()).await.expect("deleted");
+    stream
+        .delete_consumer(&reactor.consumer_name())
+        .await
+        .expect("deleted");
     provision(&js, &store, &reactor).await;
     let sidecar = start_sidecar(&nats, &store, &reactor).await;
     assert!(common::wait_until(Duration::from_secs(30), || async { calls() >= 2 * events }).await);
@@ -276,7 +399,10 @@ async fn an_emitting_reactor_appends_its_events_once_despite_redeliveries() {
         async move {
             let mut subjects = stream.info_with_subjects(filter).await.expect("info");
             let mut n = 0;
-            while let Some((_, c)) = futures::TryStreamExt::try_next(&mut subjects).await.expect("subjects") {
+            while let Some((_, c)) = futures::TryStreamExt::try_next(&mut subjects)
+                .await
+                .expect("subjects")
+            {
                 n += c;
             }
             n
@@ -284,11 +410,17 @@ async fn an_emitting_reactor_appends_its_events_once_despite_redeliveries() {
     };
     assert_eq!(count("test.bank.mail.>").await, events);
     assert_eq!(count("test.bank.audit.>").await, events);
-    let first = info.get_last_raw_message_by_subject("test.bank.mail.u-0").await.expect("emitted");
+    let first = info
+        .get_last_raw_message_by_subject("test.bank.mail.u-0")
+        .await
+        .expect("emitted");
     assert_eq!(
         first.headers.get("ce-id").map(|v| v.as_str().to_string()),
         Some("test/notifier/u-0/0".to_string())
     );
-    assert_eq!(first.headers.get("ce-type").map(|v| v.as_str()), Some("WelcomeSent"));
+    assert_eq!(
+        first.headers.get("ce-type").map(|v| v.as_str()),
+        Some("WelcomeSent")
+    );
     let _ = info.info().await;
 }

@@ -390,13 +390,15 @@ pub async fn consumer_info(
 
 /// A helper shared by the controller tests.
 pub async fn config_map(env: &Env, name: &str) -> Option<k8s_openapi::api::core::v1::ConfigMap> {
-    let maps: Api<k8s_openapi::api::core::v1::ConfigMap> = Api::namespaced(env.client.clone(), &env.namespace);
+    let maps: Api<k8s_openapi::api::core::v1::ConfigMap> =
+        Api::namespaced(env.client.clone(), &env.namespace);
     maps.get_opt(name).await.ok().flatten()
 }
 
 /// A helper shared by the controller tests.
 pub async fn event_reasons(env: &Env) -> Vec<String> {
-    let events: Api<k8s_openapi::api::events::v1::Event> = Api::namespaced(env.client.clone(), &env.namespace);
+    let events: Api<k8s_openapi::api::events::v1::Event> =
+        Api::namespaced(env.client.clone(), &env.namespace);
     events
         .list(&kube::api::ListParams::default())
         .await
@@ -415,4 +417,3 @@ pub async fn table(env: &Env, plural: &str) -> serde_json::Value {
     .expect("request");
     env.client.request(request).await.expect("table")
 }
-

@@ -24,14 +24,21 @@ fn reactor(state: &ApiState, name: &str) -> Result<ReactorHandle, Problem> {
         let known: Vec<&str> = state.reactors.keys().map(String::as_str).collect();
         Problem::not_found(format!(
             "this pod runs no reactor {name:?} (running: {})",
-            if known.is_empty() { "none".to_string() } else { known.join(", ") }
+            if known.is_empty() {
+                "none".to_string()
+            } else {
+                known.join(", ")
+            }
         ))
     })
 }
 
 fn stopped(handle: &ReactorHandle) -> Problem {
     match handle.state.halted() {
-        Some(reason) => Problem::new(StatusCode::CONFLICT, format!("the reactor is halted: {reason}")),
+        Some(reason) => Problem::new(
+            StatusCode::CONFLICT,
+            format!("the reactor is halted: {reason}"),
+        ),
         None => Problem::unavailable("the reactor is not running; retry shortly"),
     }
 }

@@ -107,9 +107,15 @@ pub fn attributes(delivery: &Delivery) -> Result<Attributes, String> {
     .map_err(|e| format!("not a deliverable event: {e}"))?;
     let mut headers = vec![
         ("ce-id".to_string(), event.id.clone()),
-        ("ce-source".to_string(), event.source.unwrap_or_else(|| "projectionist".into())),
+        (
+            "ce-source".to_string(),
+            event.source.unwrap_or_else(|| "projectionist".into()),
+        ),
         ("ce-specversion".to_string(), "1.0".to_string()),
-        ("ce-subject".to_string(), event.subject.unwrap_or_else(|| delivery.aggregate.clone())),
+        (
+            "ce-subject".to_string(),
+            event.subject.unwrap_or_else(|| delivery.aggregate.clone()),
+        ),
         ("ce-type".to_string(), event.type_),
     ];
     if let Some(time) = event.time {
@@ -137,7 +143,9 @@ pub fn classify(status: u16, retry_after: Option<&str>, content_type: Option<&st
                 .then(Bytes::new),
         },
         429 | 503 => Answer::Retry {
-            after: retry_after.and_then(|s| s.trim().parse::<u64>().ok()).map(Duration::from_secs),
+            after: retry_after
+                .and_then(|s| s.trim().parse::<u64>().ok())
+                .map(Duration::from_secs),
             reason: format!("the endpoint answered {status}"),
         },
         500..=599 => Answer::Retry {
@@ -216,7 +224,11 @@ impl Endpoint {
                     .map(str::to_string)
             };
             let (retry_after, content_type) = (header("retry-after"), header("content-type"));
-            let answer = classify(status.as_u16(), retry_after.as_deref(), content_type.as_deref());
+            let answer = classify(
+                status.as_u16(),
+                retry_after.as_deref(),
+                content_type.as_deref(),
+            );
             let body = Limited::new(response.into_body(), MAX_ANSWER_BYTES)
                 .collect()
                 .await
@@ -269,9 +281,16 @@ mod tests {
 
     #[test]
     fn answers_are_classified_by_status() {
-        assert_eq!(classify(204, None, None), Answer::Delivered { emitted: None });
         assert_eq!(
-            classify(200, None, Some("application/cloudevents-batch+json; charset=utf-8")),
+            classify(204, None, None),
+            Answer::Delivered { emitted: None }
+        );
+        assert_eq!(
+            classify(
+                200,
+                None,
+                Some("application/cloudevents-batch+json; charset=utf-8")
+            ),
             Answer::Delivered {
                 emitted: Some(Bytes::new())
             }
@@ -284,10 +303,22 @@ mod tests {
             classify(503, Some("Wed, 21 Oct 2015 07:28:00 GMT"), None),
             Answer::Retry { after: None, .. }
         ));
-        assert!(matches!(classify(500, Some("3"), None), Answer::Retry { after: None, .. }));
-        assert!(matches!(classify(422, None, None), Answer::Permanent { .. }));
-        assert!(matches!(classify(404, None, None), Answer::Permanent { .. }));
-        assert!(matches!(classify(301, None, None), Answer::Permanent { .. }));
+        assert!(matches!(
+            classify(500, Some("3"), None),
+            Answer::Retry { after: None, .. }
+        ));
+        assert!(matches!(
+            classify(422, None, None),
+            Answer::Permanent { .. }
+        ));
+        assert!(matches!(
+            classify(404, None, None),
+            Answer::Permanent { .. }
+        ));
+        assert!(matches!(
+            classify(301, None, None),
+            Answer::Permanent { .. }
+        ));
     }
 
     #[test]
@@ -309,7 +340,14 @@ mod tests {
         let names: Vec<&str> = a.headers.iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(
             names,
-            ["ce-id", "ce-source", "ce-specversion", "ce-subject", "ce-traceparent", "ce-type"]
+            [
+                "ce-id",
+                "ce-source",
+                "ce-specversion",
+                "ce-subject",
+                "ce-traceparent",
+                "ce-type"
+            ]
         );
         assert_eq!(a.body, d.payload);
 

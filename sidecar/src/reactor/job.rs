@@ -61,7 +61,11 @@ impl Deliverer {
     }
 
     /// Delivers one event until it is done.
-    pub async fn deliver(&self, delivery: &Delivery, shutdown: &mut watch::Receiver<bool>) -> Outcome {
+    pub async fn deliver(
+        &self,
+        delivery: &Delivery,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Outcome {
         let attributes = match deliver::attributes(delivery) {
             Ok(a) => a,
             Err(reason) => return Outcome::Failed(reason),
@@ -70,7 +74,10 @@ impl Deliverer {
         loop {
             attempt += 1;
             let started = Instant::now();
-            let answer = self.endpoint.call(&attributes, delivery.sequence, attempt).await;
+            let answer = self
+                .endpoint
+                .call(&attributes, delivery.sequence, attempt)
+                .await;
             let took = started.elapsed();
             let (after, reason) = match answer {
                 Answer::Delivered { emitted } => {
@@ -126,7 +133,11 @@ impl Deliverer {
                         return Err(Outcome::Interrupted);
                     }
                 }
-                Err(e) => return Err(Outcome::Failed(format!("the emitted events cannot be appended: {e}"))),
+                Err(e) => {
+                    return Err(Outcome::Failed(format!(
+                        "the emitted events cannot be appended: {e}"
+                    )));
+                }
             }
         }
     }
@@ -152,7 +163,10 @@ impl Deliverer {
                 Outcome::Failed(reason) => return Drained::Stuck(reason),
                 Outcome::Interrupted => return Drained::Interrupted,
             }
-            if retrying(shutdown, || lot.remove(held.sequence)).await.is_none() {
+            if retrying(shutdown, || lot.remove(held.sequence))
+                .await
+                .is_none()
+            {
                 return Drained::Interrupted;
             }
             after = held.sequence;

@@ -73,7 +73,11 @@ impl ReactorMetrics {
             halted: Family::default(),
         };
         let r = registry.sub_registry_with_prefix("projectionist_sidecar_reactor");
-        r.register("delivered", "Events delivered to the endpoint", m.delivered.clone());
+        r.register(
+            "delivered",
+            "Events delivered to the endpoint",
+            m.delivered.clone(),
+        );
         r.register(
             "redelivered",
             "Events the server delivered to the sidecar again",
@@ -85,7 +89,11 @@ impl ReactorMetrics {
             "Duration of calls to the endpoint",
             m.call_duration.clone(),
         );
-        r.register("parked", "Events moved to the parking lot", m.parked.clone());
+        r.register(
+            "parked",
+            "Events moved to the parking lot",
+            m.parked.clone(),
+        );
         r.register(
             "parked_aggregates",
             "Aggregates in the parking lot",

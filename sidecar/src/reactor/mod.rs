@@ -94,8 +94,15 @@ impl ReactorHandle {
 /// What a job reports back.
 #[derive(Debug)]
 enum Done {
-    Live { aggregate: String, seq: u64, outcome: Outcome },
-    Drain { aggregate: String, outcome: Drained },
+    Live {
+        aggregate: String,
+        seq: u64,
+        outcome: Outcome,
+    },
+    Drain {
+        aggregate: String,
+        outcome: Drained,
+    },
 }
 
 /// One reactor.
@@ -173,7 +180,10 @@ impl Reactor {
             .map_err(|e| format!("consumer {}: {e}", self.config.consumer))
     }
 
-    async fn subscribe(&self, consumer: &PullConsumer) -> Result<jetstream::consumer::pull::Stream, String> {
+    async fn subscribe(
+        &self,
+        consumer: &PullConsumer,
+    ) -> Result<jetstream::consumer::pull::Stream, String> {
         consumer
             .stream()
             .group(self.config.priority_group.clone())
@@ -187,7 +197,12 @@ impl Reactor {
 
     async fn run_connected(&mut self) -> Result<Exit, String> {
         let consumer = self.consumer().await?;
-        let lot = ParkingLot::open(&self.js, &self.config.parking_stream, &self.config.parking_prefix).await?;
+        let lot = ParkingLot::open(
+            &self.js,
+            &self.config.parking_stream,
+            &self.config.parking_prefix,
+        )
+        .await?;
         let parked = lot.load().await?;
         let messages = self.subscribe(&consumer).await?;
         info!(reactor = %self.key(), parked = parked.len(), "reactor running");
@@ -202,7 +217,9 @@ impl Reactor {
             last_received: None,
             highest: 0,
         };
-        let exit = self.dispatch(&mut dispatch, &consumer, Some(messages)).await;
+        let exit = self
+            .dispatch(&mut dispatch, &consumer, Some(messages))
+            .await;
         dispatch.tasks.abort_all();
         // What is still held goes back to the server at once (for this sidecar after a restart, or another replica).
         for held in dispatch.held.values() {
@@ -217,7 +234,8 @@ impl Reactor {
         consumer: &PullConsumer,
         mut messages: Option<jetstream::consumer::pull::Stream>,
     ) -> Exit {
-        let progress = (self.config.ack_wait / 3).clamp(Duration::from_millis(100), Duration::from_secs(5));
+        let progress =
+            (self.config.ack_wait / 3).clamp(Duration::from_millis(100), Duration::from_secs(5));
         let mut tick = tokio::time::interval(progress);
         let mut shutdown = self.shutdown.clone();
         loop {
@@ -282,8 +300,11 @@ impl Reactor {
             };
             let delivery = delivery_of(held, seq, &aggregate);
             let message = held.clone();
-            let (deliverer, tx, mut shutdown) =
-                (self.deliverer.clone(), d.results.0.clone(), self.shutdown.clone());
+            let (deliverer, tx, mut shutdown) = (
+                self.deliverer.clone(),
+                d.results.0.clone(),
+                self.shutdown.clone(),
+            );
             d.tasks.spawn(async move {
                 let outcome = deliverer.deliver(&delivery, &mut shutdown).await;
                 if outcome == Outcome::Delivered {
@@ -291,7 +312,11 @@ impl Reactor {
                     // that a crash can never bring back an event after a later one of its aggregate.
                     confirm_ack(&message, &mut shutdown).await;
                 }
-                let _ = tx.send(Done::Live { aggregate, seq, outcome });
+                let _ = tx.send(Done::Live {
+                    aggregate,
+                    seq,
+                    outcome,
+                });
             });
         }
         // Reap finished tasks so the set does not grow.
@@ -304,13 +329,17 @@ impl Reactor {
             return;
         };
         let (seq, delivered) = (info.stream_sequence, info.delivered);
-        self.state.lag.store(info.pending as i64, std::sync::atomic::Ordering::Relaxed);
+        self.state
+            .lag
+            .store(info.pending as i64, std::sync::atomic::Ordering::Relaxed);
         if delivered > 1 {
             ReactorMetrics::count(&self.deliverer.metrics.redelivered, self.key(), 1);
         }
         d.highest = d.highest.max(seq);
         // After a quiet spell another replica may have been delivering (and parking): read the lot again.
-        let quiet = d.last_received.is_none_or(|t| t.elapsed() > self.config.ack_wait / 2);
+        let quiet = d
+            .last_received
+            .is_none_or(|t| t.elapsed() > self.config.ack_wait / 2);
         d.last_received = Some(Instant::now());
         if quiet {
             let mut shutdown = self.shutdown.clone();
@@ -333,7 +362,8 @@ impl Reactor {
         {
             if seq > parked.last_sequence {
                 let reason = format!("held behind sequence {}", parked.first_sequence);
-                self.park(d, &aggregate, &delivery_of(&m, seq, &aggregate), &reason).await;
+                self.park(d, &aggregate, &delivery_of(&m, seq, &aggregate), &reason)
+                    .await;
             }
             confirm_ack(&m, &mut self.shutdown.clone()).await;
             return;
@@ -359,7 +389,11 @@ impl Reactor {
         let type_ = match m.headers.as_ref().and_then(|h| h.get("ce-type")) {
             Some(t) => t.as_str().to_string(),
             None => match serde_json::from_slice::<serde_json::Value>(&m.payload) {
-                Ok(v) => v.get("type").and_then(|t| t.as_str()).unwrap_or_default().to_string(),
+                Ok(v) => v
+                    .get("type")
+                    .and_then(|t| t.as_str())
+                    .unwrap_or_default()
+                    .to_string(),
                 // Not an event at all: delivered, so that it fails and is handled by the policy, never dropped.
                 Err(_) => return true,
             },
@@ -370,18 +404,24 @@ impl Reactor {
     /// Moves one event to the parking lot (retrying until NATS takes it).
     async fn park(&self, d: &mut Dispatch, aggregate: &str, delivery: &Delivery, reason: &str) {
         let mut shutdown = self.shutdown.clone();
-        if retrying(&mut shutdown, || d.lot.park(delivery, reason)).await.is_none() {
+        if retrying(&mut shutdown, || d.lot.park(delivery, reason))
+            .await
+            .is_none()
+        {
             return;
         }
         ReactorMetrics::count(&self.deliverer.metrics.parked, self.key(), 1);
-        let entry = d.parked.entry(aggregate.to_string()).or_insert_with(|| Parked {
-            aggregate: aggregate.to_string(),
-            events: 0,
-            first_sequence: delivery.sequence,
-            last_sequence: 0,
-            reason: reason.to_string(),
-            parked_at: now(),
-        });
+        let entry = d
+            .parked
+            .entry(aggregate.to_string())
+            .or_insert_with(|| Parked {
+                aggregate: aggregate.to_string(),
+                events: 0,
+                first_sequence: delivery.sequence,
+                last_sequence: 0,
+                reason: reason.to_string(),
+                parked_at: now(),
+            });
         entry.events += 1;
         entry.last_sequence = entry.last_sequence.max(delivery.sequence);
     }
@@ -391,7 +431,8 @@ impl Reactor {
         for seq in d.lanes.take_queue(aggregate) {
             if let Some(held) = d.held.remove(&seq) {
                 let reason = format!("held behind sequence {first}");
-                self.park(d, aggregate, &delivery_of(&held, seq, aggregate), &reason).await;
+                self.park(d, aggregate, &delivery_of(&held, seq, aggregate), &reason)
+                    .await;
                 confirm_ack(&held, &mut self.shutdown.clone()).await;
             }
         }
@@ -400,7 +441,11 @@ impl Reactor {
     /// A job finished; `Some` when the reactor stops.
     async fn finished(&mut self, d: &mut Dispatch, done: Done) -> Option<Exit> {
         match done {
-            Done::Live { aggregate, seq, outcome } => {
+            Done::Live {
+                aggregate,
+                seq,
+                outcome,
+            } => {
                 let held = d.held.remove(&seq)?;
                 match outcome {
                     Outcome::Delivered => {}
@@ -418,11 +463,13 @@ impl Reactor {
                         }
                         ReactorErrorPolicy::DeadLetter => {
                             warn!(reactor = %self.key(), sequence = seq, reason = %reason, "dead-lettering the event");
-                            self.dead_letter(&delivery_of(&held, seq, &aggregate), &reason).await;
+                            self.dead_letter(&delivery_of(&held, seq, &aggregate), &reason)
+                                .await;
                             confirm_ack(&held, &mut self.shutdown.clone()).await;
                         }
                         ReactorErrorPolicy::Halt => {
-                            let reason = format!("halted at sequence {seq} ({aggregate}): {reason}");
+                            let reason =
+                                format!("halted at sequence {seq} ({aggregate}): {reason}");
                             error!(reactor = %self.key(), reason = %reason, "reactor halted");
                             ReactorMetrics::set(&self.deliverer.metrics.halted, self.key(), 1);
                             d.held.insert(seq, held);
@@ -484,9 +531,15 @@ impl Reactor {
         let mut shutdown = self.shutdown.clone();
         let subject = self.config.dead_letter_subject.clone();
         let published = retrying(&mut shutdown, || async {
-            dead_letter::publish_from(client, &subject, "Projectionist-Reactor", self.key(), &letter)
-                .await
-                .map_err(|e| e.to_string())?;
+            dead_letter::publish_from(
+                client,
+                &subject,
+                "Projectionist-Reactor",
+                self.key(),
+                &letter,
+            )
+            .await
+            .map_err(|e| e.to_string())?;
             client.flush().await.map_err(|e| e.to_string())
         })
         .await;
@@ -516,7 +569,9 @@ impl Reactor {
                 let answer = match (&refresh, d.parked.get(&aggregate)) {
                     (Err(e), _) => Err(Refusal::Unavailable(e.clone())),
                     (_, None) => Err(Refusal::NotParked(aggregate.clone())),
-                    (_, Some(_)) if !d.lanes.occupy(&aggregate) => Err(Refusal::Busy(aggregate.clone())),
+                    (_, Some(_)) if !d.lanes.occupy(&aggregate) => {
+                        Err(Refusal::Busy(aggregate.clone()))
+                    }
                     (_, Some(parked)) => {
                         let parked = parked.clone();
                         info!(reactor = %self.key(), aggregate = %aggregate, events = parked.events, "retrying a parked aggregate");
@@ -529,7 +584,10 @@ impl Reactor {
                         let name = aggregate.clone();
                         d.tasks.spawn(async move {
                             let outcome = deliverer.drain(&lot, &name, &mut shutdown).await;
-                            let _ = tx.send(Done::Drain { aggregate: name, outcome });
+                            let _ = tx.send(Done::Drain {
+                                aggregate: name,
+                                outcome,
+                            });
                         });
                         Ok(parked)
                     }
@@ -565,7 +623,10 @@ impl Reactor {
                 .unwrap_or_default()
         );
         self.dead_letter(&delivery, &reason).await;
-        d.lot.remove(head.sequence).await.map_err(Refusal::Unavailable)?;
+        d.lot
+            .remove(head.sequence)
+            .await
+            .map_err(Refusal::Unavailable)?;
         let remaining = parked.events.saturating_sub(1);
         info!(reactor = %self.key(), aggregate = %aggregate, sequence = delivery.sequence, remaining, "skipped a parked event");
         match d.lot.describe(aggregate, remaining).await {
@@ -575,11 +636,16 @@ impl Reactor {
             Ok(None) => {
                 d.parked.remove(aggregate);
             }
-            Err(e) => warn!(reactor = %self.key(), error = %e, "cannot read the parking lot after a skip"),
+            Err(e) => {
+                warn!(reactor = %self.key(), error = %e, "cannot read the parking lot after a skip")
+            }
         }
         Ok(Skipped {
             sequence: delivery.sequence,
-            id: delivery.headers.get("ce-id").map(|v| v.as_str().to_string()),
+            id: delivery
+                .headers
+                .get("ce-id")
+                .map(|v| v.as_str().to_string()),
             remaining,
         })
     }
@@ -646,4 +712,3 @@ fn now() -> String {
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default()
 }
-

@@ -128,7 +128,10 @@ impl ParkingLot {
         headers.insert(AGGREGATE, delivery.aggregate.as_str());
         headers.insert(REASON, reason.replace(['\r', '\n'], " ").as_str());
         // A redelivered event parked before is a duplicate the server drops.
-        headers.insert("Nats-Msg-Id", format!("parked-{}", delivery.sequence).as_str());
+        headers.insert(
+            "Nats-Msg-Id",
+            format!("parked-{}", delivery.sequence).as_str(),
+        );
         self.js
             .publish_with_headers(
                 self.subject(&delivery.aggregate),

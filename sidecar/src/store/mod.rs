@@ -264,7 +264,10 @@ impl Store {
     /// Appends events of several aggregates at once, all or none, without expectations (the events a reactor
     /// emits). Events whose ids were appended before (the same answer to a redelivered event) are duplicates: the
     /// call succeeds and appends nothing. Answers the sequences, or none for a duplicate.
-    pub async fn append_all(&self, events: &[(Aggregate, NewEvent)]) -> Result<Vec<u64>, AppendError> {
+    pub async fn append_all(
+        &self,
+        events: &[(Aggregate, NewEvent)],
+    ) -> Result<Vec<u64>, AppendError> {
         if events.is_empty() {
             return Ok(Vec::new());
         }
@@ -299,10 +302,14 @@ impl Store {
                 let n = events.len() as u64;
                 Ok((ack.seq + 1 - n.min(ack.seq)..=ack.seq).collect())
             }
-            Some(err) if err.err_code == DUPLICATE_IN_BATCH || err.description.contains("duplicate") => {
+            Some(err)
+                if err.err_code == DUPLICATE_IN_BATCH || err.description.contains("duplicate") =>
+            {
                 Ok(Vec::new())
             }
-            Some(err) if err.err_code == MESSAGE_TOO_LARGE => Err(AppendError::TooLarge(err.description)),
+            Some(err) if err.err_code == MESSAGE_TOO_LARGE => {
+                Err(AppendError::TooLarge(err.description))
+            }
             Some(err) => Err(AppendError::Refused(format!(
                 "{} (code {})",
                 err.description, err.err_code

@@ -123,17 +123,20 @@ async fn handle(shared: Arc<Shared>, headers: HeaderMap, body: Bytes) -> Respons
         }
         *n += 1;
     }
-    let expected = shared.expected.lock().expect("lock").get(&aggregate).cloned();
+    let expected = shared
+        .expected
+        .lock()
+        .expect("lock")
+        .get(&aggregate)
+        .cloned();
     if let Some(ids) = expected
         && let Some(pos) = ids.iter().position(|i| *i == id)
     {
         for earlier in &ids[..pos] {
             if !shared.succeeded(earlier) {
-                shared
-                    .violations
-                    .lock()
-                    .expect("lock")
-                    .push(format!("{id} delivered before {earlier} of {aggregate} was done"));
+                shared.violations.lock().expect("lock").push(format!(
+                    "{id} delivered before {earlier} of {aggregate} was done"
+                ));
             }
         }
     }
