@@ -346,5 +346,16 @@ fn plan(files: &[PathBuf]) -> anyhow::Result<()> {
             );
         }
     }
+    for reactor in &manifests.reactors {
+        let name = reactor.metadata.name.clone().unwrap_or_default();
+        let store = manifests.store_of_reactor(reactor)?;
+        let resolved = projectionist_crds::reactor_config::resolve_reactor(store, reactor)
+            .map_err(|e| anyhow::anyhow!("Reactor {name}: {e}"))?;
+        let c = &resolved.config;
+        println!(
+            "Reactor {name}: durable consumer {} on stream {}, parking lot {}, delivering to {} ({} aggregates at once, on error {:?})",
+            c.consumer, c.stream, c.parking_stream, c.url, c.concurrency, c.on_error
+        );
+    }
     Ok(())
 }

@@ -410,14 +410,21 @@ fn check(dir: &std::path::Path) -> anyhow::Result<()> {
 
 fn resolve_manifests(files: &[PathBuf]) -> anyhow::Result<()> {
     let manifests = Manifests::read(files)?;
-    if manifests.projections.is_empty() {
-        anyhow::bail!("no Projection found in {files:?}");
+    if manifests.projections.is_empty() && manifests.reactors.is_empty() {
+        anyhow::bail!("no Projection or Reactor found in {files:?}");
     }
     for projection in &manifests.projections {
         let name = projection.metadata.name.clone().unwrap_or_default();
         let store = manifests.store_of(projection)?;
         let resolved =
             resolve(store, projection).map_err(|e| anyhow::anyhow!("Projection {name}: {e}"))?;
+        print!("---\n{}", resolved.config.to_yaml()?);
+    }
+    for reactor in &manifests.reactors {
+        let name = reactor.metadata.name.clone().unwrap_or_default();
+        let store = manifests.store_of_reactor(reactor)?;
+        let resolved = projectionist_crds::reactor_config::resolve_reactor(store, reactor)
+            .map_err(|e| anyhow::anyhow!("Reactor {name}: {e}"))?;
         print!("---\n{}", resolved.config.to_yaml()?);
     }
     Ok(())

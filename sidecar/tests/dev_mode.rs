@@ -2,6 +2,7 @@
 //! appended, the tables as the events say — into SQLite by default, and into Postgres with `--database`.
 
 mod common;
+mod reactor_support;
 
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -181,6 +182,50 @@ async fn dev_mode_follows_its_yaml_files() {
     .await;
     assert_eq!(token, vec![vec!["upper-case-names".to_string()]]);
 
+    interrupt(dev).await;
+}
+
+#[tokio::test]
+async fn dev_mode_runs_the_reactors_of_its_yaml() {
+    let nats = NatsServer::start().await.expect("nats");
+    let endpoint = reactor_support::Endpoint::start(|_| reactor_support::Reply::ok()).await;
+    let files = tempfile::tempdir().expect("dir");
+    let example = repo::user_management_example();
+    for file in ["eventstore.yaml", "events.ndjson"] {
+        std::fs::copy(example.join(file), files.path().join(file)).expect("copy");
+    }
+    let reactor = std::fs::read_to_string(example.join("../reactors/welcome-email.yaml"))
+        .expect("reactor example")
+        .replace("http://127.0.0.1:8080/events", &endpoint.url())
+        .replace("policy: New ", "policy: All ");
+    std::fs::write(files.path().join("reactor.yaml"), reactor).expect("write");
+    let data = tempfile::tempdir().expect("dir");
+    let (dev, admin) = start_dev(
+        files.path(),
+        data.path(),
+        None,
+        &nats.url(),
+        &[],
+        Stdio::inherit(),
+    )
+    .await;
+    let (_, ready) = http_get(admin, "/readyz").await;
+    assert!(ready.contains("reactor user-management/welcome-email: ready"), "{ready}");
+    append_events(files.path(), &files.path().join("events.ndjson"), &nats.url());
+    let created = ["u-ada", "u-alan", "u-grace"];
+    let delivered = wait_until(Duration::from_secs(30), || async {
+        let calls = endpoint.shared.calls.lock().expect("lock").clone();
+        created
+            .iter()
+            .all(|u| calls.iter().any(|c| c.aggregate == format!("user.{u}")))
+    })
+    .await;
+    let calls = endpoint.shared.calls.lock().expect("lock").clone();
+    assert!(delivered, "{calls:?}");
+    assert!(
+        calls.iter().all(|c| c.headers.get("ce-type").map(String::as_str) == Some("UserCreated")),
+        "only the reactor's types are delivered"
+    );
     interrupt(dev).await;
 }
 
