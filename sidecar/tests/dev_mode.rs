@@ -210,8 +210,15 @@ async fn dev_mode_runs_the_reactors_of_its_yaml() {
     )
     .await;
     let (_, ready) = http_get(admin, "/readyz").await;
-    assert!(ready.contains("reactor user-management/welcome-email: ready"), "{ready}");
-    append_events(files.path(), &files.path().join("events.ndjson"), &nats.url());
+    assert!(
+        ready.contains("reactor user-management/welcome-email: ready"),
+        "{ready}"
+    );
+    append_events(
+        files.path(),
+        &files.path().join("events.ndjson"),
+        &nats.url(),
+    );
     let created = ["u-ada", "u-alan", "u-grace"];
     let delivered = wait_until(Duration::from_secs(30), || async {
         let calls = endpoint.shared.calls.lock().expect("lock").clone();
@@ -223,7 +230,9 @@ async fn dev_mode_runs_the_reactors_of_its_yaml() {
     let calls = endpoint.shared.calls.lock().expect("lock").clone();
     assert!(delivered, "{calls:?}");
     assert!(
-        calls.iter().all(|c| c.headers.get("ce-type").map(String::as_str) == Some("UserCreated")),
+        calls
+            .iter()
+            .all(|c| c.headers.get("ce-type").map(String::as_str) == Some("UserCreated")),
         "only the reactor's types are delivered"
     );
     interrupt(dev).await;

@@ -2,6 +2,7 @@
 //! up to `concurrency` lanes to the endpoint at once, acknowledges each event once it is done, keeps every event it
 //! holds in progress on the server, and parks what fails for good together with the rest of its aggregate.
 //!
+//! - [`acks`]: acknowledgements confirmed by the server, batched.
 //! - [`lanes`]: per-aggregate lanes (pure): one job per aggregate at a time, in stream order.
 //! - [`deliver`]: one call to the endpoint (CloudEvents HTTP binary mode) and its answer classified.
 //! - [`job`]: an event delivered until done (retries, emitted events appended); a parked aggregate drained.
@@ -12,6 +13,7 @@
 //! The dispatcher (this module) is the only owner of the lanes, the held messages and the parked set; jobs run on
 //! tasks of their own and report back. The event-store API reaches it through a [`ReactorHandle`].
 
+pub mod acks;
 pub mod deliver;
 pub mod emit;
 pub mod job;
@@ -34,6 +36,7 @@ use tracing::{error, info, warn};
 use crate::dead_letter::{self, DeadLetter};
 use crate::engine::Exit;
 use crate::status::ProjectionState;
+use acks::{Confirmer, confirm_one};
 use deliver::Delivery;
 use job::{Deliverer, Drained, Outcome, retrying, sleep_or_stop};
 use lanes::Lanes;
@@ -109,6 +112,7 @@ enum Done {
 #[derive(Debug)]
 pub struct Reactor {
     config: ReactorConfig,
+    nats: async_nats::Client,
     js: jetstream::Context,
     deliverer: Arc<Deliverer>,
     state: Arc<ProjectionState>,
@@ -135,7 +139,8 @@ impl Reactor {
         let prefix = crate::store::subject_prefix(&config.store_subjects).unwrap_or_default();
         let reactor = Self {
             config,
-            js: jetstream::new(nats),
+            js: jetstream::new(nats.clone()),
+            nats,
             deliverer: Arc::new(deliverer),
             state,
             shutdown,
@@ -216,6 +221,7 @@ impl Reactor {
             tasks: tokio::task::JoinSet::new(),
             last_received: None,
             highest: 0,
+            confirmer: Confirmer::start(self.nats.clone(), self.shutdown.clone()),
         };
         let exit = self
             .dispatch(&mut dispatch, &consumer, Some(messages))
@@ -300,17 +306,18 @@ impl Reactor {
             };
             let delivery = delivery_of(held, seq, &aggregate);
             let message = held.clone();
-            let (deliverer, tx, mut shutdown) = (
+            let (deliverer, tx, mut shutdown, confirmer) = (
                 self.deliverer.clone(),
                 d.results.0.clone(),
                 self.shutdown.clone(),
+                d.confirmer.clone(),
             );
             d.tasks.spawn(async move {
                 let outcome = deliverer.deliver(&delivery, &mut shutdown).await;
                 if outcome == Outcome::Delivered {
                     // The aggregate's next event starts only once the server has recorded this one as done, so
                     // that a crash can never bring back an event after a later one of its aggregate.
-                    confirm_ack(&message, &mut shutdown).await;
+                    confirmer.confirm(message).await;
                 }
                 let _ = tx.send(Done::Live {
                     aggregate,
@@ -354,7 +361,7 @@ impl Reactor {
         }
         let aggregate = self.aggregate_of(m.subject.as_str());
         if !self.wanted(&m) {
-            confirm_ack(&m, &mut self.shutdown.clone()).await;
+            confirm_one(&m, &mut self.shutdown.clone()).await;
             return;
         }
         if let Some(parked) = d.parked.get(&aggregate)
@@ -365,7 +372,7 @@ impl Reactor {
                 self.park(d, &aggregate, &delivery_of(&m, seq, &aggregate), &reason)
                     .await;
             }
-            confirm_ack(&m, &mut self.shutdown.clone()).await;
+            confirm_one(&m, &mut self.shutdown.clone()).await;
             return;
         }
         d.held.insert(seq, m);
@@ -433,7 +440,7 @@ impl Reactor {
                 let reason = format!("held behind sequence {first}");
                 self.park(d, aggregate, &delivery_of(&held, seq, aggregate), &reason)
                     .await;
-                confirm_ack(&held, &mut self.shutdown.clone()).await;
+                confirm_one(&held, &mut self.shutdown.clone()).await;
             }
         }
     }
@@ -458,14 +465,14 @@ impl Reactor {
                             warn!(reactor = %self.key(), sequence = seq, aggregate = %aggregate, reason = %reason, "parking the aggregate");
                             let delivery = delivery_of(&held, seq, &aggregate);
                             self.park(d, &aggregate, &delivery, &reason).await;
-                            confirm_ack(&held, &mut self.shutdown.clone()).await;
+                            confirm_one(&held, &mut self.shutdown.clone()).await;
                             self.park_queue(d, &aggregate, seq).await;
                         }
                         ReactorErrorPolicy::DeadLetter => {
                             warn!(reactor = %self.key(), sequence = seq, reason = %reason, "dead-lettering the event");
                             self.dead_letter(&delivery_of(&held, seq, &aggregate), &reason)
                                 .await;
-                            confirm_ack(&held, &mut self.shutdown.clone()).await;
+                            confirm_one(&held, &mut self.shutdown.clone()).await;
                         }
                         ReactorErrorPolicy::Halt => {
                             let reason =
@@ -669,6 +676,7 @@ struct Dispatch {
     tasks: tokio::task::JoinSet<()>,
     last_received: Option<Instant>,
     highest: u64,
+    confirmer: Confirmer,
 }
 
 async fn next_message(
@@ -677,24 +685,6 @@ async fn next_message(
     match messages {
         Some(m) => m.next().await.map(|r| r.map_err(|e| e.to_string())),
         None => std::future::pending().await,
-    }
-}
-
-/// Acknowledges a message and waits for the server to confirm it, a few times while NATS is unreachable (an
-/// acknowledgement that never gets through only means a redelivery of an event that was done).
-async fn confirm_ack(message: &Message, shutdown: &mut watch::Receiver<bool>) {
-    let mut delay = Duration::from_millis(100);
-    for _ in 0..8 {
-        match message.double_ack().await {
-            Ok(()) => return,
-            Err(e) => {
-                warn!(error = %e, "acknowledgement not confirmed; retrying");
-                if sleep_or_stop(delay, shutdown).await {
-                    return;
-                }
-                delay = (delay * 2).min(Duration::from_secs(5));
-            }
-        }
     }
 }
 
