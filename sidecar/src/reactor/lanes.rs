@@ -1,8 +1,10 @@
 //! Per-aggregate lanes: the pure scheduling of a reactor. Each aggregate's events wait in a lane of their own, in
-//! stream order; a lane is *busy* while one job of it runs (a delivery, or a retry of its parked events), and at most
-//! `concurrency` lanes are busy at once. Lanes with work and no job wait their turn in arrival order.
+//! stream order (by sequence, whatever order they arrived in: a redelivered earlier event goes before a later one);
+//! a lane is *busy* while one job of it runs (a delivery, or a retry of its parked events), and at most
+//! `concurrency` lanes are busy at once. Lanes with work and no job wait their turn in arrival order. A *fenced* lane
+//! starts nothing until it is unfenced (its aggregate may still have an earlier event coming back from the server).
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 
 /// The lanes of one reactor. Items are stream sequences; the messages themselves are kept by the caller.
 #[derive(Debug)]
@@ -11,11 +13,12 @@ pub struct Lanes {
     ready: VecDeque<String>,
     busy: usize,
     concurrency: usize,
+    fenced: HashSet<String>,
 }
 
 #[derive(Debug, Default)]
 struct Lane {
-    queue: VecDeque<u64>,
+    queue: BTreeSet<u64>,
     busy: bool,
     waiting: bool,
 }
@@ -28,16 +31,45 @@ impl Lanes {
             ready: VecDeque::new(),
             busy: 0,
             concurrency: concurrency.max(1),
+            fenced: HashSet::new(),
         }
     }
 
-    /// Queues `seq` behind the aggregate's earlier events.
+    /// Queues `seq` in sequence order among the aggregate's events.
     pub fn push(&mut self, aggregate: &str, seq: u64) {
         let lane = self.lanes.entry(aggregate.to_string()).or_default();
-        lane.queue.push_back(seq);
-        if !lane.busy && !lane.waiting {
+        lane.queue.insert(seq);
+        if !lane.busy && !lane.waiting && !self.fenced.contains(aggregate) {
             lane.waiting = true;
             self.ready.push_back(aggregate.to_string());
+        }
+    }
+
+    /// Holds the aggregate's events until [`Lanes::unfence`].
+    pub fn fence(&mut self, aggregate: &str) {
+        self.fenced.insert(aggregate.to_string());
+    }
+
+    /// Lets a fenced aggregate's events go.
+    pub fn unfence(&mut self, aggregate: &str) {
+        if !self.fenced.remove(aggregate) {
+            return;
+        }
+        if let Some(lane) = self.lanes.get_mut(aggregate)
+            && !lane.busy
+            && !lane.waiting
+            && !lane.queue.is_empty()
+        {
+            lane.waiting = true;
+            self.ready.push_back(aggregate.to_string());
+        }
+    }
+
+    /// Lets every fenced aggregate go.
+    pub fn unfence_all(&mut self) {
+        let fenced: Vec<String> = self.fenced.iter().cloned().collect();
+        for aggregate in fenced {
+            self.unfence(&aggregate);
         }
     }
 
@@ -50,10 +82,10 @@ impl Lanes {
                 continue;
             };
             lane.waiting = false;
-            if lane.busy {
+            if lane.busy || self.fenced.contains(&aggregate) {
                 continue;
             }
-            let Some(seq) = lane.queue.pop_front() else {
+            let Some(seq) = lane.queue.pop_first() else {
                 continue;
             };
             lane.busy = true;
@@ -91,7 +123,7 @@ impl Lanes {
         }
         if lane.queue.is_empty() {
             self.lanes.remove(aggregate);
-        } else if !lane.waiting {
+        } else if !lane.waiting && !self.fenced.contains(aggregate) {
             lane.waiting = true;
             self.ready.push_back(aggregate.to_string());
         }
@@ -101,7 +133,7 @@ impl Lanes {
     pub fn take_queue(&mut self, aggregate: &str) -> Vec<u64> {
         self.lanes
             .get_mut(aggregate)
-            .map(|l| l.queue.drain(..).collect())
+            .map(|l| std::mem::take(&mut l.queue).into_iter().collect())
             .unwrap_or_default()
     }
 
@@ -136,6 +168,29 @@ mod tests {
         assert_eq!(lanes.next(), None);
         assert_eq!(lanes.busy(), 0);
         assert_eq!(lanes.queued(), 0);
+    }
+
+    #[test]
+    fn a_late_earlier_event_goes_first_and_fenced_lanes_wait() {
+        let mut lanes = Lanes::new(4);
+        lanes.fence("a");
+        lanes.push("a", 9);
+        lanes.push("b", 3);
+        assert_eq!(lanes.next(), Some(("b".into(), 3)));
+        assert_eq!(lanes.next(), None, "a is fenced");
+        lanes.push("a", 4);
+        lanes.unfence("a");
+        assert_eq!(
+            lanes.next(),
+            Some(("a".into(), 4)),
+            "the earlier event first"
+        );
+        lanes.done("a");
+        assert_eq!(lanes.next(), Some(("a".into(), 9)));
+        lanes.fence("c");
+        lanes.push("c", 10);
+        lanes.unfence_all();
+        assert_eq!(lanes.next(), Some(("c".into(), 10)));
     }
 
     #[test]

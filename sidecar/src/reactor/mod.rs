@@ -21,7 +21,7 @@ pub mod lanes;
 pub mod metrics;
 pub mod parking;
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -42,6 +42,12 @@ use job::{Deliverer, Drained, Outcome, retrying, sleep_or_stop};
 use lanes::Lanes;
 use metrics::ReactorMetrics;
 use parking::{Parked, ParkingLot};
+
+/// The most events between the ack floor and the last delivered event read to find a previous holder's aggregates;
+/// beyond it every aggregate waits one ack wait.
+const FENCE_SCAN_LIMIT: u64 = 100_000;
+/// Added to the ack wait before fences go: the server's redelivery check runs on its own timer.
+const FENCE_MARGIN: Duration = Duration::from_secs(2);
 
 /// A request of the API to a running reactor.
 #[derive(Debug)]
@@ -222,6 +228,9 @@ impl Reactor {
             last_received: None,
             highest: 0,
             confirmer: Confirmer::start(self.nats.clone(), self.shutdown.clone()),
+            fences: HashMap::new(),
+            fence_deadline: None,
+            fence_everything: false,
         };
         let exit = self
             .dispatch(&mut dispatch, &consumer, Some(messages))
@@ -299,7 +308,10 @@ impl Reactor {
 
     /// Starts the jobs lanes are free for.
     fn start_ready(&self, d: &mut Dispatch) {
-        while let Some((aggregate, seq)) = d.lanes.next() {
+        self.lift_fences(d);
+        while !d.fence_everything
+            && let Some((aggregate, seq)) = d.lanes.next()
+        {
             let Some(held) = d.held.get(&seq) else {
                 d.lanes.done(&aggregate);
                 continue;
@@ -353,6 +365,7 @@ impl Reactor {
             if let Some(parked) = retrying(&mut shutdown, || d.lot.load()).await {
                 d.parked = parked;
             }
+            self.fence_foreign_pending(d).await;
         }
         if let Some(held) = d.held.get_mut(&seq) {
             // Redelivered while held: keep the newest delivery, whose acknowledgement the server expects.
@@ -377,6 +390,106 @@ impl Reactor {
         }
         d.held.insert(seq, m);
         d.lanes.push(&aggregate, seq);
+        if let Some(waiting) = d.fences.get_mut(&aggregate) {
+            waiting.remove(&seq);
+            if waiting.is_empty() {
+                d.fences.remove(&aggregate);
+                d.lanes.unfence(&aggregate);
+            }
+        }
+    }
+
+    /// After a takeover (a crashed or stopped sidecar held events of this consumer), the server brings those events
+    /// back only once their ack wait ran out, while later events flow at once. Aggregates with such an event are
+    /// fenced until it is back (it then goes first: lanes keep sequence order) or the ack wait has surely run out.
+    async fn fence_foreign_pending(&self, d: &mut Dispatch) {
+        let foreign = async {
+            let stream = self
+                .js
+                .get_stream(&self.config.stream)
+                .await
+                .map_err(|e| e.to_string())?;
+            let info = stream
+                .consumer_info(&self.config.consumer)
+                .await
+                .map_err(|e| e.to_string())?;
+            let (floor, delivered) = (
+                info.ack_floor.stream_sequence,
+                info.delivered.stream_sequence,
+            );
+            if info.num_ack_pending <= d.held.len() + 1 || delivered <= floor {
+                return Ok(None);
+            }
+            if delivered - floor > FENCE_SCAN_LIMIT {
+                return Ok(Some(None));
+            }
+            let mut filters = info.config.filter_subjects.clone();
+            if !info.config.filter_subject.is_empty() {
+                filters.push(info.config.filter_subject.clone());
+            }
+            let mut ordered = stream
+                .create_consumer(jetstream::consumer::pull::OrderedConfig {
+                    deliver_policy: jetstream::consumer::DeliverPolicy::ByStartSequence {
+                        start_sequence: floor + 1,
+                    },
+                    filter_subjects: filters,
+                    ..Default::default()
+                })
+                .await
+                .map_err(|e| e.to_string())?
+                .messages()
+                .await
+                .map_err(|e| e.to_string())?;
+            let mut pending: HashMap<String, BTreeSet<u64>> = HashMap::new();
+            loop {
+                let next = tokio::time::timeout(Duration::from_secs(5), ordered.next()).await;
+                let Ok(Some(Ok(m))) = next else {
+                    return Ok(Some(None));
+                };
+                let info = m.info().map_err(|e| e.to_string())?;
+                let seq = info.stream_sequence;
+                if seq > delivered {
+                    break;
+                }
+                if !d.held.contains_key(&seq) {
+                    pending
+                        .entry(self.aggregate_of(m.subject.as_str()))
+                        .or_default()
+                        .insert(seq);
+                }
+                if seq == delivered || info.pending == 0 {
+                    break;
+                }
+            }
+            Ok::<_, String>(Some(Some(pending)))
+        };
+        let deadline = Instant::now() + self.config.ack_wait + FENCE_MARGIN;
+        match foreign.await {
+            Ok(None) => {}
+            Ok(Some(Some(pending))) => {
+                info!(reactor = %self.key(), aggregates = pending.len(), "events of a previous holder are still pending; their aggregates wait for them");
+                for aggregate in pending.keys() {
+                    d.lanes.fence(aggregate);
+                }
+                d.fences = pending;
+                d.fence_deadline = Some(deadline);
+            }
+            Ok(Some(None)) | Err(_) => {
+                warn!(reactor = %self.key(), "cannot tell which aggregates a previous holder left pending; every aggregate waits one ack wait");
+                d.fence_everything = true;
+                d.fence_deadline = Some(deadline);
+            }
+        }
+    }
+
+    /// Lifts the fences once the ack wait of a previous holder's events has surely run out.
+    fn lift_fences(&self, d: &mut Dispatch) {
+        if d.fence_deadline.is_some_and(|t| Instant::now() >= t) {
+            d.fence_deadline = None;
+            d.fence_everything = false;
+            d.fences.clear();
+            d.lanes.unfence_all();
+        }
     }
 
     /// The aggregate of a subject: what follows the store's prefix.
@@ -677,6 +790,12 @@ struct Dispatch {
     last_received: Option<Instant>,
     highest: u64,
     confirmer: Confirmer,
+    /// Aggregates waiting for events a previous holder left pending, with those events' sequences.
+    fences: HashMap<String, BTreeSet<u64>>,
+    /// When the fences go at the latest.
+    fence_deadline: Option<Instant>,
+    /// Every aggregate waits (the pending events could not be read).
+    fence_everything: bool,
 }
 
 async fn next_message(
