@@ -75,7 +75,7 @@ impl Lanes {
 
     /// The next event to deliver, if a lane may start: the head of the longest-waiting lane. Its lane is busy until
     /// [`Lanes::done`].
-    pub fn next(&mut self) -> Option<(String, u64)> {
+    pub fn next_job(&mut self) -> Option<(String, u64)> {
         while self.busy < self.concurrency {
             let aggregate = self.ready.pop_front()?;
             let Some(lane) = self.lanes.get_mut(&aggregate) else {
@@ -158,14 +158,14 @@ mod tests {
         lanes.push("a", 1);
         lanes.push("a", 2);
         lanes.push("b", 3);
-        assert_eq!(lanes.next(), Some(("a".into(), 1)));
-        assert_eq!(lanes.next(), Some(("b".into(), 3)));
-        assert_eq!(lanes.next(), None, "a's second event waits for its first");
+        assert_eq!(lanes.next_job(), Some(("a".into(), 1)));
+        assert_eq!(lanes.next_job(), Some(("b".into(), 3)));
+        assert_eq!(lanes.next_job(), None, "a's second event waits for its first");
         lanes.done("a");
-        assert_eq!(lanes.next(), Some(("a".into(), 2)));
+        assert_eq!(lanes.next_job(), Some(("a".into(), 2)));
         lanes.done("a");
         lanes.done("b");
-        assert_eq!(lanes.next(), None);
+        assert_eq!(lanes.next_job(), None);
         assert_eq!(lanes.busy(), 0);
         assert_eq!(lanes.queued(), 0);
     }
@@ -176,21 +176,21 @@ mod tests {
         lanes.fence("a");
         lanes.push("a", 9);
         lanes.push("b", 3);
-        assert_eq!(lanes.next(), Some(("b".into(), 3)));
-        assert_eq!(lanes.next(), None, "a is fenced");
+        assert_eq!(lanes.next_job(), Some(("b".into(), 3)));
+        assert_eq!(lanes.next_job(), None, "a is fenced");
         lanes.push("a", 4);
         lanes.unfence("a");
         assert_eq!(
-            lanes.next(),
+            lanes.next_job(),
             Some(("a".into(), 4)),
             "the earlier event first"
         );
         lanes.done("a");
-        assert_eq!(lanes.next(), Some(("a".into(), 9)));
+        assert_eq!(lanes.next_job(), Some(("a".into(), 9)));
         lanes.fence("c");
         lanes.push("c", 10);
         lanes.unfence_all();
-        assert_eq!(lanes.next(), Some(("c".into(), 10)));
+        assert_eq!(lanes.next_job(), Some(("c".into(), 10)));
     }
 
     #[test]
@@ -199,13 +199,13 @@ mod tests {
         for (i, a) in ["a", "b", "c", "d"].iter().enumerate() {
             lanes.push(a, i as u64 + 1);
         }
-        assert_eq!(lanes.next(), Some(("a".into(), 1)));
-        assert_eq!(lanes.next(), Some(("b".into(), 2)));
-        assert_eq!(lanes.next(), None);
+        assert_eq!(lanes.next_job(), Some(("a".into(), 1)));
+        assert_eq!(lanes.next_job(), Some(("b".into(), 2)));
+        assert_eq!(lanes.next_job(), None);
         lanes.done("b");
-        assert_eq!(lanes.next(), Some(("c".into(), 3)));
+        assert_eq!(lanes.next_job(), Some(("c".into(), 3)));
         lanes.done("a");
-        assert_eq!(lanes.next(), Some(("d".into(), 4)));
+        assert_eq!(lanes.next_job(), Some(("d".into(), 4)));
     }
 
     #[test]
@@ -215,12 +215,12 @@ mod tests {
         assert!(!lanes.occupy("a"));
         lanes.push("a", 5);
         lanes.push("a", 6);
-        assert_eq!(lanes.next(), None);
+        assert_eq!(lanes.next_job(), None);
         assert!(lanes.is_busy("a"));
         assert_eq!(lanes.take_queue("a"), vec![5, 6]);
         lanes.done("a");
         assert!(!lanes.is_busy("a"));
-        assert_eq!(lanes.next(), None);
+        assert_eq!(lanes.next_job(), None);
         assert_eq!(lanes.busy(), 0);
     }
 }

@@ -256,7 +256,7 @@ impl Reactor {
         loop {
             self.start_ready(d);
             let event = tokio::select! {
-                next = next_message(&mut messages) => Wake::Message(next),
+                next = next_message(&mut messages) => Wake::Message(next.map(|r| r.map(Box::new))),
                 Some(done) = d.results.1.recv() => Wake::Done(done),
                 Some(command) = self.commands.recv() => Wake::Command(command),
                 _ = tick.tick() => Wake::Tick,
@@ -266,7 +266,7 @@ impl Reactor {
                 return Exit::Shutdown;
             }
             match event {
-                Wake::Message(Some(Ok(m))) => self.received(d, m).await,
+                Wake::Message(Some(Ok(m))) => self.received(d, *m).await,
                 Wake::Message(Some(Err(e))) => {
                     warn!(reactor = %self.key(), error = %e, "pull failed; subscribing again");
                     messages = None;
@@ -310,7 +310,7 @@ impl Reactor {
     fn start_ready(&self, d: &mut Dispatch) {
         self.lift_fences(d);
         while !d.fence_everything
-            && let Some((aggregate, seq)) = d.lanes.next()
+            && let Some((aggregate, seq)) = d.lanes.next_job()
         {
             let Some(held) = d.held.get(&seq) else {
                 d.lanes.done(&aggregate);
@@ -518,7 +518,7 @@ impl Reactor {
                 Err(_) => return true,
             },
         };
-        self.config.types.iter().any(|t| *t == type_)
+        self.config.types.contains(&type_)
     }
 
     /// Moves one event to the parking lot (retrying until NATS takes it).
@@ -773,7 +773,7 @@ impl Reactor {
 
 /// What woke the dispatcher.
 enum Wake {
-    Message(Option<Result<Message, String>>),
+    Message(Option<Result<Box<Message>, String>>),
     Done(Done),
     Command(Command),
     Tick,
