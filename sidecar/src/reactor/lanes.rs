@@ -20,6 +20,8 @@ pub struct Lanes {
 struct Lane {
     queue: BTreeSet<u64>,
     busy: bool,
+    /// The job holds one of the `concurrency` slots (a finished call waiting for its acknowledgement does not).
+    slot: bool,
     waiting: bool,
 }
 
@@ -89,6 +91,7 @@ impl Lanes {
                 continue;
             };
             lane.busy = true;
+            lane.slot = true;
             self.busy += 1;
             return Some((aggregate, seq));
         }
@@ -103,8 +106,20 @@ impl Lanes {
             return false;
         }
         lane.busy = true;
+        lane.slot = true;
         self.busy += 1;
         true
+    }
+
+    /// The aggregate's job no longer needs a slot (its call is over; it waits for the acknowledgement), while its
+    /// lane stays busy until [`Lanes::done`].
+    pub fn release(&mut self, aggregate: &str) {
+        if let Some(lane) = self.lanes.get_mut(aggregate)
+            && lane.slot
+        {
+            lane.slot = false;
+            self.busy -= 1;
+        }
     }
 
     /// Whether the aggregate's lane runs a job.
@@ -117,10 +132,11 @@ impl Lanes {
         let Some(lane) = self.lanes.get_mut(aggregate) else {
             return;
         };
-        if lane.busy {
-            lane.busy = false;
+        if lane.slot {
             self.busy -= 1;
         }
+        lane.busy = false;
+        lane.slot = false;
         if lane.queue.is_empty() {
             self.lanes.remove(aggregate);
         } else if !lane.waiting && !self.fenced.contains(aggregate) {
@@ -137,7 +153,7 @@ impl Lanes {
             .unwrap_or_default()
     }
 
-    /// Lanes running a job.
+    /// Jobs holding a slot.
     pub fn busy(&self) -> usize {
         self.busy
     }
@@ -160,7 +176,11 @@ mod tests {
         lanes.push("b", 3);
         assert_eq!(lanes.next_job(), Some(("a".into(), 1)));
         assert_eq!(lanes.next_job(), Some(("b".into(), 3)));
-        assert_eq!(lanes.next_job(), None, "a's second event waits for its first");
+        assert_eq!(
+            lanes.next_job(),
+            None,
+            "a's second event waits for its first"
+        );
         lanes.done("a");
         assert_eq!(lanes.next_job(), Some(("a".into(), 2)));
         lanes.done("a");
@@ -191,6 +211,27 @@ mod tests {
         lanes.push("c", 10);
         lanes.unfence_all();
         assert_eq!(lanes.next_job(), Some(("c".into(), 10)));
+    }
+
+    #[test]
+    fn a_released_job_frees_its_slot_but_not_its_lane() {
+        let mut lanes = Lanes::new(1);
+        lanes.push("a", 1);
+        lanes.push("a", 2);
+        lanes.push("b", 3);
+        assert_eq!(lanes.next_job(), Some(("a".into(), 1)));
+        assert_eq!(lanes.next_job(), None);
+        lanes.release("a");
+        assert_eq!(
+            lanes.next_job(),
+            Some(("b".into(), 3)),
+            "the slot went to another aggregate"
+        );
+        assert!(lanes.is_busy("a"));
+        lanes.done("a");
+        assert_eq!(lanes.next_job(), None, "b holds the only slot");
+        lanes.done("b");
+        assert_eq!(lanes.next_job(), Some(("a".into(), 2)));
     }
 
     #[test]

@@ -103,6 +103,10 @@ impl ReactorHandle {
 /// What a job reports back.
 #[derive(Debug)]
 enum Done {
+    /// A delivery's call succeeded; its acknowledgement is being confirmed.
+    Called {
+        aggregate: String,
+    },
     Live {
         aggregate: String,
         seq: u64,
@@ -327,8 +331,12 @@ impl Reactor {
             d.tasks.spawn(async move {
                 let outcome = deliverer.deliver(&delivery, &mut shutdown).await;
                 if outcome == Outcome::Delivered {
-                    // The aggregate's next event starts only once the server has recorded this one as done, so
-                    // that a crash can never bring back an event after a later one of its aggregate.
+                    // The call is over: its slot goes to another aggregate. This aggregate's next event starts
+                    // only once the server has recorded this one as done, so that a crash can never bring back an
+                    // event after a later one of its aggregate.
+                    let _ = tx.send(Done::Called {
+                        aggregate: aggregate.clone(),
+                    });
                     confirmer.confirm(message).await;
                 }
                 let _ = tx.send(Done::Live {
@@ -561,6 +569,7 @@ impl Reactor {
     /// A job finished; `Some` when the reactor stops.
     async fn finished(&mut self, d: &mut Dispatch, done: Done) -> Option<Exit> {
         match done {
+            Done::Called { aggregate } => d.lanes.release(&aggregate),
             Done::Live {
                 aggregate,
                 seq,
