@@ -424,3 +424,83 @@ async fn an_emitting_reactor_appends_its_events_once_despite_redeliveries() {
     );
     let _ = info.info().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_replica_delivers_at_a_time_and_another_takes_over_when_it_stops() {
+    let nats = NatsServer::start().await.expect("nats");
+    let js = nats.jetstream().await.expect("js");
+    let endpoint = Endpoint::start(|_| Reply::ok()).await;
+    let (store, _) = common::ledger(&nats.url(), Driver::Sqlite, ErrorPolicy::Halt, "1s");
+    let reactor = reactor(&endpoint.url(), json!({}));
+    provision(&js, &store, &reactor).await;
+    let first = start_sidecar(&nats, &store, &reactor).await;
+    let second = start_sidecar(&nats, &store, &reactor).await;
+    for i in 0..60 {
+        append(
+            &js,
+            &store,
+            &endpoint,
+            &format!("r{}", i % 6),
+            &format!("r-{i}"),
+            json!({}),
+        )
+        .await;
+    }
+    let calls = || endpoint.shared.calls.lock().expect("lock").len();
+    assert!(common::wait_until(Duration::from_secs(30), || async { calls() >= 60 }).await);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    assert_eq!(
+        calls(),
+        60,
+        "every event delivered once: one replica delivers at a time"
+    );
+
+    // The delivering replica stops (or dies): the other takes over.
+    let (_, m1) = first.get("/metrics").await;
+    let active_first =
+        common::metric(&m1, "projectionist_sidecar_reactor_delivered_total").unwrap_or(0.0) > 0.0;
+    let (active, standby) = if active_first {
+        (first, second)
+    } else {
+        (second, first)
+    };
+    active.stop().await;
+    for i in 60..90 {
+        append(
+            &js,
+            &store,
+            &endpoint,
+            &format!("r{}", i % 6),
+            &format!("r-{i}"),
+            json!({}),
+        )
+        .await;
+    }
+    assert!(
+        common::wait_until(Duration::from_secs(30), || async {
+            endpoint
+                .shared
+                .delivered()
+                .values()
+                .map(Vec::len)
+                .sum::<usize>()
+                == 90
+        })
+        .await
+    );
+    let (_, m2) = standby.get("/metrics").await;
+    assert!(
+        common::metric(&m2, "projectionist_sidecar_reactor_delivered_total").unwrap_or(0.0) >= 30.0,
+        "{m2}"
+    );
+    let expected = endpoint.shared.expected.lock().expect("lock").clone();
+    for (aggregate, ids) in endpoint.shared.delivered() {
+        assert_eq!(ids, expected[&aggregate], "order of {aggregate}");
+    }
+    assert!(
+        endpoint.violations().is_empty(),
+        "{:?}",
+        endpoint.violations()
+    );
+    standby.stop().await;
+}
