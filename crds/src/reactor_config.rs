@@ -12,7 +12,8 @@ use crate::duration;
 use crate::event_store::EventStore;
 use crate::reactor::{self, Reactor, ReactorErrorPolicy};
 use crate::sidecar_config::{
-    API_VERSION, NatsConfig, ObjectRef, SecretMount, nats_config, parse_file, render_file,
+    API_VERSION, NatsConfig, ObjectRef, SecretMount, duration_text, nats_config, parse_file,
+    render_file,
 };
 
 /// `kind` of the file.
@@ -254,21 +255,6 @@ impl ReactorConfig {
             });
         }
         Ok(config)
-    }
-}
-
-mod duration_text {
-    use std::time::Duration;
-
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(d: &Duration, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&crate::duration::format(*d))
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
-        let text = String::deserialize(d)?;
-        crate::duration::parse(&text).map_err(serde::de::Error::custom)
     }
 }
 

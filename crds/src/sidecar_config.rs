@@ -488,7 +488,7 @@ impl SidecarConfig {
 }
 
 /// Durations written as Go-style text (`30s`) in the file.
-mod duration_text {
+pub(crate) mod duration_text {
     use std::time::Duration;
 
     use serde::{Deserialize, Deserializer, Serializer};

@@ -11,6 +11,7 @@ use std::time::Duration;
 use anyhow::Context;
 use projectionist_crds::SidecarConfig;
 use projectionist_crds::reactor_config::{self, ReactorConfig};
+use projectionist_crds::sidecar_config::{NatsConfig, ObjectRef};
 use projectionist_crds::store_config::{self, StoreConfig};
 use prometheus_client::registry::Registry;
 use tokio::net::TcpListener;
@@ -196,33 +197,45 @@ async fn connect_nats(
 /// The stores the API serves: those named by StoreConfigs, and those the projections read. One connection per
 /// store; a store whose connection cannot even be set up (a missing credential) is logged and left out.
 async fn api_stores(workload: &Workload) -> BTreeMap<String, Arc<Store>> {
+    let store_of = |c: (&str, &ObjectRef, &NatsConfig, &str, &[String]),
+                    nats_url: &Option<String>| StoreLaunch {
+        config: StoreConfig {
+            api_version: c.0.to_string(),
+            kind: store_config::KIND.to_string(),
+            event_store: c.1.clone(),
+            nats: c.2.clone(),
+            stream: c.3.to_string(),
+            subjects: c.4.to_vec(),
+        },
+        nats_url: nats_url.clone(),
+    };
     let from_projections = workload.projections.iter().filter_map(|l| {
         let c = &l.config;
-        (!c.store_subjects.is_empty()).then(|| StoreLaunch {
-            config: StoreConfig {
-                api_version: c.api_version.clone(),
-                kind: store_config::KIND.to_string(),
-                event_store: c.event_store.clone(),
-                nats: c.nats.clone(),
-                stream: c.stream.clone(),
-                subjects: c.store_subjects.clone(),
-            },
-            nats_url: l.nats_url.clone(),
+        (!c.store_subjects.is_empty()).then(|| {
+            store_of(
+                (
+                    &c.api_version,
+                    &c.event_store,
+                    &c.nats,
+                    &c.stream,
+                    &c.store_subjects,
+                ),
+                &l.nats_url,
+            )
         })
     });
     let from_reactors = workload.reactors.iter().map(|l| {
         let c = &l.config;
-        StoreLaunch {
-            config: StoreConfig {
-                api_version: c.api_version.clone(),
-                kind: store_config::KIND.to_string(),
-                event_store: c.event_store.clone(),
-                nats: c.nats.clone(),
-                stream: c.stream.clone(),
-                subjects: c.store_subjects.clone(),
-            },
-            nats_url: l.nats_url.clone(),
-        }
+        store_of(
+            (
+                &c.api_version,
+                &c.event_store,
+                &c.nats,
+                &c.stream,
+                &c.store_subjects,
+            ),
+            &l.nats_url,
+        )
     });
     let mut stores = BTreeMap::new();
     for launch in workload

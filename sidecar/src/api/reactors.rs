@@ -96,21 +96,13 @@ pub async fn retry(
     State(state): State<Arc<ApiState>>,
     path: Result<Path<(String, String)>, PathRejection>,
 ) -> Response {
-    let answer = async {
-        let Path((name, aggregate)) = path.map_err(|e| Problem::bad_request(e.body_text()))?;
-        let handle = reactor(&state, &name)?;
-        let parked = ask(&handle, |tx| Command::Retry(aggregate, tx))
-            .await?
-            .map_err(refused)?;
-        Ok::<_, Problem>((
+    on_aggregate(&state, path, Command::Retry, |parked| {
+        (
             StatusCode::ACCEPTED,
             axum::Json(json!({ "retrying": parked })),
-        ))
-    };
-    match answer.await {
-        Ok(ok) => ok.into_response(),
-        Err(p) => p.into_response(),
-    }
+        )
+    })
+    .await
 }
 
 /// `POST /v1/reactors/{name}/parked/{aggregate}/skip`.
@@ -118,16 +110,28 @@ pub async fn skip(
     State(state): State<Arc<ApiState>>,
     path: Result<Path<(String, String)>, PathRejection>,
 ) -> Response {
+    on_aggregate(&state, path, Command::Skip, |skipped| {
+        (StatusCode::OK, axum::Json(json!({ "skipped": skipped })))
+    })
+    .await
+}
+
+/// Sends a command about one parked aggregate and answers with `ok` of its result.
+async fn on_aggregate<T, R: IntoResponse>(
+    state: &ApiState,
+    path: Result<Path<(String, String)>, PathRejection>,
+    command: fn(String, oneshot::Sender<Result<T, Refusal>>) -> Command,
+    ok: impl FnOnce(T) -> R,
+) -> Response {
     let answer = async {
         let Path((name, aggregate)) = path.map_err(|e| Problem::bad_request(e.body_text()))?;
-        let handle = reactor(&state, &name)?;
-        let skipped = ask(&handle, |tx| Command::Skip(aggregate, tx))
+        let handle = reactor(state, &name)?;
+        ask(&handle, |tx| command(aggregate, tx))
             .await?
-            .map_err(refused)?;
-        Ok::<_, Problem>(axum::Json(json!({ "skipped": skipped })))
+            .map_err(refused)
     };
     match answer.await {
-        Ok(ok) => ok.into_response(),
+        Ok(value) => ok(value).into_response(),
         Err(p) => p.into_response(),
     }
 }
