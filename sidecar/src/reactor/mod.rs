@@ -7,6 +7,7 @@
 //! - [`deliver`]: one call to the endpoint (CloudEvents HTTP binary mode) and its answer classified.
 //! - [`job`]: an event delivered until done (retries, emitted events appended); a parked aggregate drained.
 //! - [`emit`]: the events an answer emits.
+//! - `commands`: the parking-lot requests of the API, answered by the dispatcher; `fence`: the takeover fence.
 //! - [`parking`]: the parking lot in a JetStream stream.
 //! - [`metrics`]: Prometheus series.
 //!
@@ -14,8 +15,10 @@
 //! tasks of their own and report back. The event-store API reaches it through a [`ReactorHandle`].
 
 pub mod acks;
+mod commands;
 pub mod deliver;
 pub mod emit;
+mod fence;
 pub mod job;
 pub mod lanes;
 pub mod metrics;
@@ -30,75 +33,19 @@ use async_nats::jetstream::{self, AckKind, Message};
 use futures::StreamExt;
 use projectionist_crds::reactor::ReactorErrorPolicy;
 use projectionist_crds::reactor_config::ReactorConfig;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, watch};
 use tracing::{error, info, warn};
 
 use crate::dead_letter::{self, DeadLetter};
 use crate::engine::Exit;
 use crate::status::ProjectionState;
 use acks::{Confirmer, confirm_one};
+pub use commands::{Command, ReactorHandle, Refusal, Skipped};
 use deliver::Delivery;
 use job::{Deliverer, Drained, Outcome, retrying, sleep_or_stop};
 use lanes::Lanes;
 use metrics::ReactorMetrics;
 use parking::{Parked, ParkingLot};
-
-/// The most events between the ack floor and the last delivered event read to find a previous holder's aggregates;
-/// beyond it every aggregate waits one ack wait.
-const FENCE_SCAN_LIMIT: u64 = 100_000;
-/// Added to the ack wait before fences go: the server's redelivery check runs on its own timer.
-const FENCE_MARGIN: Duration = Duration::from_secs(2);
-
-/// A request of the API to a running reactor.
-#[derive(Debug)]
-pub enum Command {
-    /// List the parked aggregates.
-    List(oneshot::Sender<Result<Vec<Parked>, String>>),
-    /// Deliver an aggregate's held events again.
-    Retry(String, oneshot::Sender<Result<Parked, Refusal>>),
-    /// Drop an aggregate's first held event, with a record on the dead-letter subject.
-    Skip(String, oneshot::Sender<Result<Skipped, Refusal>>),
-}
-
-/// Why a parking-lot request was refused.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Refusal {
-    /// The aggregate is not parked.
-    NotParked(String),
-    /// A retry of the aggregate is running.
-    Busy(String),
-    /// NATS could not be reached.
-    Unavailable(String),
-}
-
-/// The event a skip dropped.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct Skipped {
-    /// Its original stream sequence.
-    pub sequence: u64,
-    /// Its event id.
-    pub id: Option<String>,
-    /// Held events left for the aggregate.
-    pub remaining: u64,
-}
-
-/// How the API reaches a reactor.
-#[derive(Debug, Clone)]
-pub struct ReactorHandle {
-    /// `<namespace>/<name>`.
-    pub key: String,
-    /// Its state (halted, waiting).
-    pub state: Arc<ProjectionState>,
-    commands: mpsc::Sender<Command>,
-}
-
-impl ReactorHandle {
-    /// Sends a command; `None` when the reactor is not running.
-    pub async fn send(&self, command: Command) -> Option<()> {
-        self.commands.send(command).await.ok()
-    }
-}
 
 /// What a job reports back.
 #[derive(Debug)]
@@ -407,99 +354,6 @@ impl Reactor {
         }
     }
 
-    /// After a takeover (a crashed or stopped sidecar held events of this consumer), the server brings those events
-    /// back only once their ack wait ran out, while later events flow at once. Aggregates with such an event are
-    /// fenced until it is back (it then goes first: lanes keep sequence order) or the ack wait has surely run out.
-    async fn fence_foreign_pending(&self, d: &mut Dispatch) {
-        let foreign = async {
-            let stream = self
-                .js
-                .get_stream(&self.config.stream)
-                .await
-                .map_err(|e| e.to_string())?;
-            let info = stream
-                .consumer_info(&self.config.consumer)
-                .await
-                .map_err(|e| e.to_string())?;
-            let (floor, delivered) = (
-                info.ack_floor.stream_sequence,
-                info.delivered.stream_sequence,
-            );
-            if info.num_ack_pending <= d.held.len() + 1 || delivered <= floor {
-                return Ok(None);
-            }
-            if delivered - floor > FENCE_SCAN_LIMIT {
-                return Ok(Some(None));
-            }
-            let mut filters = info.config.filter_subjects.clone();
-            if !info.config.filter_subject.is_empty() {
-                filters.push(info.config.filter_subject.clone());
-            }
-            let mut ordered = stream
-                .create_consumer(jetstream::consumer::pull::OrderedConfig {
-                    deliver_policy: jetstream::consumer::DeliverPolicy::ByStartSequence {
-                        start_sequence: floor + 1,
-                    },
-                    filter_subjects: filters,
-                    ..Default::default()
-                })
-                .await
-                .map_err(|e| e.to_string())?
-                .messages()
-                .await
-                .map_err(|e| e.to_string())?;
-            let mut pending: HashMap<String, BTreeSet<u64>> = HashMap::new();
-            loop {
-                let next = tokio::time::timeout(Duration::from_secs(5), ordered.next()).await;
-                let Ok(Some(Ok(m))) = next else {
-                    return Ok(Some(None));
-                };
-                let info = m.info().map_err(|e| e.to_string())?;
-                let seq = info.stream_sequence;
-                if seq > delivered {
-                    break;
-                }
-                if !d.held.contains_key(&seq) {
-                    pending
-                        .entry(self.aggregate_of(m.subject.as_str()))
-                        .or_default()
-                        .insert(seq);
-                }
-                if seq == delivered || info.pending == 0 {
-                    break;
-                }
-            }
-            Ok::<_, String>(Some(Some(pending)))
-        };
-        let deadline = Instant::now() + self.config.ack_wait + FENCE_MARGIN;
-        match foreign.await {
-            Ok(None) => {}
-            Ok(Some(Some(pending))) => {
-                info!(reactor = %self.key(), aggregates = pending.len(), "events of a previous holder are still pending; their aggregates wait for them");
-                for aggregate in pending.keys() {
-                    d.lanes.fence(aggregate);
-                }
-                d.fences = pending;
-                d.fence_deadline = Some(deadline);
-            }
-            Ok(Some(None)) | Err(_) => {
-                warn!(reactor = %self.key(), "cannot tell which aggregates a previous holder left pending; every aggregate waits one ack wait");
-                d.fence_everything = true;
-                d.fence_deadline = Some(deadline);
-            }
-        }
-    }
-
-    /// Lifts the fences once the ack wait of a previous holder's events has surely run out.
-    fn lift_fences(&self, d: &mut Dispatch) {
-        if d.fence_deadline.is_some_and(|t| Instant::now() >= t) {
-            d.fence_deadline = None;
-            d.fence_everything = false;
-            d.fences.clear();
-            d.lanes.unfence_all();
-        }
-    }
-
     /// The aggregate of a subject: what follows the store's prefix.
     fn aggregate_of(&self, subject: &str) -> String {
         subject
@@ -675,108 +529,6 @@ impl Reactor {
         if published.is_some() {
             ReactorMetrics::count(&self.deliverer.metrics.dead_letters, self.key(), 1);
         }
-    }
-
-    async fn command(&mut self, d: &mut Dispatch, command: Command) {
-        let refresh = d.lot.load().await;
-        if let Ok(parked) = &refresh {
-            // The lot is the truth; entries of aggregates being retried are kept as they are.
-            let busy: HashMap<String, Parked> = d
-                .parked
-                .iter()
-                .filter(|(a, _)| d.lanes.is_busy(a))
-                .map(|(a, p)| (a.clone(), p.clone()))
-                .collect();
-            d.parked = parked.clone();
-            d.parked.extend(busy);
-        }
-        match command {
-            Command::List(reply) => {
-                let _ = reply.send(refresh.map(|_| d.parked.values().cloned().collect()));
-            }
-            Command::Retry(aggregate, reply) => {
-                let answer = match (&refresh, d.parked.get(&aggregate)) {
-                    (Err(e), _) => Err(Refusal::Unavailable(e.clone())),
-                    (_, None) => Err(Refusal::NotParked(aggregate.clone())),
-                    (_, Some(_)) if !d.lanes.occupy(&aggregate) => {
-                        Err(Refusal::Busy(aggregate.clone()))
-                    }
-                    (_, Some(parked)) => {
-                        let parked = parked.clone();
-                        info!(reactor = %self.key(), aggregate = %aggregate, events = parked.events, "retrying a parked aggregate");
-                        let (deliverer, lot, tx, mut shutdown) = (
-                            self.deliverer.clone(),
-                            d.lot.clone(),
-                            d.results.0.clone(),
-                            self.shutdown.clone(),
-                        );
-                        let name = aggregate.clone();
-                        d.tasks.spawn(async move {
-                            let outcome = deliverer.drain(&lot, &name, &mut shutdown).await;
-                            let _ = tx.send(Done::Drain {
-                                aggregate: name,
-                                outcome,
-                            });
-                        });
-                        Ok(parked)
-                    }
-                };
-                let _ = reply.send(answer);
-            }
-            Command::Skip(aggregate, reply) => {
-                let answer = self.skip(d, &aggregate).await;
-                let _ = reply.send(answer);
-            }
-        }
-    }
-
-    async fn skip(&self, d: &mut Dispatch, aggregate: &str) -> Result<Skipped, Refusal> {
-        if d.lanes.is_busy(aggregate) {
-            return Err(Refusal::Busy(aggregate.to_string()));
-        }
-        let Some(parked) = d.parked.get(aggregate).cloned() else {
-            return Err(Refusal::NotParked(aggregate.to_string()));
-        };
-        let head = d
-            .lot
-            .head(aggregate)
-            .await
-            .map_err(Refusal::Unavailable)?
-            .ok_or_else(|| Refusal::NotParked(aggregate.to_string()))?;
-        let delivery = parking::delivery_of(&head);
-        let reason = format!(
-            "skipped from the parking lot on request; it was parked because: {}",
-            head.headers
-                .get(parking::REASON)
-                .map(|v| v.as_str().to_string())
-                .unwrap_or_default()
-        );
-        self.dead_letter(&delivery, &reason).await;
-        d.lot
-            .remove(head.sequence)
-            .await
-            .map_err(Refusal::Unavailable)?;
-        let remaining = parked.events.saturating_sub(1);
-        info!(reactor = %self.key(), aggregate = %aggregate, sequence = delivery.sequence, remaining, "skipped a parked event");
-        match d.lot.describe(aggregate, remaining).await {
-            Ok(Some(p)) => {
-                d.parked.insert(aggregate.to_string(), p);
-            }
-            Ok(None) => {
-                d.parked.remove(aggregate);
-            }
-            Err(e) => {
-                warn!(reactor = %self.key(), error = %e, "cannot read the parking lot after a skip")
-            }
-        }
-        Ok(Skipped {
-            sequence: delivery.sequence,
-            id: delivery
-                .headers
-                .get("ce-id")
-                .map(|v| v.as_str().to_string()),
-            remaining,
-        })
     }
 }
 
