@@ -14,6 +14,7 @@ pub mod context;
 pub mod error;
 pub mod event_store;
 pub mod leader;
+pub mod lifecycle;
 pub mod metrics;
 pub mod nats;
 pub mod projection;

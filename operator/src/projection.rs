@@ -9,10 +9,9 @@
 use std::sync::Arc;
 
 use async_nats::jetstream::consumer;
-use kube::api::Api;
+use kube::ResourceExt;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
-use kube::{Resource, ResourceExt};
 use projectionist_crds::consumer::consumer_config;
 use projectionist_crds::diff::diff_consumer;
 use projectionist_crds::event_store::EventStore;
@@ -22,6 +21,7 @@ use projectionist_crds::sidecar_config::{ResolveError, resolve};
 use crate::conditions;
 use crate::context::{Context, key};
 use crate::error::Error;
+use crate::lifecycle;
 use crate::writes;
 
 /// The finalizer every Projection carries until its consumer is deleted.
@@ -43,45 +43,27 @@ pub fn config_key(projection: &str) -> String {
 
 /// Reconciles one Projection.
 pub async fn reconcile(projection: Arc<Projection>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let namespace = projection.namespace().unwrap_or_default();
-    let api: Api<Projection> = Api::namespaced(ctx.client.clone(), &namespace);
-    let has_finalizer = projection.finalizers().iter().any(|f| f == FINALIZER);
+    lifecycle::reconcile(
+        &*projection,
+        projection.status.as_ref(),
+        &ctx,
+        FINALIZER,
+        async || delete_consumer(&projection, &ctx).await,
+        async |status: &mut ProjectionStatus, generation| {
+            status.consumer_name = Some(projection.consumer_name());
+            sync(&projection, &ctx, status, generation).await
+        },
+    )
+    .await
+}
 
-    if projection.meta().deletion_timestamp.is_some() {
-        if has_finalizer {
-            delete_consumer(&projection, &ctx).await?;
-            writes::set_finalizer(&api, &*projection, FINALIZER, false).await?;
-        }
-        ctx.forget(&key(&*projection));
-        return Ok(Action::await_change());
+impl lifecycle::Status for ProjectionStatus {
+    fn conditions_mut(&mut self) -> &mut Vec<projectionist_crds::common::Condition> {
+        &mut self.conditions
     }
-    if !has_finalizer {
-        writes::set_finalizer(&api, &*projection, FINALIZER, true).await?;
+    fn observe(&mut self, generation: Option<i64>) {
+        self.observed_generation = generation;
     }
-
-    let generation = projection.meta().generation;
-    let mut status = projection.status.clone().unwrap_or_default();
-    status.consumer_name = Some(projection.consumer_name());
-    let result = sync(&projection, &ctx, &mut status, generation).await;
-    let action = match &result {
-        Ok(action) => action.clone(),
-        Err(e) => {
-            conditions::set(
-                &mut status.conditions,
-                "Ready",
-                false,
-                e.reason(),
-                e.to_string(),
-                generation,
-            );
-            Action::await_change()
-        }
-    };
-    status.observed_generation = generation;
-    writes::apply_status(&api, &*projection, projection.status.as_ref(), &status).await?;
-    result?;
-    ctx.succeeded(&key(&*projection));
-    Ok(action)
 }
 
 async fn delete_consumer(projection: &Projection, ctx: &Context) -> Result<(), Error> {

@@ -9,10 +9,9 @@
 use std::sync::Arc;
 
 use async_nats::jetstream::consumer;
-use kube::api::Api;
+use kube::ResourceExt;
 use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
-use kube::{Resource, ResourceExt};
 use projectionist_crds::diff::{diff_consumer, diff_stream};
 use projectionist_crds::event_store::EventStore;
 use projectionist_crds::reactor::{Reactor, ReactorStatus, consumer_config, parking_stream_config};
@@ -22,6 +21,7 @@ use time::format_description::well_known::Rfc3339;
 use crate::conditions;
 use crate::context::{Context, key};
 use crate::error::Error;
+use crate::lifecycle;
 use crate::projection::{FINALIZER, progress_conditions, usable_store};
 use crate::writes;
 
@@ -40,36 +40,27 @@ pub fn config_key(reactor: &str) -> String {
 
 /// Reconciles one Reactor.
 pub async fn reconcile(reactor: Arc<Reactor>, ctx: Arc<Context>) -> Result<Action, Error> {
-    let namespace = reactor.namespace().unwrap_or_default();
-    let api: Api<Reactor> = Api::namespaced(ctx.client.clone(), &namespace);
-    let has_finalizer = reactor.finalizers().iter().any(|f| f == FINALIZER);
-    if reactor.meta().deletion_timestamp.is_some() {
-        if has_finalizer {
-            delete_on_nats(&reactor, &ctx).await?;
-            writes::set_finalizer(&api, &*reactor, FINALIZER, false).await?;
-        }
-        ctx.forget(&key(&*reactor));
-        return Ok(Action::await_change());
+    lifecycle::reconcile(
+        &*reactor,
+        reactor.status.as_ref(),
+        &ctx,
+        FINALIZER,
+        async || delete_on_nats(&reactor, &ctx).await,
+        async |status: &mut ReactorStatus, generation| {
+            status.consumer_name = Some(reactor.consumer_name());
+            sync(&reactor, &ctx, status, generation).await
+        },
+    )
+    .await
+}
+
+impl lifecycle::Status for ReactorStatus {
+    fn conditions_mut(&mut self) -> &mut Vec<projectionist_crds::common::Condition> {
+        &mut self.conditions
     }
-    if !has_finalizer {
-        writes::set_finalizer(&api, &*reactor, FINALIZER, true).await?;
+    fn observe(&mut self, generation: Option<i64>) {
+        self.observed_generation = generation;
     }
-    let generation = reactor.meta().generation;
-    let mut status = reactor.status.clone().unwrap_or_default();
-    status.consumer_name = Some(reactor.consumer_name());
-    let result = sync(&reactor, &ctx, &mut status, generation).await;
-    let action = match &result {
-        Ok(action) => action.clone(),
-        Err(e) => {
-            not_ready(&mut status, e.reason(), e.to_string(), generation);
-            Action::await_change()
-        }
-    };
-    status.observed_generation = generation;
-    writes::apply_status(&api, &*reactor, reactor.status.as_ref(), &status).await?;
-    result?;
-    ctx.succeeded(&key(&*reactor));
-    Ok(action)
 }
 
 fn not_ready(status: &mut ReactorStatus, reason: &str, message: String, generation: Option<i64>) {
