@@ -12,8 +12,8 @@ use projectionist_crds::projection::{Driver, ErrorPolicy};
 use projectionist_crds::reactor_config::resolve_reactor;
 use projectionist_tests::nats::NatsServer;
 use rand::Rng;
-use reactor_support::{Endpoint, Reply, append, provision, reactor};
-use serde_json::{Value, json};
+use reactor_support::{Endpoint, append, provision, reactor};
+use serde_json::json;
 
 fn spawn(dir: &std::path::Path) -> common::SidecarProcess {
     common::SidecarProcess::spawn(
@@ -31,17 +31,7 @@ fn spawn(dir: &std::path::Path) -> common::SidecarProcess {
 async fn sigkills_and_nats_restarts_lose_nothing_and_keep_each_aggregate_in_order() {
     let mut nats = NatsServer::start().await.expect("nats");
     let js = nats.jetstream().await.expect("js");
-    let endpoint = Endpoint::start(|call| {
-        let poison = serde_json::from_slice::<Value>(&call.body)
-            .ok()
-            .is_some_and(|v| v["poison"] == json!(true));
-        if poison {
-            Reply::status(422)
-        } else {
-            Reply::ok()
-        }
-    })
-    .await;
+    let endpoint = Endpoint::start(reactor_support::refuse_poison).await;
     let (store, _) = common::ledger(&nats.url(), Driver::Sqlite, ErrorPolicy::Halt, "1s");
     let reactor = reactor(
         &endpoint.url(),

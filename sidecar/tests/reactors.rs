@@ -189,17 +189,7 @@ async fn a_flaky_endpoint_gets_every_event_in_order_per_aggregate_one_call_at_a_
 async fn a_poison_event_parks_its_aggregate_others_go_on_and_retry_and_skip_work() {
     let nats = NatsServer::start().await.expect("nats");
     let js = nats.jetstream().await.expect("js");
-    let endpoint = Endpoint::start(|call| {
-        let poison = serde_json::from_slice::<Value>(&call.body)
-            .ok()
-            .is_some_and(|v| v["poison"] == json!(true));
-        if poison {
-            Reply::status(422)
-        } else {
-            Reply::ok()
-        }
-    })
-    .await;
+    let endpoint = Endpoint::start(reactor_support::refuse_poison).await;
     let (store, _) = common::ledger(&nats.url(), Driver::Sqlite, ErrorPolicy::Halt, "1s");
     let reactor = reactor(&endpoint.url(), json!({}));
     provision(&js, &store, &reactor).await;

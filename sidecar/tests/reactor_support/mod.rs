@@ -54,6 +54,18 @@ impl Reply {
     }
 }
 
+/// Answers `422` to an event whose data has `"poison": true`, `204` to the others.
+pub fn refuse_poison(call: &Call) -> Reply {
+    let poison = serde_json::from_slice::<serde_json::Value>(&call.body)
+        .ok()
+        .is_some_and(|v| v["poison"] == serde_json::json!(true));
+    if poison {
+        Reply::status(422)
+    } else {
+        Reply::ok()
+    }
+}
+
 type Behaviour = dyn Fn(&Call) -> Reply + Send + Sync;
 
 pub struct Shared {
