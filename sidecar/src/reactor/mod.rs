@@ -220,9 +220,9 @@ impl Reactor {
                 Wake::Message(Some(Ok(m))) => self.received(d, *m).await,
                 Wake::Message(Some(Err(e))) => {
                     warn!(reactor = %self.key(), error = %e, "pull failed; subscribing again");
-                    messages = None;
+                    messages = self.subscribe(consumer).await.ok();
                 }
-                Wake::Message(None) => messages = None,
+                Wake::Message(None) => messages = self.subscribe(consumer).await.ok(),
                 Wake::Done(done) => {
                     if let Some(exit) = self.finished(d, done).await {
                         return exit;
