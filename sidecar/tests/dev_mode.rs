@@ -199,6 +199,20 @@ async fn dev_mode_runs_the_reactors_of_its_yaml() {
         .replace("http://127.0.0.1:8080/events", &endpoint.url())
         .replace("policy: New ", "policy: All ");
     std::fs::write(files.path().join("reactor.yaml"), reactor).expect("write");
+    // The events are in the store before the reactor starts: its first pull brings all of them at once, other
+    // types among them (which it acknowledges without a call).
+    let provisioned = Command::new(env!("CARGO_BIN_EXE_projectionist-sidecar"))
+        .args(["provision", "-f"])
+        .arg(files.path())
+        .env("PROJECTIONIST_NATS_URL", nats.url())
+        .output()
+        .expect("provision");
+    assert!(provisioned.status.success(), "{provisioned:?}");
+    append_events(
+        files.path(),
+        &files.path().join("events.ndjson"),
+        &nats.url(),
+    );
     let data = tempfile::tempdir().expect("dir");
     let (dev, admin) = start_dev(
         files.path(),
@@ -214,11 +228,6 @@ async fn dev_mode_runs_the_reactors_of_its_yaml() {
         ready.contains("reactor user-management/welcome-email: ready"),
         "{ready}"
     );
-    append_events(
-        files.path(),
-        &files.path().join("events.ndjson"),
-        &nats.url(),
-    );
     let created = ["u-ada", "u-alan", "u-grace"];
     let delivered = wait_until(Duration::from_secs(30), || async {
         let calls = endpoint.shared.calls.lock().expect("lock").clone();
@@ -228,6 +237,7 @@ async fn dev_mode_runs_the_reactors_of_its_yaml() {
     })
     .await;
     let calls = endpoint.shared.calls.lock().expect("lock").clone();
+    interrupt(dev).await;
     assert!(delivered, "{calls:?}");
     assert!(
         calls
@@ -235,7 +245,6 @@ async fn dev_mode_runs_the_reactors_of_its_yaml() {
             .all(|c| c.headers.get("ce-type").map(String::as_str) == Some("UserCreated")),
         "only the reactor's types are delivered"
     );
-    interrupt(dev).await;
 }
 
 /// `dev -f files` on a fresh admin port, until it is ready; the process and its admin address.

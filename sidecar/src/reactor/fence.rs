@@ -101,6 +101,18 @@ impl Reactor {
         }
     }
 
+    /// An event of a fenced aggregate came (whatever becomes of it: delivered, ignored for its type, parked): once
+    /// every event the aggregate waited for came, it goes on.
+    pub(super) fn seen_behind_fence(&self, d: &mut Dispatch, aggregate: &str, seq: u64) {
+        if let Some(waiting) = d.fences.get_mut(aggregate) {
+            waiting.remove(&seq);
+            if waiting.is_empty() {
+                d.fences.remove(aggregate);
+                d.lanes.unfence(aggregate);
+            }
+        }
+    }
+
     /// Lifts the fences once the ack wait of a previous holder's events has surely run out.
     pub(super) fn lift_fences(&self, d: &mut Dispatch) {
         if d.fence_deadline.is_some_and(|t| Instant::now() >= t) {

@@ -328,6 +328,7 @@ impl Reactor {
             return;
         }
         let aggregate = self.aggregate_of(m.subject.as_str());
+        self.seen_behind_fence(d, &aggregate, seq);
         if !self.wanted(&m) {
             confirm_one(&m, &mut self.shutdown.clone()).await;
             return;
@@ -345,13 +346,6 @@ impl Reactor {
         }
         d.held.insert(seq, m);
         d.lanes.push(&aggregate, seq);
-        if let Some(waiting) = d.fences.get_mut(&aggregate) {
-            waiting.remove(&seq);
-            if waiting.is_empty() {
-                d.fences.remove(&aggregate);
-                d.lanes.unfence(&aggregate);
-            }
-        }
     }
 
     /// The aggregate of a subject: what follows the store's prefix.
