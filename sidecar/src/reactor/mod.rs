@@ -267,7 +267,6 @@ impl Reactor {
                 d.lanes.done(&aggregate);
                 continue;
             };
-            let delivery = delivery_of(held, seq, &aggregate);
             let message = held.clone();
             let (deliverer, tx, mut shutdown, confirmer) = (
                 self.deliverer.clone(),
@@ -276,6 +275,7 @@ impl Reactor {
                 d.confirmer.clone(),
             );
             d.tasks.spawn(async move {
+                let delivery = delivery_of(&message, seq, &aggregate);
                 let outcome = deliverer.deliver(&delivery, &mut shutdown).await;
                 if outcome == Outcome::Delivered {
                     // The call is over: its slot goes to another aggregate. This aggregate's next event starts
@@ -330,7 +330,8 @@ impl Reactor {
         let aggregate = self.aggregate_of(m.subject.as_str());
         self.seen_behind_fence(d, &aggregate, seq);
         if !self.wanted(&m) {
-            confirm_one(&m, &mut self.shutdown.clone()).await;
+            // Not delivered, so not ordered: a lost acknowledgement only brings it back to be skipped again.
+            let _ = m.ack().await;
             return;
         }
         if let Some(parked) = d.parked.get(&aggregate)
@@ -467,12 +468,9 @@ impl Reactor {
                         warn!(reactor = %self.key(), aggregate = %aggregate, reason = %reason, "a parked event failed again; the aggregate stays parked");
                         let mut shutdown = self.shutdown.clone();
                         let lot = d.lot.clone();
-                        let described = retrying(&mut shutdown, || async {
-                            let count = lot.load().await?.get(&aggregate).map_or(0, |p| p.events);
-                            lot.describe(&aggregate, count).await
-                        })
-                        .await
-                        .flatten();
+                        let described = retrying(&mut shutdown, || lot.entry(&aggregate))
+                            .await
+                            .flatten();
                         match described {
                             Some(p) => {
                                 let first = p.first_sequence;

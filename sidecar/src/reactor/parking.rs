@@ -96,6 +96,24 @@ impl ParkingLot {
         Ok(out)
     }
 
+    /// One aggregate's entry, read from the stream; `None` when it holds no event.
+    pub async fn entry(&self, aggregate: &str) -> Result<Option<Parked>, String> {
+        let mut subjects = self
+            .stream
+            .info_with_subjects(self.subject(aggregate))
+            .await
+            .map_err(|e| format!("reading the parking lot: {e}"))?;
+        let mut count = 0;
+        while let Some((_, n)) = subjects
+            .try_next()
+            .await
+            .map_err(|e| format!("reading the parking lot: {e}"))?
+        {
+            count += n as u64;
+        }
+        self.describe(aggregate, count).await
+    }
+
     /// One aggregate's entry, from its first and last held events; `None` when it holds none.
     pub async fn describe(&self, aggregate: &str, count: u64) -> Result<Option<Parked>, String> {
         let Some(first) = self.head(aggregate).await? else {
