@@ -163,6 +163,7 @@ fn resources(nats_url: &str) -> (EventStore, Projection) {
             on_error: Default::default(),
             rebuild: None,
             pod_selector: None,
+            workers: None,
         },
     );
     projection.metadata.namespace = Some("bench".into());

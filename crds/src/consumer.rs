@@ -120,7 +120,8 @@ pub fn consumer_config(
 }
 
 /// Checks subject filters against the store and splits them the way the server takes them: one filter as
-/// `filter_subject`, several as `filter_subjects`.
+/// `filter_subject`, several as `filter_subjects`. Filters are written as publishers write subjects; on a partitioned
+/// store they are turned into the stored form, across all partitions (`<prefix>.*.<rest>`).
 pub fn server_filters(
     filters: &[String],
     store: &EventStore,
@@ -135,9 +136,20 @@ pub fn server_filters(
             });
         }
     }
-    Ok(match filters {
+    let filters: Vec<String> = match store.layout() {
+        Some(layout) => filters
+            .iter()
+            .map(|f| {
+                layout
+                    .stored_filter(f, None)
+                    .unwrap_or_else(|| format!("{}.*.>", layout.prefix))
+            })
+            .collect(),
+        None => filters.to_vec(),
+    };
+    Ok(match filters.as_slice() {
         [one] => (one.clone(), Vec::new()),
-        _ => (String::new(), filters.to_vec()),
+        _ => (String::new(), filters),
     })
 }
 
@@ -213,6 +225,7 @@ mod tests {
                 on_error: Default::default(),
                 rebuild: None,
                 pod_selector: None,
+                workers: None,
             },
         );
         p.metadata.namespace = Some("shop".into());

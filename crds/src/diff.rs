@@ -136,6 +136,17 @@ pub fn diff_stream(desired: &stream::Config, actual: &stream::Config) -> ConfigD
         &sorted(&actual.subjects),
         InPlace,
     );
+    let transform = |t: &Option<stream::SubjectTransform>| {
+        t.as_ref()
+            .map(|t| (t.source.clone(), t.destination.clone()))
+    };
+    // The partition layout: changing it would move aggregates between partitions.
+    d.compare(
+        "subject_transform",
+        &transform(&desired.subject_transform),
+        &transform(&actual.subject_transform),
+        Immutable,
+    );
     d.compare(
         "max_consumers",
         &desired.max_consumers,

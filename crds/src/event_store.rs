@@ -72,6 +72,13 @@ pub struct StreamSpec {
         inner(length(min = 1, max = 255), regex(pattern = r"^[^\s]+$"))
     )]
     pub subjects: Vec<String>,
+    /// Partitions (1–1024): each event is stored under `<prefix>.<partition>.<type>.<id>`, the partition computed
+    /// by the server from the aggregate (see [`crate::partition`]), so that the live replicas of a Projection share
+    /// the partitions. Publishers keep publishing `<prefix>.<type>.<id>`; other subjects are refused. Needs a single
+    /// subject of the form `<prefix>.>`. Unset: not partitioned. Immutable (a change is refused with a condition).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1024))]
+    pub partitions: Option<u32>,
     /// Number of replicas of the stream in a NATS cluster (1, 3 or 5 are usual; 3 for production).
     #[serde(default = "default_replicas")]
     #[schemars(range(min = 1, max = 5))]
@@ -240,6 +247,7 @@ impl Default for StreamSpec {
         Self {
             name: None,
             subjects: Vec::new(),
+            partitions: None,
             replicas: default_replicas(),
             storage: Storage::default(),
             discard: Discard::default(),
@@ -311,6 +319,18 @@ impl EventStore {
         let namespace = self.metadata.namespace.as_deref().unwrap_or("default");
         let name = self.metadata.name.as_deref().unwrap_or("");
         vec![format!("{namespace}.{}.>", name.replace('.', "-"))]
+    }
+
+    /// The subject layout of a partitioned store; `None` when the store is not partitioned (or its subject has no
+    /// `<prefix>.>` form, which the stream config refuses).
+    pub fn layout(&self) -> Option<crate::partition::Layout> {
+        let partitions = self.spec.stream.partitions?;
+        let subjects = self.subjects();
+        let [subject] = subjects.as_slice() else {
+            return None;
+        };
+        let prefix = subject.strip_suffix(".>")?;
+        Some(crate::partition::Layout::new(prefix, partitions))
     }
 
     /// The guardrails the spec loosens.

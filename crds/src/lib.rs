@@ -12,6 +12,7 @@
 //! - [`sidecar_config`]: the resolved, versioned config file the sidecar runs from (`resolve`).
 //! - [`store_config`]: the config file of the sidecar's event-store API for one EventStore (`resolve_store`).
 //! - [`template`]: the SQL handler template parser (named parameters → driver placeholders).
+//! - [`partition`]: the subject layout and hash of partitioned stores, and fair shares of partitions.
 //! - [`subject`]: NATS subject syntax and subset checks.
 //! - [`crd`]: the generated CustomResourceDefinitions as YAML, as `crdgen` writes them.
 //!
@@ -43,3 +44,4 @@ pub const GROUP: &str = "projectionist.dev";
 pub const VERSION: &str = "v1alpha1";
 
 pub mod manifest;
+pub mod partition;

@@ -79,6 +79,11 @@ pub struct ProjectionSpec {
     /// Which pods of the namespace get this projection's sidecar injected.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pod_selector: Option<LabelSelector>,
+    /// On a partitioned EventStore: how many of its partitions one sidecar applies at once, each on a connection of
+    /// its own (default 1; more needs PostgreSQL or MySQL/MariaDB). Ignored on an unpartitioned store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 64))]
+    pub workers: Option<u32>,
 }
 
 /// Which events the projection's consumer receives.

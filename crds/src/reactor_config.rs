@@ -37,6 +37,9 @@ pub struct ReactorConfig {
     pub stream: String,
     /// The EventStore's subjects (emitted events are appended under the first one's prefix).
     pub store_subjects: Vec<String>,
+    /// The store's partitions, when it is partitioned (events are stored as `<prefix>.<partition>.<type>.<id>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub store_partitions: Option<u32>,
     /// The durable consumer name.
     pub consumer: String,
     /// The priority group to pull from (one pinned client at a time).
@@ -186,6 +189,7 @@ pub fn resolve_reactor(
         nats: nats_config(&store.spec.nats, &mut secrets),
         stream: store.stream_name(),
         store_subjects: store.subjects(),
+        store_partitions: store.spec.stream.partitions,
         consumer: reactor.consumer_name(),
         priority_group: PRIORITY_GROUP.to_string(),
         types: spec

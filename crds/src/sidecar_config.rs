@@ -66,6 +66,22 @@ pub struct SidecarConfig {
     /// Rebuild request, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rebuild: Option<RebuildConfig>,
+    /// Set when the EventStore is partitioned: the live replicas share the partitions.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partitioning: Option<Partitioning>,
+}
+
+/// How a projection on a partitioned store runs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Partitioning {
+    /// The store's partitions.
+    pub partitions: u32,
+    /// The projection's subject filters as publishers write subjects (`<prefix>.<type>.<id>`); empty: all.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub filters: Vec<String>,
+    /// How many partitions one sidecar applies at once.
+    pub workers: u32,
 }
 
 /// A namespaced object's identity.
@@ -226,6 +242,9 @@ pub enum ResolveError {
     /// A handler template does not parse.
     #[error("spec.handlers: {0}")]
     Handler(#[from] HandlerError),
+    /// A setting that does not fit a partitioned store (or needs one).
+    #[error("{0}")]
+    Partitioning(String),
     /// The backoff is inverted.
     #[error("spec.onError.backoff: initial {initial:?} is larger than max {max:?}")]
     Backoff {
@@ -404,8 +423,50 @@ pub fn resolve(store: &EventStore, projection: &Projection) -> Result<Resolved, 
             token: r.token.clone(),
             reset: r.reset.clone(),
         }),
+        partitioning: partitioning(store, projection)?,
     };
     Ok(Resolved { config, secrets })
+}
+
+/// The partitioning of a projection on a partitioned store; `None` on an unpartitioned one.
+fn partitioning(
+    store: &EventStore,
+    projection: &Projection,
+) -> Result<Option<Partitioning>, ResolveError> {
+    let spec = &projection.spec;
+    let workers = spec.workers.unwrap_or(1);
+    let Some(partitions) = store.spec.stream.partitions else {
+        return Ok(None);
+    };
+    if store.layout().is_none() {
+        return Err(ResolveError::Partitioning(format!(
+            "the EventStore is partitioned but its subjects {:?} have no single `<prefix>.>` form",
+            store.subjects()
+        )));
+    }
+    if workers > 1 && spec.database.driver == crate::projection::Driver::Sqlite {
+        return Err(ResolveError::Partitioning(format!(
+            "spec.workers: {workers} workers need PostgreSQL or MySQL/MariaDB; SQLite takes one writer at a time"
+        )));
+    }
+    if let Some(start) = &spec.start_at
+        && start.policy != crate::projection::StartPolicy::Beginning
+    {
+        return Err(ResolveError::Partitioning(format!(
+            "spec.startAt: a projection on a partitioned store starts at the Beginning (each partition is read from \
+             its checkpoint), not {:?}",
+            start.policy
+        )));
+    }
+    Ok(Some(Partitioning {
+        partitions,
+        filters: spec
+            .events
+            .as_ref()
+            .map(|e| e.subjects.clone())
+            .unwrap_or_default(),
+        workers,
+    }))
 }
 
 /// Why a config file cannot be used.
@@ -568,6 +629,7 @@ mod tests {
                 on_error: Default::default(),
                 rebuild: None,
                 pod_selector: None,
+                workers: None,
             },
         );
         p.metadata.namespace = Some("shop".into());

@@ -34,6 +34,9 @@ pub struct StoreConfig {
     pub stream: String,
     /// The stream's subjects; events are appended under the first one's prefix.
     pub subjects: Vec<String>,
+    /// The store's partitions, when it is partitioned (events are stored as `<prefix>.<partition>.<type>.<id>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partitions: Option<u32>,
 }
 
 /// The result of [`resolve_store`]: the config and the Secret keys it expects.
@@ -63,6 +66,7 @@ pub fn resolve_store(store: &EventStore) -> ResolvedStore {
         nats,
         stream: store.stream_name(),
         subjects: store.subjects(),
+        partitions: store.spec.stream.partitions,
     };
     ResolvedStore { config, secrets }
 }

@@ -29,6 +29,9 @@ pub enum StreamSpecError {
         /// The age as written.
         max_age: String,
     },
+    /// A partitioned store whose subjects do not give the layout.
+    #[error("spec.stream.partitions: {0}")]
+    Partitions(String),
     /// A loosened guardrail without the opt-in that permits it (normally caught by the CRD's CEL rules).
     #[error("spec.stream.{field}: {message}")]
     Guardrail {
@@ -49,9 +52,28 @@ pub fn stream_config(store: &EventStore) -> Result<Config, StreamSpecError> {
     let spec = &store.spec.stream;
     let guardrails = spec.guardrails.clone().unwrap_or_default();
 
-    let subjects = store.subjects();
+    let mut subjects = store.subjects();
     for s in &subjects {
         subject::validate(s).map_err(StreamSpecError::Subject)?;
+    }
+    let mut subject_transform = None;
+    if let Some(partitions) = spec.partitions {
+        if !(1..=crate::partition::MAX_PARTITIONS).contains(&partitions) {
+            return Err(StreamSpecError::Partitions(format!(
+                "{partitions} is outside 1–{}",
+                crate::partition::MAX_PARTITIONS
+            )));
+        }
+        let layout = store.layout().ok_or_else(|| {
+            StreamSpecError::Partitions(format!(
+                "a partitioned store needs a single subject of the form `<prefix>.>`, got {subjects:?}"
+            ))
+        })?;
+        subjects = vec![layout.captured()];
+        subject_transform = Some(stream::SubjectTransform {
+            source: layout.captured(),
+            destination: layout.destination(),
+        });
     }
     if spec.storage == Storage::Memory && !guardrails.allow_memory_storage {
         return Err(StreamSpecError::Guardrail {
@@ -134,6 +156,7 @@ pub fn stream_config(store: &EventStore) -> Result<Config, StreamSpecError> {
         allow_direct: true,
         // Several events of one append request are stored all or none (the sidecar's event-store API).
         allow_atomic_publish: true,
+        subject_transform,
         ..Config::default()
     })
 }
@@ -159,6 +182,40 @@ mod tests {
         );
         s.metadata.namespace = Some("shop".into());
         s
+    }
+
+    #[test]
+    fn a_partitioned_store_captures_the_aggregate_form_and_stores_the_partition() {
+        let config = stream_config(&store(StreamSpec {
+            partitions: Some(50),
+            ..StreamSpec::default()
+        }))
+        .expect("config");
+        assert_eq!(config.subjects, vec!["shop.users.*.*".to_string()]);
+        let transform = config.subject_transform.expect("transform");
+        assert_eq!(transform.source, "shop.users.*.*");
+        assert_eq!(
+            transform.destination,
+            "shop.users.{{partition(50,1,2)}}.{{wildcard(1)}}.{{wildcard(2)}}"
+        );
+        for subjects in [
+            vec!["a.>".to_string(), "b.>".to_string()],
+            vec!["a.*".to_string()],
+        ] {
+            let err = stream_config(&store(StreamSpec {
+                partitions: Some(4),
+                subjects,
+                ..StreamSpec::default()
+            }))
+            .expect_err("refused");
+            assert!(matches!(err, StreamSpecError::Partitions(_)), "{err}");
+        }
+        let err = stream_config(&store(StreamSpec {
+            partitions: Some(0),
+            ..StreamSpec::default()
+        }))
+        .expect_err("refused");
+        assert!(err.to_string().contains("outside"), "{err}");
     }
 
     #[test]

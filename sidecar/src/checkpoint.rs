@@ -2,12 +2,17 @@
 //! stored in the read model's own database and advanced with a compare-and-set in the same transaction as the
 //! read model. A processor whose idea of the checkpoint is stale (another one committed meanwhile) fails the
 //! compare-and-set and its transaction applies nothing.
+//!
+//! A partition of a partitioned projection keeps its checkpoint in a row of its own (see [`Slot`]) that also names
+//! the partition's owner: the compare-and-set then also requires the owner, so a replica that lost the partition
+//! (another one claimed the row) commits nothing — the claim and the checkpoint are one row, in the apply
+//! transaction.
 
 use sqlx::Row;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
 
-use crate::database::{CHECKPOINTS, Database, Tx, execute};
+use crate::database::{CHECKPOINTS, Database, PARTITIONS, Tx, execute};
 use crate::handler::Bound;
 
 /// Where a projection stands.
@@ -19,7 +24,55 @@ pub struct Checkpoint {
     pub rebuild_token: String,
 }
 
-fn now() -> String {
+/// Where a checkpoint lives.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Slot {
+    /// The row's key: the projection (`<namespace>/<name>`), or a partition (`<namespace>/<name>#<partition>`).
+    pub key: String,
+    /// For a partition: the owner that must hold the row for a commit to count.
+    pub owner: Option<String>,
+}
+
+impl Slot {
+    /// The checkpoint of an unpartitioned projection.
+    pub fn projection(key: &str) -> Self {
+        Self {
+            key: key.to_string(),
+            owner: None,
+        }
+    }
+
+    /// The checkpoint of a partition, held by `owner`.
+    pub fn partition(key: &str, owner: &str) -> Self {
+        Self {
+            key: key.to_string(),
+            owner: Some(owner.to_string()),
+        }
+    }
+
+    fn table(&self) -> &'static str {
+        if self.owner.is_some() {
+            PARTITIONS
+        } else {
+            CHECKPOINTS
+        }
+    }
+
+    /// The row's condition (`projection = ?`, and the owner for a partition) and its values.
+    fn row(&self) -> (&'static str, Vec<Bound>) {
+        let mut values = vec![Bound::Text(self.key.clone())];
+        match &self.owner {
+            Some(owner) => {
+                values.push(Bound::Text(owner.clone()));
+                ("projection = ? AND owner = ?", values)
+            }
+            None => ("projection = ?", values),
+        }
+    }
+}
+
+/// The current time as the checkpoint tables record it.
+pub fn now() -> String {
     OffsetDateTime::now_utc()
         .format(&Rfc3339)
         .unwrap_or_default()
@@ -34,14 +87,15 @@ fn seq(n: u64) -> Bound {
 pub async fn load_or_init(
     db: &Database,
     tx: &mut Tx,
-    projection: &str,
+    slot: &Slot,
     stream: &str,
     token: &str,
 ) -> Result<(Checkpoint, bool), sqlx::Error> {
+    let projection = slot.key.as_str();
     let created = execute(
         tx,
         &db.insert_ignore(
-            CHECKPOINTS,
+            slot.table(),
             "projection, stream, last_sequence, rebuild_token, committed_at",
             "?, ?, 0, ?, ?",
         ),
@@ -55,7 +109,8 @@ pub async fn load_or_init(
     .await?
         == 1;
     let row = sqlx::query(sqlx::AssertSqlSafe(db.sql(&format!(
-        "SELECT last_sequence, rebuild_token FROM {CHECKPOINTS} WHERE projection = ?"
+        "SELECT last_sequence, rebuild_token FROM {} WHERE projection = ?",
+        slot.table()
     ))))
     .bind(projection.to_string())
     .fetch_one(&mut **tx)
@@ -72,19 +127,19 @@ pub async fn load_or_init(
 }
 
 /// The compare-and-set that moves the checkpoint from `from` to `to`: SQL (with `?` placeholders) and values.
-pub fn advance_statement(projection: &str, from: &Checkpoint, to: u64) -> (String, Vec<Bound>) {
+pub fn advance_statement(slot: &Slot, from: &Checkpoint, to: u64) -> (String, Vec<Bound>) {
+    let (row, row_values) = slot.row();
+    let mut values = vec![seq(to), Bound::Text(now())];
+    values.extend(row_values);
+    values.push(seq(from.last_sequence));
+    values.push(Bound::Text(from.rebuild_token.clone()));
     (
         format!(
-            "UPDATE {CHECKPOINTS} SET last_sequence = ?, committed_at = ? \
-             WHERE projection = ? AND last_sequence = ? AND rebuild_token = ?"
+            "UPDATE {} SET last_sequence = ?, committed_at = ? \
+             WHERE {row} AND last_sequence = ? AND rebuild_token = ?",
+            slot.table()
         ),
-        vec![
-            seq(to),
-            Bound::Text(now()),
-            Bound::Text(projection.into()),
-            seq(from.last_sequence),
-            Bound::Text(from.rebuild_token.clone()),
-        ],
+        values,
     )
 }
 
@@ -92,11 +147,11 @@ pub fn advance_statement(projection: &str, from: &Checkpoint, to: u64) -> (Strin
 pub async fn advance(
     db: &Database,
     tx: &mut Tx,
-    projection: &str,
+    slot: &Slot,
     from: &Checkpoint,
     to: u64,
 ) -> Result<bool, sqlx::Error> {
-    let (sql, values) = advance_statement(projection, from, to);
+    let (sql, values) = advance_statement(slot, from, to);
     Ok(execute(tx, &db.sql(&sql), values).await? == 1)
 }
 
@@ -104,25 +159,87 @@ pub async fn advance(
 pub async fn restart(
     db: &Database,
     tx: &mut Tx,
-    projection: &str,
+    slot: &Slot,
     from: &Checkpoint,
     token: &str,
 ) -> Result<bool, sqlx::Error> {
+    let (row, row_values) = slot.row();
     let sql = db.sql(&format!(
-        "UPDATE {CHECKPOINTS} SET last_sequence = 0, rebuild_token = ?, committed_at = ? \
-         WHERE projection = ? AND last_sequence = ? AND rebuild_token = ?"
+        "UPDATE {} SET last_sequence = 0, rebuild_token = ?, committed_at = ? \
+         WHERE {row} AND last_sequence = ? AND rebuild_token = ?",
+        slot.table()
     ));
-    let rows = execute(
+    let mut values = vec![Bound::Text(token.into()), Bound::Text(now())];
+    values.extend(row_values);
+    values.push(seq(from.last_sequence));
+    values.push(Bound::Text(from.rebuild_token.clone()));
+    Ok(execute(tx, &sql, values).await? == 1)
+}
+
+/// Restarts every partition checkpoint of `projection` at 0 under a new rebuild token (the read model was reset for
+/// a rebuild); their owners' next commits fail the compare-and-set and catch up from the start.
+pub async fn restart_partitions(
+    db: &Database,
+    tx: &mut Tx,
+    projection: &str,
+    token: &str,
+) -> Result<u64, sqlx::Error> {
+    let sql = db.sql(&format!(
+        "UPDATE {PARTITIONS} SET last_sequence = 0, rebuild_token = ?, committed_at = ? \
+         WHERE projection > ? AND projection < ?"
+    ));
+    let (low, high) = partition_range(projection);
+    execute(
         tx,
         &sql,
         vec![
             Bound::Text(token.into()),
             Bound::Text(now()),
-            Bound::Text(projection.into()),
-            seq(from.last_sequence),
-            Bound::Text(from.rebuild_token.clone()),
+            Bound::Text(low),
+            Bound::Text(high),
         ],
     )
-    .await?;
-    Ok(rows == 1)
+    .await
+}
+
+/// The key of partition `partition` of `projection`.
+pub fn partition_key(projection: &str, partition: u32) -> String {
+    format!("{projection}#{partition}")
+}
+
+/// Keys strictly between these two are the partitions of `projection` (`#` is followed by `$` in ASCII).
+pub fn partition_range(projection: &str) -> (String, String) {
+    (format!("{projection}#"), format!("{projection}$"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_partition_commits_only_while_it_holds_the_row() {
+        let from = Checkpoint {
+            last_sequence: 7,
+            rebuild_token: "t".into(),
+        };
+        let (sql, values) = advance_statement(&Slot::partition("ns/p#3", "pod-a"), &from, 9);
+        assert!(sql.contains(PARTITIONS), "{sql}");
+        assert!(sql.contains("owner = ?"), "{sql}");
+        assert_eq!(values.len(), 6);
+        assert_eq!(values[3], Bound::Text("pod-a".into()));
+        let (sql, values) = advance_statement(&Slot::projection("ns/p"), &from, 9);
+        assert!(sql.contains(CHECKPOINTS) && !sql.contains("owner"), "{sql}");
+        assert_eq!(values.len(), 5);
+    }
+
+    #[test]
+    fn partition_keys_fall_in_their_projections_range() {
+        let (low, high) = partition_range("ns/p");
+        for p in [0, 7, 1023] {
+            let key = partition_key("ns/p", p);
+            assert!(low < key && key < high, "{key}");
+        }
+        assert!(!(low.as_str() < "ns/p2#1" && "ns/p2#1" < high.as_str()));
+        assert!(!(low.as_str() < "ns/p" && "ns/p" < high.as_str()));
+    }
 }

@@ -10,6 +10,10 @@ use crate::handler::Bound;
 
 /// Name of the checkpoint table.
 pub const CHECKPOINTS: &str = "projectionist_checkpoints";
+/// The checkpoint and owner of each partition of a partitioned projection.
+pub const PARTITIONS: &str = "projectionist_partitions";
+/// The live replicas of partitioned projections, each with the time its lease runs out.
+pub const MEMBERS: &str = "projectionist_members";
 /// Name of the dead-letter table.
 pub const DEAD_LETTERS: &str = "projectionist_dead_letters";
 
@@ -83,6 +87,24 @@ impl Database {
                    last_sequence BIGINT NOT NULL,
                    rebuild_token VARCHAR(255) NOT NULL,
                    committed_at VARCHAR(64) NOT NULL
+                 )"
+            ),
+            format!(
+                "CREATE TABLE IF NOT EXISTS {PARTITIONS} (
+                   projection VARCHAR(255) NOT NULL PRIMARY KEY,
+                   stream VARCHAR(255) NOT NULL,
+                   last_sequence BIGINT NOT NULL,
+                   rebuild_token VARCHAR(255) NOT NULL,
+                   committed_at VARCHAR(64) NOT NULL,
+                   owner VARCHAR(255) NOT NULL DEFAULT ''
+                 )"
+            ),
+            format!(
+                "CREATE TABLE IF NOT EXISTS {MEMBERS} (
+                   projection VARCHAR(255) NOT NULL,
+                   member VARCHAR(255) NOT NULL,
+                   expires_ms BIGINT NOT NULL,
+                   PRIMARY KEY (projection, member)
                  )"
             ),
             format!(

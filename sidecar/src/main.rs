@@ -478,7 +478,8 @@ async fn append_cmd(
         &store.stream_name(),
         &prefix,
         js.client(),
-    );
+    )
+    .with_partitions(store.spec.stream.partitions);
     for (e, sequence, duplicate) in append::append(&target, &parsed, expected_version).await? {
         let note = if duplicate {
             "  (duplicate: already in the stream)"

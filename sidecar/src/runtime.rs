@@ -21,6 +21,7 @@ use tracing::{error, info, warn};
 use crate::admin::{self, AdminState};
 use crate::api;
 use crate::database::Database;
+use crate::engine::partitions::{Coordinator, Parts};
 use crate::engine::report::Report;
 use crate::engine::{Exit, Projector};
 use crate::handler::Handlers;
@@ -197,7 +198,7 @@ async fn connect_nats(
 /// The stores the API serves: those named by StoreConfigs, and those the projections read. One connection per
 /// store; a store whose connection cannot even be set up (a missing credential) is logged and left out.
 async fn api_stores(workload: &Workload) -> BTreeMap<String, Arc<Store>> {
-    let store_of = |c: (&str, &ObjectRef, &NatsConfig, &str, &[String]),
+    let store_of = |c: (&str, &ObjectRef, &NatsConfig, &str, &[String], Option<u32>),
                     nats_url: &Option<String>| StoreLaunch {
         config: StoreConfig {
             api_version: c.0.to_string(),
@@ -206,6 +207,7 @@ async fn api_stores(workload: &Workload) -> BTreeMap<String, Arc<Store>> {
             nats: c.2.clone(),
             stream: c.3.to_string(),
             subjects: c.4.to_vec(),
+            partitions: c.5,
         },
         nats_url: nats_url.clone(),
     };
@@ -219,6 +221,7 @@ async fn api_stores(workload: &Workload) -> BTreeMap<String, Arc<Store>> {
                     &c.nats,
                     &c.stream,
                     &c.store_subjects,
+                    c.partitioning.as_ref().map(|p| p.partitions),
                 ),
                 &l.nats_url,
             )
@@ -233,6 +236,7 @@ async fn api_stores(workload: &Workload) -> BTreeMap<String, Arc<Store>> {
                 &c.nats,
                 &c.stream,
                 &c.store_subjects,
+                c.store_partitions,
             ),
             &l.nats_url,
         )
@@ -255,7 +259,8 @@ async fn api_stores(workload: &Workload) -> BTreeMap<String, Arc<Store>> {
         };
         match connect_nats(&launch.config.nats, launch.nats_url.as_deref()).await {
             Ok(client) => {
-                let store = Store::new(&name, &launch.config.stream, &prefix, client);
+                let store = Store::new(&name, &launch.config.stream, &prefix, client)
+                    .with_partitions(launch.config.partitions);
                 stores.insert(name, Arc::new(store));
             }
             Err(e) => {
@@ -271,26 +276,59 @@ async fn start_projection(
     state: Arc<ProjectionState>,
     metrics: Arc<Metrics>,
     shutdown: watch::Receiver<bool>,
-) -> anyhow::Result<Projector> {
+) -> anyhow::Result<Runner> {
     let config = launch.config;
     let handlers = Handlers::new(&config.handlers, config.database.driver)?;
     let url = match launch.database_url {
         Some(url) => url,
         None => secrets::read(&config.database.url).context("database URL")?,
     };
-    let db = Database::connect_lazy(
-        &url,
-        config.database.driver,
-        config.database.max_connections,
-    )
-    .context("database URL")?;
+    // A partitioned projection's workers each need a connection, and the coordinator one more.
+    let connections = config
+        .partitioning
+        .as_ref()
+        .map_or(config.database.max_connections, |p| {
+            config.database.max_connections.max(p.workers + 1)
+        });
+    let db = Database::connect_lazy(&url, config.database.driver, connections)
+        .context("database URL")?;
     let nats = connect_nats(&config.nats, launch.nats_url.as_deref()).await?;
+    if config.partitioning.is_some() {
+        let parts = Parts {
+            config,
+            handlers,
+            db,
+            url,
+            nats,
+            metrics,
+            state,
+        };
+        return Coordinator::new(parts, shutdown)
+            .map(|c| Runner::Shared(Box::new(c)))
+            .context("the EventStore is partitioned but its subject has no `<prefix>.>` form");
+    }
     let pipeline = Pipeline::new(&url);
     let key = format!("{}/{}", config.projection.namespace, config.projection.name);
     let report = Report::new(&key, metrics, state);
-    Ok(Projector::new(
+    Ok(Runner::One(Box::new(Projector::new(
         config, handlers, db, pipeline, nats, report, shutdown,
-    ))
+    ))))
+}
+
+/// A projection as it runs: alone, or sharing a partitioned store's partitions with its other replicas.
+#[derive(Debug)]
+enum Runner {
+    One(Box<Projector>),
+    Shared(Box<Coordinator>),
+}
+
+impl Runner {
+    async fn run(self) -> Exit {
+        match self {
+            Self::One(projector) => projector.run().await,
+            Self::Shared(coordinator) => coordinator.run().await,
+        }
+    }
 }
 
 fn start_reactor(

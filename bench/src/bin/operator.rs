@@ -100,6 +100,7 @@ fn projection(j: usize, stores: usize) -> Projection {
             on_error: Default::default(),
             rebuild: None,
             pod_selector: None,
+            workers: None,
         },
     );
     p.metadata.namespace = Some(NAMESPACE.into());

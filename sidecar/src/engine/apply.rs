@@ -19,7 +19,7 @@ use super::plan::{self, Plan};
 use super::policy::{Decision, Fault, Policy};
 use super::report::{Counts, Report};
 use super::source::{Incoming, Transient};
-use crate::checkpoint::{self, Checkpoint};
+use crate::checkpoint::{self, Checkpoint, Slot};
 use crate::database::{self, Database, ErrorClass, Tx, classify};
 use crate::dead_letter::{self, DeadLetter};
 use crate::event::{DecodeError, Event};
@@ -71,6 +71,7 @@ pub struct Apply {
     pipeline: Option<Pipeline>,
     mergeable: HashMap<String, Mergeable>,
     key: String,
+    slot: Slot,
 }
 
 /// One statement failure.
@@ -80,8 +81,15 @@ enum StepError {
 }
 
 impl Apply {
-    /// Applies `handlers` to `db` for projection `key`; `pipeline` is the PostgreSQL fast path, if usable.
-    pub fn new(db: Database, handlers: Handlers, pipeline: Option<Pipeline>, key: &str) -> Self {
+    /// Applies `handlers` to `db` for projection `key` (dead letters are recorded under it), moving the checkpoint in
+    /// `slot`; `pipeline` is the PostgreSQL fast path, if usable.
+    pub fn new(
+        db: Database,
+        handlers: Handlers,
+        pipeline: Option<Pipeline>,
+        key: &str,
+        slot: Slot,
+    ) -> Self {
         let pipeline = pipeline.filter(|_| db.driver == Driver::Postgres);
         let mergeable = plan::mergeable(&handlers, db.driver);
         Self {
@@ -90,7 +98,14 @@ impl Apply {
             pipeline,
             mergeable,
             key: key.to_string(),
+            slot,
         }
+    }
+
+    /// Swaps the fast-path connection (a partition borrows one from its worker's turn).
+    pub fn swap_pipeline(&mut self, pipeline: Option<Pipeline>) -> Option<Pipeline> {
+        let pipeline = pipeline.filter(|_| self.db.driver == Driver::Postgres);
+        std::mem::replace(&mut self.pipeline, pipeline)
     }
 
     /// The read model's database.
@@ -109,7 +124,7 @@ impl Apply {
         if let Some(pipeline) = self.pipeline.as_mut() {
             let plan =
                 plan::plan(events, &self.handlers, &self.mergeable).map_err(|e| at_fault(&e))?;
-            return pipelined(pipeline, &self.db, &self.key, from, plan, upto).await;
+            return pipelined(pipeline, &self.db, &self.slot, from, plan, upto).await;
         }
         let plan = plan::plan(events, &self.handlers, &self.mergeable).map_err(|e| at_fault(&e))?;
         let db_failure = |e: sqlx::Error| match classify(&e) {
@@ -141,7 +156,7 @@ impl Apply {
         counts: Counts,
         dead: Vec<DeadLetter>,
     ) -> Result<Outcome, sqlx::Error> {
-        if !checkpoint::advance(&self.db, &mut tx, &self.key, from, upto).await? {
+        if !checkpoint::advance(&self.db, &mut tx, &self.slot, from, upto).await? {
             tx.rollback().await?;
             return Ok(Outcome::Fenced);
         }
@@ -311,7 +326,7 @@ impl Apply {
 async fn pipelined(
     pipeline: &mut Pipeline,
     db: &Database,
-    key: &str,
+    slot: &Slot,
     from: &Checkpoint,
     plan: Plan<'_>,
     upto: u64,
@@ -327,7 +342,7 @@ async fn pipelined(
         .map(String::as_str)
         .zip(plan.steps.into_iter().map(plan::Step::into_values))
         .collect();
-    let (cas_sql, cas_values) = checkpoint::advance_statement(key, from, upto);
+    let (cas_sql, cas_values) = checkpoint::advance_statement(slot, from, upto);
     let cas_sql = db.sql(&cas_sql);
     match pipeline.run(&steps, (&cas_sql, cas_values)).await {
         Ok(pipeline::Outcome::Committed) => Ok(Outcome::Committed(Committed {

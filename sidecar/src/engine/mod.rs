@@ -18,6 +18,8 @@
 //!   recorded halts the projection with the reason on `/readyz`, in metrics and in the log.
 
 pub mod apply;
+pub mod gate;
+pub mod partitions;
 pub mod plan;
 pub mod policy;
 pub mod prepare;
@@ -32,13 +34,14 @@ use projectionist_crds::sidecar_config::SidecarConfig;
 use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
 
-use crate::checkpoint::Checkpoint;
+use crate::checkpoint::{Checkpoint, Slot};
 use crate::database::{Database, ErrorClass, classify};
 use crate::dead_letter;
 use crate::event::{self, Event};
 use crate::handler::Handlers;
 use crate::pipeline::Pipeline;
 use apply::{Apply, BatchFailure, Committed, Outcome};
+use gate::Gate;
 use policy::{Backoff, Policy};
 use report::Report;
 use source::{Acks, Source, Transient};
@@ -50,6 +53,8 @@ pub enum Exit {
     Shutdown,
     /// Stopped at an event under the `halt` policy (or a read model that cannot be created).
     Halted(String),
+    /// A partition's commit was fenced: another replica owns it now, or a rebuild restarted it.
+    Lost,
 }
 
 /// What the loop does after a batch.
@@ -78,6 +83,12 @@ pub struct Projector {
     checkpoint: Checkpoint,
     /// Retry delays for transient failures.
     backoff: Backoff,
+    /// Where the checkpoint lives.
+    slot: Slot,
+    /// For a partition: the stored subjects it reads (the stream is read directly, from the checkpoint on).
+    partition: Option<Vec<String>>,
+    /// For a partition: the turns of the projection's workers.
+    gate: Option<Gate>,
 }
 
 impl Projector {
@@ -103,7 +114,10 @@ impl Projector {
             report.clone(),
         );
         Self {
-            apply: Apply::new(db, handlers, pipeline, &key),
+            apply: Apply::new(db, handlers, pipeline, &key, Slot::projection(&key)),
+            slot: Slot::projection(&key),
+            partition: None,
+            gate: None,
             policy: Policy::new(&config.on_error),
             backoff: Backoff::new(config.on_error.backoff_initial, config.on_error.backoff_max),
             source,
@@ -116,6 +130,24 @@ impl Projector {
             },
             config,
         }
+    }
+
+    /// A projector of one partition: `slot` holds its checkpoint (owned by this replica), `filters` are the stored
+    /// subjects it reads. `projection` is the projection's key, under which dead letters are recorded.
+    pub fn partition(
+        mut self,
+        projection: &str,
+        slot: Slot,
+        filters: Vec<String>,
+        handlers: Handlers,
+        gate: Gate,
+    ) -> Self {
+        let db = self.apply.db().clone();
+        self.apply = Apply::new(db, handlers, None, projection, slot.clone());
+        self.slot = slot;
+        self.partition = Some(filters);
+        self.gate = Some(gate);
+        self
     }
 
     fn stopping(&self) -> bool {
@@ -181,11 +213,19 @@ impl Projector {
     async fn prepare(&mut self) -> Option<Exit> {
         let mut permanent_failures = 0;
         loop {
-            match prepare::prepare(self.apply.db(), &self.config, self.report.key()).await {
+            let prepared = match &self.partition {
+                Some(_) => {
+                    prepare::prepare_partition(self.apply.db(), &self.config, &self.slot).await
+                }
+                None => {
+                    prepare::prepare(self.apply.db(), &self.config, self.report.key(), false).await
+                }
+            };
+            match prepared {
                 Ok(prepared) => {
                     self.backoff.reset();
                     self.checkpoint = prepared.checkpoint;
-                    if prepared.rebuilding {
+                    if prepared.rebuilding && self.partition.is_none() {
                         self.report.rebuild_started();
                     }
                     self.report.checkpoint(self.checkpoint.last_sequence);
@@ -222,7 +262,7 @@ impl Projector {
     /// after it must then be read again from the stream, since the consumer has moved past them.
     async fn reload_checkpoint(&mut self) -> Result<bool, sqlx::Error> {
         let token = self.checkpoint.rebuild_token.clone();
-        let cp = prepare::reload(self.apply.db(), &self.config, self.report.key(), &token).await?;
+        let cp = prepare::reload(self.apply.db(), &self.config, &self.slot, &token).await?;
         let went_back =
             cp.last_sequence < self.checkpoint.last_sequence || cp.rebuild_token != token;
         if went_back {
@@ -239,8 +279,18 @@ impl Projector {
     }
 
     /// Catches up from the stream, then consumes the durable consumer until shutdown, a halt, or an interruption.
+    /// A partition reads the stream from its checkpoint on.
     async fn consume(&mut self) -> Result<Exit, Transient> {
         self.report.waiting(Some("connecting to NATS".into()));
+        if let Some(filters) = &self.partition {
+            self.report.filters(filters.clone());
+            let live = self
+                .source
+                .tail(self.checkpoint.last_sequence, filters)
+                .await?
+                .read_ahead();
+            return self.consume_live(live).await;
+        }
         let opened = self.source.open().await?;
         self.report.filters(opened.filters());
 
@@ -273,7 +323,12 @@ impl Projector {
                 .await;
         }
 
-        let mut live = self.source.subscribe(opened).await?.read_ahead();
+        let live = self.source.subscribe(opened).await?.read_ahead();
+        self.consume_live(live).await
+    }
+
+    /// Applies what `live` delivers until shutdown, a halt, or an interruption.
+    async fn consume_live(&mut self, mut live: source::ReadAhead) -> Result<Exit, Transient> {
         self.report.waiting(None);
         self.backoff.reset();
         info!(projection = %self.report.key(), checkpoint = self.checkpoint.last_sequence, "consuming");
@@ -333,7 +388,19 @@ impl Projector {
             } else {
                 source::decode(batch)
             };
-            match self.apply_batch(&items, events).await {
+            let turn = match &self.gate {
+                Some(gate) => {
+                    let mut turn = gate.turn().await;
+                    self.apply.swap_pipeline(turn.pipeline.take());
+                    Some(turn)
+                }
+                None => None,
+            };
+            let applied = self.apply_batch(&items, events).await;
+            if let Some(mut turn) = turn {
+                turn.pipeline = self.apply.swap_pipeline(None);
+            }
+            match applied {
                 Ok(Some(Outcome::Committed(committed))) => {
                     self.backoff.reset();
                     let upto = committed.upto;
@@ -353,6 +420,12 @@ impl Projector {
                         acks.committed(&sequenced, upto).await;
                     }
                     return Flow::Exit(Exit::Halted(reason));
+                }
+                Ok(Some(Outcome::Fenced)) if self.partition.is_some() => {
+                    // The partition has another owner now (or was rebuilt): its coordinator decides what next.
+                    warn!(projection = %self.report.key(), "the partition's row moved on without this replica; stopping here");
+                    self.report.error("fenced");
+                    return Flow::Exit(Exit::Lost);
                 }
                 Ok(Some(Outcome::Fenced)) => {
                     warn!(projection = %self.report.key(), "checkpoint moved by another processor; re-reading it");

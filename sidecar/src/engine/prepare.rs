@@ -1,11 +1,15 @@
 //! Before a projection consumes: the sidecar's tables and the read model's schema, the checkpoint (created at 0 for
 //! a new read model), and a pending rebuild (a rebuild token that differs from the checkpoint's: the reset
 //! statements and the checkpoint's restart at 0 commit together).
+//!
+//! A partitioned projection is prepared once per replica at the projection's level (schema, rebuild: the reset and
+//! the restart of every partition's checkpoint commit together); each partition it then owns only reads its own
+//! checkpoint ([`prepare_partition`]).
 
 use projectionist_crds::sidecar_config::SidecarConfig;
 use tracing::info;
 
-use crate::checkpoint::{self, Checkpoint};
+use crate::checkpoint::{self, Checkpoint, Slot};
 use crate::database::{self, Database};
 
 /// Where a prepared projection starts.
@@ -35,18 +39,21 @@ async fn run_schema(db: &Database, config: &SidecarConfig) -> Result<(), sqlx::E
     db.migrate().await
 }
 
-/// Creates the tables, reads the checkpoint and performs a pending rebuild.
+/// Creates the tables, reads the checkpoint and performs a pending rebuild. `partitioned`: the projection's
+/// partitions restart with a rebuild too.
 pub async fn prepare(
     db: &Database,
     config: &SidecarConfig,
     key: &str,
+    partitioned: bool,
 ) -> Result<Prepared, sqlx::Error> {
     run_schema(db, config).await?;
     let token = rebuild_token(config);
+    let slot = Slot::projection(key);
     loop {
         let mut tx = db.begin().await?;
         let (current, created) =
-            checkpoint::load_or_init(db, &mut tx, key, &config.stream, &token).await?;
+            checkpoint::load_or_init(db, &mut tx, &slot, &config.stream, &token).await?;
         if created || current.rebuild_token == token {
             tx.commit().await?;
             return Ok(Prepared {
@@ -58,10 +65,13 @@ pub async fn prepare(
         for statement in config.rebuild.iter().flat_map(|r| r.reset.iter()) {
             database::execute_plain(&mut tx, statement).await?;
         }
-        if !checkpoint::restart(db, &mut tx, key, &current, &token).await? {
+        if !checkpoint::restart(db, &mut tx, &slot, &current, &token).await? {
             // Another processor rebuilt concurrently; read again.
             tx.rollback().await?;
             continue;
+        }
+        if partitioned {
+            checkpoint::restart_partitions(db, &mut tx, key, &token).await?;
         }
         tx.commit().await?;
         run_schema(db, config).await?;
@@ -75,15 +85,43 @@ pub async fn prepare(
     }
 }
 
+/// Reads a partition's checkpoint. One left under another rebuild token (its row was missed by the rebuild's
+/// restart) starts again at 0: the projection-level preparation already reset the read model.
+pub async fn prepare_partition(
+    db: &Database,
+    config: &SidecarConfig,
+    slot: &Slot,
+) -> Result<Prepared, sqlx::Error> {
+    let token = rebuild_token(config);
+    let mut tx = db.begin().await?;
+    let (current, _) = checkpoint::load_or_init(db, &mut tx, slot, &config.stream, &token).await?;
+    if current.rebuild_token == token {
+        tx.commit().await?;
+        return Ok(Prepared {
+            checkpoint: current,
+            rebuilding: false,
+        });
+    }
+    checkpoint::restart(db, &mut tx, slot, &current, &token).await?;
+    tx.commit().await?;
+    Ok(Prepared {
+        checkpoint: Checkpoint {
+            last_sequence: 0,
+            rebuild_token: token,
+        },
+        rebuilding: true,
+    })
+}
+
 /// Reads the checkpoint again.
 pub async fn reload(
     db: &Database,
     config: &SidecarConfig,
-    key: &str,
+    slot: &Slot,
     token: &str,
 ) -> Result<Checkpoint, sqlx::Error> {
     let mut tx = db.begin().await?;
-    let (cp, _) = checkpoint::load_or_init(db, &mut tx, key, &config.stream, token).await?;
+    let (cp, _) = checkpoint::load_or_init(db, &mut tx, slot, &config.stream, token).await?;
     tx.commit().await?;
     Ok(cp)
 }

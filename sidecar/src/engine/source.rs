@@ -291,10 +291,58 @@ impl Source {
             .heartbeat(Duration::from_secs(2))
             .messages()
             .await
-            .map_err(|e| Transient(format!("subscribing: {e}")))?;
+            .map_err(|e| Transient(format!("subscribing: {e}")))?
+            .map(|m| m.map_err(|e| e.to_string()))
+            .boxed();
         Ok(Live {
             messages,
             acks,
+            max_events: self.max_events,
+            max_wait: self.max_wait,
+            shutdown: self.shutdown.clone(),
+            report: self.report.clone(),
+        })
+    }
+}
+
+impl Source {
+    /// Reads the stream itself after `after` with an ordered consumer on `filters` — how the owner of a partition
+    /// reads it: nothing is shared with another replica (a stale owner takes no message from the new one), and the
+    /// checkpoint in the database is the only position. Nothing is acknowledged.
+    pub async fn tail(&self, after: u64, filters: &[String]) -> Result<Live, Transient> {
+        let stream = self
+            .js
+            .get_stream(&self.stream)
+            .await
+            .map_err(|e| Transient(format!("stream: {e}")))?;
+        let (filter_subject, filter_subjects) = match filters {
+            [one] => (one.clone(), Vec::new()),
+            _ => (String::new(), filters.to_vec()),
+        };
+        let messages = stream
+            .create_consumer(pull::OrderedConfig {
+                deliver_policy: if after == 0 {
+                    DeliverPolicy::All
+                } else {
+                    DeliverPolicy::ByStartSequence {
+                        start_sequence: after + 1,
+                    }
+                },
+                filter_subject,
+                filter_subjects,
+                max_batch: i64::try_from(self.max_events).unwrap_or(500),
+                ..Default::default()
+            })
+            .await
+            .map_err(|e| Transient(format!("partition consumer: {e}")))?
+            .messages()
+            .await
+            .map_err(|e| Transient(format!("partition consumer: {e}")))?
+            .map(|m| m.map_err(|e| e.to_string()))
+            .boxed();
+        Ok(Live {
+            messages,
+            acks: Acks::None,
             max_events: self.max_events,
             max_wait: self.max_wait,
             shutdown: self.shutdown.clone(),
@@ -404,9 +452,9 @@ impl Drop for ReadAhead {
     }
 }
 
-/// The durable consumer, pulled.
+/// The durable consumer pulled, or (a partition) an ordered consumer on the stream.
 pub struct Live {
-    messages: pull::Stream,
+    messages: futures::stream::BoxStream<'static, Result<Message, String>>,
     acks: Acks,
     max_events: usize,
     max_wait: Duration,

@@ -349,8 +349,15 @@ impl Reactor {
         d.lanes.push(&aggregate, seq);
     }
 
-    /// The aggregate of a subject: what follows the store's prefix.
+    /// The aggregate of a subject: what follows the store's prefix (and, on a partitioned store, the partition).
     fn aggregate_of(&self, subject: &str) -> String {
+        if let Some(partitions) = self.config.store_partitions
+            && let Some(aggregate) =
+                projectionist_crds::partition::Layout::new(&self.prefix, partitions)
+                    .aggregate_of(subject)
+        {
+            return aggregate.to_string();
+        }
         subject
             .strip_prefix(&self.prefix)
             .and_then(|s| s.strip_prefix('.'))

@@ -14,6 +14,7 @@ use async_nats::jetstream;
 use async_nats::{HeaderMap, client::RequestErrorKind};
 use bytes::Bytes;
 use futures::StreamExt;
+use projectionist_crds::partition::Layout;
 use serde::Deserialize;
 
 mod event;
@@ -51,6 +52,8 @@ pub struct Store {
     client: async_nats::Client,
     /// JetStream on that connection.
     js: jetstream::Context,
+    /// A partitioned store's layout: events are stored under `<prefix>.<partition>.<type>.<id>`.
+    layout: Option<Layout>,
 }
 
 /// What an append expects of the aggregate.
@@ -145,12 +148,28 @@ impl Store {
             prefix: prefix.to_string(),
             js: jetstream::new(client.clone()),
             client,
+            layout: None,
         }
     }
 
-    /// The NATS subject of an aggregate.
+    /// The same store, partitioned into `partitions` (`None`: not partitioned).
+    pub fn with_partitions(mut self, partitions: Option<u32>) -> Self {
+        self.layout = partitions.map(|p| Layout::new(&self.prefix, p));
+        self
+    }
+
+    /// The NATS subject an aggregate's events are published to.
     pub fn subject(&self, aggregate: &Aggregate) -> String {
         format!("{}.{}", self.prefix, aggregate.key())
+    }
+
+    /// The subject an aggregate's events are stored under: the published one, or on a partitioned store
+    /// `<prefix>.<partition>.<type>.<id>`.
+    pub fn stored_subject(&self, aggregate: &Aggregate) -> String {
+        match &self.layout {
+            Some(layout) => layout.stored(&aggregate.type_, &aggregate.id),
+            None => self.subject(aggregate),
+        }
     }
 
     /// The store's NATS connection.
@@ -435,7 +454,7 @@ impl Store {
             .get_raw_message(sequence)
             .await
             .map_err(|e| AppendError::Unavailable(e.to_string()))?;
-        if original.subject.as_str() != self.subject(aggregate) {
+        if original.subject.as_str() != self.stored_subject(aggregate) {
             return Err(AppendError::IdReused(format!(
                 "event id {:?} was already used for an event of another aggregate ({}); give every new event a \
                  new id",

@@ -29,7 +29,7 @@ impl Store {
             .await
             .map_err(|e| ReadError::Unavailable(format!("stream {}: {e}", self.stream)))?;
         match stream
-            .get_last_raw_message_by_subject(&self.subject(aggregate))
+            .get_last_raw_message_by_subject(&self.stored_subject(aggregate))
             .await
         {
             Ok(m) => Ok(m.sequence),
@@ -71,7 +71,7 @@ impl Store {
             .map_err(|e| ReadError::Unavailable(e.to_string()))?;
         let reader = stream
             .create_consumer(consumer::pull::OrderedConfig {
-                filter_subject: self.subject(aggregate),
+                filter_subject: self.stored_subject(aggregate),
                 deliver_policy: consumer::DeliverPolicy::ByStartSequence {
                     start_sequence: after + 1,
                 },

@@ -110,6 +110,7 @@ pub fn ledger(
             },
             rebuild: None,
             pod_selector: None,
+            workers: None,
         },
     );
     projection.metadata.namespace = Some("test".into());
@@ -474,7 +475,10 @@ pub fn spawn_sidecar(
             .arg(format!("127.0.0.1:{admin_port}"))
             .env("PROJECTIONIST_API_ADDR", "127.0.0.1:0")
             .env(db_env, db_url)
-            .env("RUST_LOG", "warn")
+            .env(
+                "RUST_LOG",
+                std::env::var("SIDECAR_LOG").unwrap_or_else(|_| "warn".into()),
+            )
             .env("PROJECTIONIST_RELOAD_INTERVAL", "500ms")
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -1,0 +1,635 @@
+//! A partitioned projection: the live replicas share the store's partitions, each partition owned by one replica at
+//! a time, each replica owning a fair share (±1).
+//!
+//! Everything lives in the read model's database, next to the read model:
+//! - `projectionist_members`: each replica renews a lease (half the projection's `ackWait`) every few seconds; a
+//!   replica whose lease ran out is dead.
+//! - `projectionist_partitions`: one row per partition with its checkpoint *and its owner*. A replica claims a row
+//!   by a compare-and-set on the owner it saw (free, or a dead replica); every commit of a partition's batch moves
+//!   the checkpoint with a compare-and-set that also requires the owner ([`crate::checkpoint::Slot`]), so a replica
+//!   that lost a partition — released it, or was declared dead while it still ran — can never commit to it.
+//!
+//! Each round the coordinator renews its lease, reads who is alive and who owns what, and [`rebalance`]s: above its
+//! share it stops and releases its highest partitions, below it claims free or orphaned ones. A partition it owns
+//! runs as an ordinary [`Projector`] reading that partition's subjects from its checkpoint; at most `workers` of
+//! them apply a batch at once ([`Gate`]).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use projectionist_crds::partition::{Layout, quota};
+use projectionist_crds::sidecar_config::SidecarConfig;
+use sqlx::Row;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+
+use super::gate::Gate;
+use super::prepare;
+use super::report::Report;
+use super::{Exit, Projector};
+use crate::checkpoint::{self, Slot, partition_key, partition_range};
+use crate::database::{Database, MEMBERS, PARTITIONS, execute};
+use crate::handler::{Bound, Handlers};
+use crate::pipeline::Pipeline;
+use crate::status::{Metrics, ProjectionState};
+
+/// Who owns what, as one replica sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct View {
+    /// This replica.
+    pub me: String,
+    /// The live replicas (this one included), sorted.
+    pub live: Vec<String>,
+    /// Each partition's owner (`""`: none).
+    pub owners: BTreeMap<u32, String>,
+}
+
+/// What one replica does in a round.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Moves {
+    /// Partitions to stop and release.
+    pub release: Vec<u32>,
+    /// Partitions to claim, with the owner seen (the claim's compare-and-set).
+    pub claim: Vec<(u32, String)>,
+}
+
+/// This replica's moves towards its fair share: above it, release the highest partitions; below it, claim free
+/// partitions and those of replicas no longer alive, lowest first.
+pub fn rebalance(view: &View, total: u32) -> Moves {
+    let rank = view
+        .live
+        .iter()
+        .position(|m| *m == view.me)
+        .unwrap_or(view.live.len());
+    let members = view.live.len().max(rank + 1);
+    let share = usize::try_from(quota(total, members, rank)).unwrap_or(usize::MAX);
+    let mine: Vec<u32> = view
+        .owners
+        .iter()
+        .filter(|(_, o)| **o == view.me)
+        .map(|(p, _)| *p)
+        .collect();
+    let mut moves = Moves::default();
+    if mine.len() > share {
+        moves.release = mine[share..].iter().rev().copied().collect();
+        moves.release.sort_unstable();
+    } else if mine.len() < share {
+        let live: BTreeSet<&str> = view.live.iter().map(String::as_str).collect();
+        let mut orphans: Vec<(u32, String)> = view
+            .owners
+            .iter()
+            .filter(|(_, o)| o.is_empty() || !live.contains(o.as_str()))
+            .map(|(p, o)| (*p, o.clone()))
+            .collect();
+        // Free partitions before those of replicas that may only be slow.
+        orphans.sort_by_key(|(p, o)| (!o.is_empty(), *p));
+        moves.claim = orphans.into_iter().take(share - mine.len()).collect();
+    }
+    moves
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or_default()
+}
+
+/// The membership and ownership tables of one projection.
+#[derive(Debug, Clone)]
+struct Tables {
+    db: Database,
+    projection: String,
+    stream: String,
+}
+
+impl Tables {
+    async fn run(&self, sql: &str, values: Vec<Bound>) -> Result<u64, sqlx::Error> {
+        let mut tx = self.db.begin().await?;
+        let n = execute(&mut tx, &self.db.sql(sql), values).await?;
+        tx.commit().await?;
+        Ok(n)
+    }
+
+    /// Creates the partitions' rows (free, at 0, under `token`) where missing.
+    async fn ensure(&self, total: u32, token: &str) -> Result<(), sqlx::Error> {
+        let mut tx = self.db.begin().await?;
+        for p in 0..total {
+            execute(
+                &mut tx,
+                &self.db.insert_ignore(
+                    PARTITIONS,
+                    "projection, stream, last_sequence, rebuild_token, committed_at, owner",
+                    "?, ?, 0, ?, ?, ''",
+                ),
+                vec![
+                    Bound::Text(partition_key(&self.projection, p)),
+                    Bound::Text(self.stream.clone()),
+                    Bound::Text(token.into()),
+                    Bound::Text(checkpoint::now()),
+                ],
+            )
+            .await?;
+        }
+        tx.commit().await
+    }
+
+    /// Renews `member`'s lease for `lease`.
+    async fn renew(&self, member: &str, lease: Duration) -> Result<(), sqlx::Error> {
+        let expires = now_ms() + i64::try_from(lease.as_millis()).unwrap_or(i64::MAX / 2);
+        let key = || {
+            vec![
+                Bound::Int(expires),
+                Bound::Text(self.projection.clone()),
+                Bound::Text(member.into()),
+            ]
+        };
+        let updated = self
+            .run(
+                &format!("UPDATE {MEMBERS} SET expires_ms = ? WHERE projection = ? AND member = ?"),
+                key(),
+            )
+            .await?;
+        if updated == 0 {
+            let mut tx = self.db.begin().await?;
+            execute(
+                &mut tx,
+                &self
+                    .db
+                    .insert_ignore(MEMBERS, "expires_ms, projection, member", "?, ?, ?"),
+                key(),
+            )
+            .await?;
+            tx.commit().await?;
+        }
+        Ok(())
+    }
+
+    /// Ends `member`'s lease (a clean shutdown: the others take over at once).
+    async fn leave(&self, member: &str) -> Result<(), sqlx::Error> {
+        self.run(
+            &format!("DELETE FROM {MEMBERS} WHERE projection = ? AND member = ?"),
+            vec![
+                Bound::Text(self.projection.clone()),
+                Bound::Text(member.into()),
+            ],
+        )
+        .await
+        .map(|_| ())
+    }
+
+    /// Who is alive and who owns what.
+    async fn view(&self, me: &str, total: u32) -> Result<View, sqlx::Error> {
+        let members = sqlx::query(sqlx::AssertSqlSafe(self.db.sql(&format!(
+            "SELECT member FROM {MEMBERS} WHERE projection = ? AND expires_ms > ?"
+        ))))
+        .bind(self.projection.clone())
+        .bind(now_ms())
+        .fetch_all(&self.db.pool)
+        .await?;
+        let mut live: BTreeSet<String> = members
+            .iter()
+            .filter_map(|r| r.try_get::<String, _>(0).ok())
+            .collect();
+        live.insert(me.to_string());
+        let (low, high) = partition_range(&self.projection);
+        let rows = sqlx::query(sqlx::AssertSqlSafe(self.db.sql(&format!(
+            "SELECT projection, owner FROM {PARTITIONS} WHERE projection > ? AND projection < ?"
+        ))))
+        .bind(low)
+        .bind(high)
+        .fetch_all(&self.db.pool)
+        .await?;
+        let owners = rows
+            .iter()
+            .filter_map(|r| {
+                let key: String = r.try_get(0).ok()?;
+                let owner: String = r.try_get(1).ok()?;
+                let p: u32 = key.rsplit('#').next()?.parse().ok()?;
+                (p < total).then_some((p, owner))
+            })
+            .collect();
+        Ok(View {
+            me: me.to_string(),
+            live: live.into_iter().collect(),
+            owners,
+        })
+    }
+
+    /// Moves partition `p` from `seen` to `to`; `false` when someone else moved it first.
+    async fn hand_over(&self, p: u32, seen: &str, to: &str) -> Result<bool, sqlx::Error> {
+        self.run(
+            &format!("UPDATE {PARTITIONS} SET owner = ? WHERE projection = ? AND owner = ?"),
+            vec![
+                Bound::Text(to.into()),
+                Bound::Text(partition_key(&self.projection, p)),
+                Bound::Text(seen.into()),
+            ],
+        )
+        .await
+        .map(|n| n == 1)
+    }
+}
+
+/// What a coordinator needs to run the partitions it owns.
+#[derive(Debug)]
+pub struct Parts {
+    /// The projection's config.
+    pub config: SidecarConfig,
+    /// Its handlers.
+    pub handlers: Handlers,
+    /// The read model's database.
+    pub db: Database,
+    /// The database URL (for the fast-path connections).
+    pub url: String,
+    /// NATS.
+    pub nats: async_nats::Client,
+    /// Metrics.
+    pub metrics: Arc<Metrics>,
+    /// The projection's state (`/readyz`, the `wait` endpoint).
+    pub state: Arc<ProjectionState>,
+}
+
+struct Running {
+    stop: watch::Sender<bool>,
+    task: JoinHandle<Exit>,
+    state: Arc<ProjectionState>,
+}
+
+/// Runs this replica's share of a partitioned projection.
+pub struct Coordinator {
+    parts: Parts,
+    key: String,
+    me: String,
+    layout: Layout,
+    tables: Tables,
+    gate: Gate,
+    running: BTreeMap<u32, Running>,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl std::fmt::Debug for Coordinator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Coordinator")
+            .field("key", &self.key)
+            .field("me", &self.me)
+            .field("owned", &self.running.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+/// A name for this replica: the pod's (or host's) name and a random suffix, so a restarted pod is a new member.
+pub fn member_name() -> String {
+    let host = std::env::var("POD_NAME")
+        .or_else(|_| std::env::var("HOSTNAME"))
+        .unwrap_or_else(|_| "sidecar".into());
+    format!("{host}-{:08x}", rand_suffix())
+}
+
+fn rand_suffix() -> u32 {
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or_default();
+    nanos ^ std::process::id().rotate_left(16)
+}
+
+impl Coordinator {
+    /// The coordinator of `parts`, a projection on a store of `layout`. `None` when the config is not partitioned.
+    pub fn new(parts: Parts, shutdown: watch::Receiver<bool>) -> Option<Self> {
+        let partitioning = parts.config.partitioning.clone()?;
+        let prefix = crate::store::subject_prefix(&parts.config.store_subjects)?;
+        let key = format!(
+            "{}/{}",
+            parts.config.projection.namespace, parts.config.projection.name
+        );
+        let url = parts.url.clone();
+        let gate = Gate::new(partitioning.workers, || Pipeline::new(&url));
+        let tables = Tables {
+            db: parts.db.clone(),
+            projection: key.clone(),
+            stream: parts.config.stream.clone(),
+        };
+        Some(Self {
+            layout: Layout::new(&prefix, partitioning.partitions),
+            me: member_name(),
+            key,
+            tables,
+            gate,
+            running: BTreeMap::new(),
+            parts,
+            shutdown,
+        })
+    }
+
+    fn stopping(&self) -> bool {
+        *self.shutdown.borrow()
+    }
+
+    /// How often a replica renews its lease and rebalances, and how long a lease lasts.
+    fn timing(&self) -> (Duration, Duration) {
+        let lease = (self.parts.config.ack_wait / 2).max(Duration::from_secs(1));
+        (lease / 3, lease)
+    }
+
+    /// The stored subjects partition `p` reads.
+    fn filters(&self, p: u32) -> Vec<String> {
+        let filters = self
+            .parts
+            .config
+            .partitioning
+            .as_ref()
+            .map(|c| c.filters.clone())
+            .unwrap_or_default();
+        if filters.is_empty() {
+            return vec![format!("{}.{p}.>", self.layout.prefix)];
+        }
+        filters
+            .iter()
+            .filter_map(|f| self.layout.stored_filter(f, Some(p)))
+            .collect()
+    }
+
+    /// Runs until shutdown.
+    pub async fn run(mut self) -> Exit {
+        let state = self.parts.state.clone();
+        state.set_waiting(Some("preparing the read model".into()));
+        if let Some(exit) = self.prepare().await {
+            return exit;
+        }
+        info!(projection = %self.key, member = %self.me, partitions = self.layout.partitions, "sharing the partitions");
+        let (tick, lease) = self.timing();
+        // The lease is renewed on a task of its own, so a long round (partitions finishing their batches) never lets
+        // it lapse.
+        let renewal = {
+            let (tables, me, mut shutdown) =
+                (self.tables.clone(), self.me.clone(), self.shutdown.clone());
+            tokio::spawn(async move {
+                while !*shutdown.borrow() {
+                    if let Err(e) = tables.renew(&me, lease).await {
+                        warn!(projection = %tables.projection, error = %e, "cannot renew the lease");
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(tick) => {}
+                        _ = shutdown.changed() => {}
+                    }
+                }
+            })
+        };
+        while !self.stopping() {
+            state.beat();
+            if let Err(e) = self.round().await {
+                warn!(projection = %self.key, error = %e, "cannot rebalance the partitions; retrying");
+                state.set_waiting(Some(format!("database: {e}")));
+            }
+            self.summarize();
+            let mut shutdown = self.shutdown.clone();
+            tokio::select! {
+                _ = tokio::time::sleep(tick) => {}
+                _ = shutdown.changed() => {}
+            }
+        }
+        renewal.abort();
+        let owned: Vec<u32> = self.running.keys().copied().collect();
+        self.stop_all(&owned).await;
+        for p in owned {
+            let _ = self.tables.hand_over(p, &self.me, "").await;
+        }
+        let _ = self.tables.leave(&self.me).await;
+        Exit::Shutdown
+    }
+
+    /// The projection-level preparation (schema, a rebuild), then the partitions' rows.
+    async fn prepare(&mut self) -> Option<Exit> {
+        let mut delay = Duration::from_millis(200);
+        loop {
+            let prepared = async {
+                prepare::prepare(&self.parts.db, &self.parts.config, &self.key, true).await?;
+                self.tables
+                    .ensure(
+                        self.layout.partitions,
+                        &prepare::rebuild_token(&self.parts.config),
+                    )
+                    .await
+            }
+            .await;
+            match prepared {
+                Ok(()) => return None,
+                Err(e) => {
+                    warn!(projection = %self.key, error = %e, "database not ready; retrying");
+                    self.parts.state.set_waiting(Some(format!("database: {e}")));
+                }
+            }
+            let mut shutdown = self.shutdown.clone();
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = shutdown.changed() => {}
+            }
+            if self.stopping() {
+                return Some(Exit::Shutdown);
+            }
+            delay = (delay * 2).min(Duration::from_secs(10));
+        }
+    }
+
+    /// One round: renew the lease, stop what was lost, release above the share, claim below it.
+    async fn round(&mut self) -> Result<(), sqlx::Error> {
+        let view = self.tables.view(&self.me, self.layout.partitions).await?;
+        let lost: Vec<u32> = self
+            .running
+            .keys()
+            .filter(|p| view.owners.get(p) != Some(&self.me))
+            .copied()
+            .collect();
+        for p in &lost {
+            warn!(projection = %self.key, partition = p, "partition taken over by another replica; stopping it here");
+        }
+        self.stop_all(&lost).await;
+        // A partition whose projector ended (fenced, or stopped) runs again below if this replica still owns it.
+        self.running.retain(|_, r| !r.task.is_finished());
+        let moves = rebalance(&view, self.layout.partitions);
+        self.stop_all(&moves.release).await;
+        for p in &moves.release {
+            if self.tables.hand_over(*p, &self.me, "").await? {
+                info!(projection = %self.key, partition = p, "partition released");
+            }
+        }
+        for (p, seen) in moves.claim {
+            if self.tables.hand_over(p, &seen, &self.me).await? {
+                info!(projection = %self.key, partition = p, from = %seen, "partition claimed");
+                self.start(p);
+            }
+        }
+        // A partition this replica owns but does not run (its task ended): run it again.
+        let idle: Vec<u32> = view
+            .owners
+            .iter()
+            .filter(|(p, o)| {
+                **o == self.me && !self.running.contains_key(p) && !moves.release.contains(p)
+            })
+            .map(|(p, _)| *p)
+            .collect();
+        for p in idle {
+            self.start(p);
+        }
+        Ok(())
+    }
+
+    fn start(&mut self, p: u32) {
+        let key = partition_key(&self.key, p);
+        let state = ProjectionState::new(&key);
+        let (stop, stop_rx) = watch::channel(false);
+        let report = Report::new(&key, self.parts.metrics.clone(), state.clone());
+        let projector = Projector::new(
+            self.parts.config.clone(),
+            self.parts.handlers.clone(),
+            self.parts.db.clone(),
+            None,
+            self.parts.nats.clone(),
+            report,
+            stop_rx,
+        )
+        .partition(
+            &self.key,
+            Slot::partition(&key, &self.me),
+            self.filters(p),
+            self.parts.handlers.clone(),
+            self.gate.clone(),
+        );
+        let task = tokio::spawn(projector.run());
+        self.running.insert(p, Running { stop, task, state });
+    }
+
+    /// Stops the projectors of `partitions` (each finishes or rolls back its batch), all at once.
+    async fn stop_all(&mut self, partitions: &[u32]) {
+        let stopping: Vec<Running> = partitions
+            .iter()
+            .filter_map(|p| self.running.remove(p))
+            .collect();
+        for running in &stopping {
+            let _ = running.stop.send(true);
+        }
+        for running in stopping {
+            let mut task = running.task;
+            if tokio::time::timeout(Duration::from_secs(30), &mut task)
+                .await
+                .is_err()
+            {
+                task.abort();
+            }
+        }
+    }
+
+    /// The projection's state from its partitions': ready when every owned partition is; halted when one is; the
+    /// checkpoint the lowest of them.
+    fn summarize(&self) {
+        let state = &self.parts.state;
+        let mut waiting = None;
+        let mut halted = None;
+        for (p, running) in &self.running {
+            if let Some(reason) = running.state.halted() {
+                halted.get_or_insert(format!("partition {p}: {reason}"));
+            }
+            if let Some(reason) = running.state.waiting() {
+                waiting.get_or_insert(format!("partition {p}: {reason}"));
+            }
+        }
+        if let Some(reason) = halted {
+            state.halt(reason);
+        }
+        state.set_waiting(waiting);
+        let low = self
+            .running
+            .values()
+            .map(|r| r.state.checkpoint())
+            .min()
+            .unwrap_or_default();
+        state.set_checkpoint(low);
+        let lag = self
+            .running
+            .values()
+            .map(|r| r.state.lag.load(std::sync::atomic::Ordering::Relaxed))
+            .max()
+            .unwrap_or(0);
+        state.lag.store(lag, std::sync::atomic::Ordering::Relaxed);
+        let owned: Vec<String> = self.running.keys().map(u32::to_string).collect();
+        state.set_filters(vec![format!("partitions {}", owned.join(","))]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn view(me: &str, live: &[&str], owners: &[(u32, &str)]) -> View {
+        View {
+            me: me.into(),
+            live: live.iter().map(|s| s.to_string()).collect(),
+            owners: owners.iter().map(|(p, o)| (*p, o.to_string())).collect(),
+        }
+    }
+
+    #[test]
+    fn a_lone_replica_claims_everything_free() {
+        let v = view("a", &["a"], &[(0, ""), (1, ""), (2, "")]);
+        let m = rebalance(&v, 3);
+        assert_eq!(
+            m.claim,
+            vec![(0, "".into()), (1, "".into()), (2, "".into())]
+        );
+        assert!(m.release.is_empty());
+    }
+
+    #[test]
+    fn a_new_replica_makes_the_others_release_their_surplus() {
+        let owners: Vec<(u32, &str)> = (0..5).map(|p| (p, "a")).collect();
+        let v = view("a", &["a", "b"], &owners);
+        let m = rebalance(&v, 5);
+        assert_eq!(m.release, vec![3, 4]);
+        let v = view("b", &["a", "b"], &owners);
+        assert_eq!(rebalance(&v, 5), Moves::default());
+        let freed: Vec<(u32, &str)> = (0..5).map(|p| (p, if p < 3 { "a" } else { "" })).collect();
+        let m = rebalance(&view("b", &["a", "b"], &freed), 5);
+        assert_eq!(m.claim, vec![(3, "".into()), (4, "".into())]);
+    }
+
+    #[test]
+    fn a_dead_replicas_partitions_are_claimed_free_ones_first() {
+        let owners = [(0, "a"), (1, "dead"), (2, "dead"), (3, "")];
+        let m = rebalance(&view("a", &["a"], &owners), 4);
+        assert_eq!(
+            m.claim,
+            vec![(3, "".into()), (1, "dead".into()), (2, "dead".into())]
+        );
+    }
+
+    #[test]
+    fn shares_settle_fairly_whatever_the_order_of_rounds() {
+        let members = ["a", "b", "c"];
+        let mut owners: BTreeMap<u32, String> = (0..50).map(|p| (p, String::new())).collect();
+        for round in 0..10 {
+            for me in members.iter().cycle().skip(round).take(3) {
+                let v = View {
+                    me: me.to_string(),
+                    live: members.iter().map(|s| s.to_string()).collect(),
+                    owners: owners.clone(),
+                };
+                let moves = rebalance(&v, 50);
+                for p in moves.release {
+                    owners.insert(p, String::new());
+                }
+                for (p, _) in moves.claim {
+                    owners.insert(p, me.to_string());
+                }
+            }
+        }
+        let counts: Vec<usize> = members
+            .iter()
+            .map(|m| owners.values().filter(|o| o == m).count())
+            .collect();
+        assert_eq!(counts.iter().sum::<usize>(), 50);
+        assert!(counts.iter().all(|c| *c == 16 || *c == 17), "{counts:?}");
+    }
+}
