@@ -24,6 +24,7 @@ use crate::duration::DURATION_PATTERN;
     status = "EventStoreStatus",
     printcolumn = r#"{"name":"Stream","type":"string","jsonPath":".status.streamName"}"#,
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Partitions","type":"integer","jsonPath":".status.partitions"}"#,
     printcolumn = r#"{"name":"Messages","type":"integer","jsonPath":".status.messages"}"#,
     printcolumn = r#"{"name":"Last-Seq","type":"integer","jsonPath":".status.lastSequence"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
@@ -277,6 +278,9 @@ pub struct EventStoreStatus {
     /// `NatsUnavailable`, ...).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub conditions: Vec<Condition>,
+    /// The stream's partitions, as the server has them (unset: not partitioned).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partitions: Option<u32>,
     /// Name of the JetStream stream.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stream_name: Option<String>,

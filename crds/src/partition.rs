@@ -100,6 +100,12 @@ impl Layout {
     }
 }
 
+/// The partitions of a stream, read back from its subject transform's destination (`…{{partition(N,1,2)}}…`).
+pub fn partitions_of(destination: &str) -> Option<u32> {
+    let rest = &destination[destination.find("{{partition(")? + "{{partition(".len()..];
+    rest[..rest.find(',')?].trim().parse().ok()
+}
+
 /// The partitions of `total` a member of rank `rank` among `members` live members should own: a fair share,
 /// the first `total % members` members owning one more.
 pub fn quota(total: u32, members: usize, rank: usize) -> u32 {
@@ -148,6 +154,8 @@ mod tests {
         );
         assert_eq!(layout.stored_filter("other.>", None), None);
         assert_eq!(layout.stored_filter("ns.usersx.>", None), None);
+        assert_eq!(partitions_of(&layout.destination()), Some(8));
+        assert_eq!(partitions_of("ns.users.{{wildcard(1)}}"), None);
         assert_eq!(layout.aggregate_of("ns.users.3.user.42"), Some("user.42"));
         assert_eq!(layout.aggregate_of("ns.users.user.42"), None);
         assert_eq!(layout.published("ns.users.3.user.42"), "ns.users.user.42");

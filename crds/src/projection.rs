@@ -24,6 +24,7 @@ pub const MAX_BATCH_EVENTS: u32 = 10_000;
     status = "ProjectionStatus",
     printcolumn = r#"{"name":"Store","type":"string","jsonPath":".spec.eventStore"}"#,
     printcolumn = r#"{"name":"Ready","type":"string","jsonPath":".status.conditions[?(@.type==\"Ready\")].status"}"#,
+    printcolumn = r#"{"name":"Partitions","type":"integer","jsonPath":".status.partitions"}"#,
     printcolumn = r#"{"name":"Lag","type":"integer","jsonPath":".status.pending"}"#,
     printcolumn = r#"{"name":"Last-Seq","type":"integer","jsonPath":".status.lastAckedSequence"}"#,
     printcolumn = r#"{"name":"Age","type":"date","jsonPath":".metadata.creationTimestamp"}"#,
@@ -333,6 +334,13 @@ pub struct ProjectionStatus {
     /// The rebuild token the consumer was last reset for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rebuild_token: Option<String>,
+    /// On a partitioned store: its partitions, shared by the live sidecars (each reads its partitions from the
+    /// stream; their owners and checkpoints are in the read model's `projectionist_partitions` table).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partitions: Option<u32>,
+    /// On a partitioned store: how many partitions one sidecar applies at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workers: Option<u32>,
 }
 
 fn default_ack_wait() -> String {

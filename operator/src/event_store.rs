@@ -115,6 +115,11 @@ async fn apply_store_config(store: &EventStore, ctx: &Context) -> Result<(), Err
 
 fn statistics(status: &mut EventStoreStatus, info: &stream::Info) {
     status.stream_name = Some(info.config.name.clone());
+    status.partitions = info
+        .config
+        .subject_transform
+        .as_ref()
+        .and_then(|t| projectionist_crds::partition::partitions_of(&t.destination));
     status.messages = Some(info.state.messages);
     status.bytes = Some(info.state.bytes);
     status.first_sequence = Some(info.state.first_sequence);

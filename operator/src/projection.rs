@@ -179,6 +179,29 @@ async fn sync(
     };
 
     apply_config_map(projection, &resolved, ctx).await?;
+    if let Some(partitioning) = &resolved.config.partitioning {
+        // The sidecars read each partition from the stream and keep its checkpoint in the read model: no durable
+        // consumer.
+        status.partitions = Some(partitioning.partitions);
+        status.workers = Some(partitioning.workers);
+        status.consumer_name = None;
+        conditions::set(
+            &mut status.conditions,
+            "Ready",
+            true,
+            "Partitioned",
+            format!(
+                "{} partitions of stream {}, shared by the live sidecars; sidecar config in ConfigMap {}",
+                partitioning.partitions,
+                store.stream_name(),
+                config_map_name(&projection.name_any())
+            ),
+            generation,
+        );
+        return Ok(Action::requeue(ctx.settings.status_interval));
+    }
+    status.partitions = None;
+    status.workers = None;
 
     let js = ctx.jetstream(&store).await?;
     let stream = store.stream_name();

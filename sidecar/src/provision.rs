@@ -1,4 +1,5 @@
-//! Provisioning on NATS from manifests: the stream of each EventStore, the durable consumer of each Projection, and
+//! Provisioning on NATS from manifests: the stream of each EventStore, the durable consumer of each Projection (none
+//! on a partitioned store), and
 //! the durable consumer and parking-lot stream of each Reactor,
 //! created or updated in place with the same mappings the operator uses. An immutable difference is refused with the
 //! fields named, never sent to fail on the server.
@@ -93,6 +94,10 @@ pub async fn provision(
                 name: projection.metadata.name.clone().unwrap_or_default(),
                 message: e.to_string(),
             })?;
+        if store.spec.stream.partitions.is_some() {
+            // Each partition is read from the stream by its owner: no durable consumer.
+            continue;
+        }
         let outcome = ensure_consumer(js, &store.stream_name(), desired).await?;
         report.push((format!("consumer {}", projection.consumer_name()), outcome));
     }
