@@ -44,7 +44,9 @@ async fn a_partitioned_store_and_its_projection_are_mapped_and_partitions_never_
     let js = env.jetstream().await;
     let ready = store_ready(&env, &operator, "users").await;
     assert_eq!(ready.status.expect("status").partitions, Some(50));
-    let info = stream_info(&js, &store.stream_name()).await.expect("stream");
+    let info = stream_info(&js, &store.stream_name())
+        .await
+        .expect("stream");
     let prefix = store.subjects()[0].trim_end_matches(".>").to_string();
     assert_eq!(info.config.subjects, vec![format!("{prefix}.*.*")]);
     let transform = info.config.subject_transform.expect("transform");
@@ -99,7 +101,9 @@ async fn a_partitioned_store_and_its_projection_are_mapped_and_partitions_never_
         .expect("Ready")
         .2;
     assert!(message.contains("subject_transform"), "{message}");
-    let info = stream_info(&js, &store.stream_name()).await.expect("stream");
+    let info = stream_info(&js, &store.stream_name())
+        .await
+        .expect("stream");
     assert!(
         info.config
             .subject_transform

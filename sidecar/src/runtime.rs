@@ -175,6 +175,15 @@ pub struct Listeners {
 
 /// Connects to NATS as a config says, or to a local URL; the connection is retried in the background, so a NATS
 /// outage never fails the start.
+/// `nats://a:4222,nats://b:4222` as the list of servers a client fails over between.
+fn server_list(urls: &str) -> Vec<String> {
+    urls.split(',')
+        .map(str::trim)
+        .filter(|u| !u.is_empty())
+        .map(str::to_string)
+        .collect()
+}
+
 async fn connect_nats(
     nats: &projectionist_crds::sidecar_config::NatsConfig,
     local: Option<&str>,
@@ -183,13 +192,13 @@ async fn connect_nats(
         Some(url) => {
             async_nats::ConnectOptions::new()
                 .retry_on_initial_connect()
-                .connect(url)
+                .connect(server_list(url))
                 .await?
         }
         None => {
             secrets::nats_options(nats)
                 .await?
-                .connect(nats.servers.join(","))
+                .connect(nats.servers.clone())
                 .await?
         }
     })

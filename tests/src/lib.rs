@@ -2,6 +2,7 @@
 //!
 //! - [`nats`]: a real `nats-server` with JetStream on a free loopback port and its own store dir; it can be stopped
 //!   and started again on the same port and store to simulate an outage.
+//! - [`nats_cluster`]: a three-node nats-server cluster on loopback whose nodes can be killed and started again.
 //! - [`postgres`]: a throwaway PostgreSQL cluster (`initdb`), handing out a fresh database per call.
 //! - [`mariadb`]: a throwaway MariaDB server, handing out a fresh database per call.
 //! - [`sqlite`]: SQLite files in a temporary directory.
@@ -20,6 +21,7 @@ pub mod helm;
 pub mod http;
 pub mod mariadb;
 pub mod nats;
+pub mod nats_cluster;
 pub mod postgres;
 pub mod process;
 pub mod release;
