@@ -82,6 +82,17 @@ impl Layout {
         Some(format!("{}.{token}.{rest}", self.prefix))
     }
 
+    /// The stored subjects partition `p` holds of a projection's `filters` (publishers' form; empty: all).
+    pub fn partition_filters(&self, filters: &[String], p: u32) -> Vec<String> {
+        if filters.is_empty() {
+            return vec![format!("{}.{p}.>", self.prefix)];
+        }
+        filters
+            .iter()
+            .filter_map(|f| self.stored_filter(f, Some(p)))
+            .collect()
+    }
+
     /// The subject after the prefix with the partition token removed: `<type>.<id>` of a stored subject.
     pub fn aggregate_of<'a>(&self, stored: &'a str) -> Option<&'a str> {
         let rest = stored.strip_prefix(&self.prefix)?.strip_prefix('.')?;
@@ -153,6 +164,11 @@ mod tests {
             Some("ns.users.3.>")
         );
         assert_eq!(layout.stored_filter("other.>", None), None);
+        assert_eq!(layout.partition_filters(&[], 2), vec!["ns.users.2.>"]);
+        assert_eq!(
+            layout.partition_filters(&["ns.users.user.>".into()], 2),
+            vec!["ns.users.2.user.>"]
+        );
         assert_eq!(layout.stored_filter("ns.usersx.>", None), None);
         assert_eq!(partitions_of(&layout.destination()), Some(8));
         assert_eq!(partitions_of("ns.users.{{wildcard(1)}}"), None);

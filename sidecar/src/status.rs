@@ -179,6 +179,27 @@ pub struct ProjectionState {
     changes: tokio::sync::watch::Sender<u64>,
     /// The consumer's filter subjects, once known: which events the projection applies.
     filters: Mutex<Option<Vec<String>>>,
+    /// A partitioned projection: every partition's checkpoint as this replica knows it.
+    partitions: Mutex<Option<Partitions>>,
+}
+
+/// Every partition's checkpoint of a partitioned projection as one replica knows it: its own partitions as they
+/// commit, the others' as the database showed them at the last rebalancing round.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Partitions {
+    /// The store's layout.
+    pub layout: projectionist_crds::partition::Layout,
+    /// The projection's filters as publishers write subjects (empty: everything).
+    pub filters: Vec<String>,
+    /// Checkpoint by partition.
+    pub checkpoints: std::collections::BTreeMap<u32, u64>,
+}
+
+impl Partitions {
+    /// The stored subjects partition `p` reads.
+    pub fn filters_of(&self, p: u32) -> Vec<String> {
+        self.layout.partition_filters(&self.filters, p)
+    }
 }
 
 impl ProjectionState {
@@ -195,7 +216,31 @@ impl ProjectionState {
             lag: AtomicI64::new(-1),
             changes: tokio::sync::watch::Sender::new(0),
             filters: Mutex::new(None),
+            partitions: Mutex::new(None),
         })
+    }
+
+    /// Declares the projection partitioned, with every partition's checkpoint as the database has it.
+    pub fn set_partitions(&self, partitions: Partitions) {
+        if let Ok(mut p) = self.partitions.lock() {
+            *p = Some(partitions);
+        }
+        self.changes.send_modify(|_| {});
+    }
+
+    /// One partition's checkpoint moved (this replica committed it).
+    pub fn set_partition_checkpoint(&self, partition: u32, sequence: u64) {
+        if let Ok(mut p) = self.partitions.lock()
+            && let Some(p) = p.as_mut()
+        {
+            p.checkpoints.insert(partition, sequence);
+        }
+        self.changes.send_modify(|_| {});
+    }
+
+    /// The partitions, when the projection is partitioned.
+    pub fn partitions(&self) -> Option<Partitions> {
+        self.partitions.lock().ok().and_then(|p| p.clone())
     }
 
     /// The loop is alive.

@@ -261,6 +261,22 @@ async fn three_replicas_share_fifty_partitions_through_kills_and_scaling() {
     assert_eq!(read_ledger(&url).await, fold(&everything));
 }
 
+/// Publishes one tick and returns its sequence.
+async fn append_one(js: &async_nats::jetstream::Context, account: &str, n: i64, id: &str) -> u64 {
+    js.publish_with_headers(
+        format!("test.bank.account.{account}"),
+        event_headers(id, "Tick"),
+        serde_json::json!({"account": account, "n": n})
+            .to_string()
+            .into(),
+    )
+    .await
+    .expect("publish")
+    .await
+    .expect("ack")
+    .sequence
+}
+
 async fn workers_keep_the_guarantees(driver: Driver, url: &str) {
     let nats = NatsServer::start().await.expect("nats");
     let js = nats.jetstream().await.expect("js");
@@ -280,6 +296,16 @@ async fn workers_keep_the_guarantees(driver: Driver, url: &str) {
         ledger_events(url).await
     );
     assert_eq!(read_ledger(url).await, fold(&all));
+    // Read-your-writes across replicas: an event appended now is applied (by whichever replica owns its partition)
+    // when `wait` answers.
+    let last = append_one(&js, "acct-new", 5, "late").await;
+    let (status, body) = http_get(
+        a.api,
+        &format!("/v1/projections/ledger/wait?sequence={last}&timeout=10s"),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(read_ledger(url).await.get("acct-new"), Some(&(5, 1)));
     assert!(
         wait_until(Duration::from_secs(10), || async {
             a.get("/readyz").await.0 == 200

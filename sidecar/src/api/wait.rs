@@ -2,6 +2,10 @@
 //! projection's filter with a sequence ≤ N is applied — at once when none is due (N is on a subject the projection
 //! does not read, or already applied). A waiter sleeps on the projection's checkpoint in memory: many waiters cost
 //! no database queries, and one stream lookup each per event they wait for.
+//!
+//! A partitioned projection answers once every partition is past its events at or below N: this replica's own
+//! partitions as they commit, the others' as the database showed them at the last rebalancing round (a wait on an
+//! event another replica applies can take up to one round longer, a third of the lease).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -15,6 +19,7 @@ use serde_json::json;
 
 use super::problem::Problem;
 use super::{ApiState, WaitTarget};
+use crate::status::Partitions;
 
 /// The longest wait a request may ask for.
 pub const MAX_TIMEOUT: Duration = Duration::from_secs(60);
@@ -101,16 +106,33 @@ async fn wait_for(
 async fn applied(target: &WaitTarget, sequence: u64) -> Result<u64, Problem> {
     let mut changes = target.state.subscribe();
     loop {
+        if let Some(partitions) = target.state.partitions() {
+            // Partitioned: every partition must be past its events at or below `sequence`.
+            if let Some(reason) = target.state.halted() {
+                return Err(halted(sequence, lowest(&partitions), reason));
+            }
+            match partition_due(target, &partitions, sequence).await? {
+                None => return Ok(lowest(&partitions).max(sequence)),
+                Some((p, due)) => {
+                    let reached = changes
+                        .wait_for(|_| {
+                            target.state.halted().is_some()
+                                || target
+                                    .state
+                                    .partitions()
+                                    .and_then(|s| s.checkpoints.get(&p).copied())
+                                    .is_some_and(|c| c >= due)
+                        })
+                        .await;
+                    if reached.is_err() {
+                        return Err(Problem::unavailable("the projection stopped"));
+                    }
+                    continue;
+                }
+            }
+        }
         if let Some(reason) = target.state.halted() {
-            let checkpoint = target.state.checkpoint();
-            return Err(Problem::new(
-                StatusCode::CONFLICT,
-                format!(
-                    "the projection is halted and will not apply sequence {sequence}: {reason}"
-                ),
-            )
-            .with("checkpoint", checkpoint)
-            .with("reason", reason));
+            return Err(halted(sequence, target.state.checkpoint(), reason));
         }
         let checkpoint = target.state.checkpoint();
         if checkpoint >= sequence {
@@ -132,6 +154,45 @@ async fn applied(target: &WaitTarget, sequence: u64) -> Result<u64, Problem> {
             _ => return Ok(checkpoint),
         }
     }
+}
+
+fn halted(sequence: u64, checkpoint: u64, reason: String) -> Problem {
+    Problem::new(
+        StatusCode::CONFLICT,
+        format!("the projection is halted and will not apply sequence {sequence}: {reason}"),
+    )
+    .with("checkpoint", checkpoint)
+    .with("reason", reason)
+}
+
+/// The lowest checkpoint of a partitioned projection's partitions.
+fn lowest(partitions: &Partitions) -> u64 {
+    partitions
+        .checkpoints
+        .values()
+        .min()
+        .copied()
+        .unwrap_or_default()
+}
+
+/// A partition that still has an event at or below `sequence` to apply, and that event's sequence.
+async fn partition_due(
+    target: &WaitTarget,
+    partitions: &Partitions,
+    sequence: u64,
+) -> Result<Option<(u32, u64)>, Problem> {
+    for p in 0..partitions.layout.partitions {
+        let checkpoint = partitions.checkpoints.get(&p).copied().unwrap_or(0);
+        if checkpoint >= sequence {
+            continue;
+        }
+        if let Some(due) = first_after(target, &partitions.filters_of(p), checkpoint).await?
+            && due <= sequence
+        {
+            return Ok(Some((p, due)));
+        }
+    }
+    Ok(None)
 }
 
 /// The sequence of the first event after `checkpoint` that the projection reads, if any.
@@ -161,12 +222,28 @@ async fn next_due(target: &WaitTarget, checkpoint: u64) -> Result<Option<u64>, P
     } else {
         filters
     };
+    first_after(target, &filters, checkpoint).await
+}
+
+/// The sequence of the first event after `checkpoint` on any of `filters`, if any.
+async fn first_after(
+    target: &WaitTarget,
+    filters: &[String],
+    checkpoint: u64,
+) -> Result<Option<u64>, Problem> {
+    let unavailable = |e: String| Problem::unavailable(format!("NATS is unavailable: {e}"));
+    let stream = target
+        .store
+        .jetstream()
+        .get_stream_no_info(&target.store.stream)
+        .await
+        .map_err(|e| unavailable(e.to_string()))?;
     let mut first: Option<u64> = None;
     for filter in filters {
         match stream
             .raw_message_builder()
             .sequence(checkpoint + 1)
-            .next_by_subject(filter)
+            .next_by_subject(filter.clone())
             .send()
             .await
         {

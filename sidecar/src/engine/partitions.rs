@@ -33,7 +33,7 @@ use crate::checkpoint::{self, Slot, partition_key, partition_range};
 use crate::database::{Database, MEMBERS, PARTITIONS, execute};
 use crate::handler::{Bound, Handlers};
 use crate::pipeline::Pipeline;
-use crate::status::{Metrics, ProjectionState};
+use crate::status::{Metrics, Partitions, ProjectionState};
 
 /// Who owns what, as one replica sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -44,6 +44,8 @@ pub struct View {
     pub live: Vec<String>,
     /// Each partition's owner (`""`: none).
     pub owners: BTreeMap<u32, String>,
+    /// Each partition's checkpoint.
+    pub checkpoints: BTreeMap<u32, u64>,
 }
 
 /// What one replica does in a round.
@@ -196,25 +198,35 @@ impl Tables {
         live.insert(me.to_string());
         let (low, high) = partition_range(&self.projection);
         let rows = sqlx::query(sqlx::AssertSqlSafe(self.db.sql(&format!(
-            "SELECT projection, owner FROM {PARTITIONS} WHERE projection > ? AND projection < ?"
+            "SELECT projection, owner, last_sequence FROM {PARTITIONS} WHERE projection > ? AND projection < ?"
         ))))
         .bind(low)
         .bind(high)
         .fetch_all(&self.db.pool)
         .await?;
-        let owners = rows
-            .iter()
-            .filter_map(|r| {
-                let key: String = r.try_get(0).ok()?;
-                let owner: String = r.try_get(1).ok()?;
-                let p: u32 = key.rsplit('#').next()?.parse().ok()?;
-                (p < total).then_some((p, owner))
-            })
-            .collect();
+        let mut owners = BTreeMap::new();
+        let mut checkpoints = BTreeMap::new();
+        for r in &rows {
+            let (Ok(key), Ok(owner), Ok(last)) = (
+                r.try_get::<String, _>(0),
+                r.try_get::<String, _>(1),
+                r.try_get::<i64, _>(2),
+            ) else {
+                continue;
+            };
+            let Some(p) = key.rsplit('#').next().and_then(|p| p.parse::<u32>().ok()) else {
+                continue;
+            };
+            if p < total {
+                owners.insert(p, owner);
+                checkpoints.insert(p, u64::try_from(last).unwrap_or(0));
+            }
+        }
         Ok(View {
             me: me.to_string(),
             live: live.into_iter().collect(),
             owners,
+            checkpoints,
         })
     }
 
@@ -343,13 +355,7 @@ impl Coordinator {
             .as_ref()
             .map(|c| c.filters.clone())
             .unwrap_or_default();
-        if filters.is_empty() {
-            return vec![format!("{}.{p}.>", self.layout.prefix)];
-        }
-        filters
-            .iter()
-            .filter_map(|f| self.layout.stored_filter(f, Some(p)))
-            .collect()
+        self.layout.partition_filters(&filters, p)
     }
 
     /// Runs until shutdown.
@@ -437,6 +443,7 @@ impl Coordinator {
     /// One round: renew the lease, stop what was lost, release above the share, claim below it.
     async fn round(&mut self) -> Result<(), sqlx::Error> {
         let view = self.tables.view(&self.me, self.layout.partitions).await?;
+        self.publish(&view);
         let lost: Vec<u32> = self
             .running
             .keys()
@@ -481,7 +488,8 @@ impl Coordinator {
         let key = partition_key(&self.key, p);
         let state = ProjectionState::new(&key);
         let (stop, stop_rx) = watch::channel(false);
-        let report = Report::new(&key, self.parts.metrics.clone(), state.clone());
+        let report = Report::new(&key, self.parts.metrics.clone(), state.clone())
+            .of_partition(self.parts.state.clone(), p);
         let projector = Projector::new(
             self.parts.config.clone(),
             self.parts.handlers.clone(),
@@ -520,6 +528,29 @@ impl Coordinator {
                 task.abort();
             }
         }
+    }
+
+    /// Every partition's checkpoint, for the `wait` endpoint: the database's, or this replica's own where it is ahead.
+    fn publish(&self, view: &View) {
+        let mut checkpoints = view.checkpoints.clone();
+        for (p, running) in &self.running {
+            let local = running.state.checkpoint();
+            checkpoints
+                .entry(*p)
+                .and_modify(|c| *c = (*c).max(local))
+                .or_insert(local);
+        }
+        self.parts.state.set_partitions(Partitions {
+            layout: self.layout.clone(),
+            filters: self
+                .parts
+                .config
+                .partitioning
+                .as_ref()
+                .map(|c| c.filters.clone())
+                .unwrap_or_default(),
+            checkpoints,
+        });
     }
 
     /// The projection's state from its partitions': ready when every owned partition is; halted when one is; the
@@ -568,6 +599,7 @@ mod tests {
             me: me.into(),
             live: live.iter().map(|s| s.to_string()).collect(),
             owners: owners.iter().map(|(p, o)| (*p, o.to_string())).collect(),
+            checkpoints: BTreeMap::new(),
         }
     }
 
@@ -615,6 +647,7 @@ mod tests {
                     me: me.to_string(),
                     live: members.iter().map(|s| s.to_string()).collect(),
                     owners: owners.clone(),
+                    checkpoints: BTreeMap::new(),
                 };
                 let moves = rebalance(&v, 50);
                 for p in moves.release {

@@ -17,6 +17,8 @@ pub struct Report {
     label: ProjectionLabel,
     metrics: Arc<Metrics>,
     state: Arc<ProjectionState>,
+    /// A partition's: the projection's state and the partition, told of every checkpoint.
+    parent: Option<(Arc<ProjectionState>, u32)>,
 }
 
 /// What one committed batch did.
@@ -40,7 +42,14 @@ impl Report {
             },
             metrics,
             state,
+            parent: None,
         }
+    }
+
+    /// The handle of partition `partition`, which also tells the projection's state `parent` its checkpoints.
+    pub fn of_partition(mut self, parent: Arc<ProjectionState>, partition: u32) -> Self {
+        self.parent = Some((parent, partition));
+        self
     }
 
     /// `<namespace>/<name>`.
@@ -66,6 +75,9 @@ impl Report {
     /// The checkpoint now stands at `sequence`.
     pub fn checkpoint(&self, sequence: u64) {
         self.state.set_checkpoint(sequence);
+        if let Some((parent, partition)) = &self.parent {
+            parent.set_partition_checkpoint(*partition, sequence);
+        }
         self.metrics
             .checkpoint
             .get_or_create(&self.label)
