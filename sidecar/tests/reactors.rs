@@ -494,3 +494,67 @@ async fn one_replica_delivers_at_a_time_and_another_takes_over_when_it_stops() {
     );
     standby.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reactor_on_a_partitioned_store_parks_and_delivers_by_aggregate() {
+    let nats = NatsServer::start().await.expect("nats");
+    let js = nats.jetstream().await.expect("js");
+    let endpoint = Endpoint::start(reactor_support::refuse_poison).await;
+    let (mut store, _) = common::ledger(&nats.url(), Driver::Sqlite, ErrorPolicy::Halt, "1s");
+    store.spec.stream.partitions = Some(4);
+    let reactor = reactor(
+        &endpoint.url(),
+        json!({"events": {"subjects": ["test.bank.acct.>"]}}),
+    );
+    provision(&js, &store, &reactor).await;
+    let sidecar = start_sidecar(&nats, &store, &reactor).await;
+    for i in 0..4 {
+        append(
+            &js,
+            &store,
+            &endpoint,
+            "a",
+            &format!("a{i}"),
+            json!({"poison": i == 1}),
+        )
+        .await;
+        append(&js, &store, &endpoint, "b", &format!("b{i}"), json!({})).await;
+    }
+    let parked = common::wait_until(Duration::from_secs(30), || async {
+        let (_, body) = api(&sidecar, "GET", "/v1/reactors/notifier/parked").await;
+        body["parked"][0]["events"] == json!(3) && endpoint.shared.succeeded("b3")
+    })
+    .await;
+    let (_, body) = api(&sidecar, "GET", "/v1/reactors/notifier/parked").await;
+    assert!(parked, "{body}");
+    // The aggregate is `<type>.<id>`, whatever partition it is stored in.
+    assert_eq!(body["parked"][0]["aggregate"], "acct.a");
+    endpoint.shared.set(|_| Reply::ok());
+    let (code, _) = api(
+        &sidecar,
+        "POST",
+        "/v1/reactors/notifier/parked/acct.a/retry",
+    )
+    .await;
+    assert_eq!(code, 202);
+    assert!(
+        common::wait_until(Duration::from_secs(30), || async {
+            endpoint.shared.succeeded("a3")
+        })
+        .await
+    );
+    assert_eq!(
+        endpoint.shared.delivered()["acct.a"],
+        ["a0", "a1", "a2", "a3"]
+    );
+    assert_eq!(
+        endpoint.shared.delivered()["acct.b"],
+        ["b0", "b1", "b2", "b3"]
+    );
+    assert!(
+        endpoint.violations().is_empty(),
+        "{:?}",
+        endpoint.violations()
+    );
+    sidecar.stop().await;
+}

@@ -23,14 +23,14 @@ use projectionist_crds::sidecar_config::SidecarConfig;
 use sqlx::Row;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use super::gate::Gate;
 use super::prepare;
 use super::report::Report;
 use super::{Exit, Projector};
 use crate::checkpoint::{self, Slot, partition_key, partition_range};
-use crate::database::{Database, MEMBERS, PARTITIONS, execute};
+use crate::database::{Database, ErrorClass, MEMBERS, PARTITIONS, classify, execute};
 use crate::handler::{Bound, Handlers};
 use crate::pipeline::Pipeline;
 use crate::status::{Metrics, Partitions, ProjectionState};
@@ -363,6 +363,16 @@ impl Coordinator {
         let state = self.parts.state.clone();
         state.set_waiting(Some("preparing the read model".into()));
         if let Some(exit) = self.prepare().await {
+            if let Exit::Halted(reason) = &exit {
+                error!(projection = %self.key, reason = %reason, "projection halted");
+                state.halt(reason.clone());
+                // Alive (liveness is fine, readiness says why) until shutdown; a restart retries.
+                let mut shutdown = self.shutdown.clone();
+                while !*shutdown.borrow() {
+                    state.beat();
+                    let _ = tokio::time::timeout(Duration::from_secs(1), shutdown.changed()).await;
+                }
+            }
             return exit;
         }
         info!(projection = %self.key, member = %self.me, partitions = self.layout.partitions, "sharing the partitions");
@@ -410,6 +420,7 @@ impl Coordinator {
     /// The projection-level preparation (schema, a rebuild), then the partitions' rows.
     async fn prepare(&mut self) -> Option<Exit> {
         let mut delay = Duration::from_millis(200);
+        let mut permanent = 0;
         loop {
             let prepared = async {
                 prepare::prepare(&self.parts.db, &self.parts.config, &self.key, true).await?;
@@ -424,6 +435,16 @@ impl Coordinator {
             match prepared {
                 Ok(()) => return None,
                 Err(e) => {
+                    // Concurrent `CREATE TABLE IF NOT EXISTS` of several replicas can collide once; a real schema
+                    // error repeats, and halts the projection with the reason.
+                    if classify(&e) == ErrorClass::Permanent {
+                        permanent += 1;
+                        if permanent >= 3 {
+                            return Some(Exit::Halted(format!(
+                                "cannot prepare the read model: {e}"
+                            )));
+                        }
+                    }
                     warn!(projection = %self.key, error = %e, "database not ready; retrying");
                     self.parts.state.set_waiting(Some(format!("database: {e}")));
                 }

@@ -319,8 +319,11 @@ impl Source {
             [one] => (one.clone(), Vec::new()),
             _ => (String::new(), filters.to_vec()),
         };
-        let messages = stream
-            .create_consumer(pull::OrderedConfig {
+        // An ephemeral consumer without acknowledgements, pulled in batches of `batch.maxEvents`; a message that
+        // never arrives (a gap in the consumer's sequence) ends the subscription, and the projector reads again from
+        // its checkpoint.
+        let consumer: PullConsumer = stream
+            .create_consumer(pull::Config {
                 deliver_policy: if after == 0 {
                     DeliverPolicy::All
                 } else {
@@ -328,17 +331,41 @@ impl Source {
                         start_sequence: after + 1,
                     }
                 },
+                ack_policy: AckPolicy::None,
                 filter_subject,
                 filter_subjects,
-                max_batch: i64::try_from(self.max_events).unwrap_or(500),
+                inactive_threshold: Duration::from_secs(60),
+                memory_storage: true,
+                num_replicas: 1,
                 ..Default::default()
             })
             .await
-            .map_err(|e| Transient(format!("partition consumer: {e}")))?
+            .map_err(|e| Transient(format!("partition consumer: {e}")))?;
+        let messages = consumer
+            .stream()
+            .max_messages_per_batch(self.max_events)
+            .expires(Duration::from_secs(5))
+            .heartbeat(Duration::from_secs(2))
             .messages()
             .await
             .map_err(|e| Transient(format!("partition consumer: {e}")))?
-            .map(|m| m.map_err(|e| e.to_string()))
+            .scan(0u64, |last, m| {
+                let next = match m {
+                    Ok(m) => match m.info().map(|i| i.consumer_sequence) {
+                        Ok(seq) if *last == 0 || seq == *last + 1 => {
+                            *last = seq;
+                            Ok(m)
+                        }
+                        Ok(seq) => Err(format!(
+                            "message {} of the partition consumer never arrived (got {seq})",
+                            *last + 1
+                        )),
+                        Err(e) => Err(e.to_string()),
+                    },
+                    Err(e) => Err(e.to_string()),
+                };
+                futures::future::ready(Some(next))
+            })
             .boxed();
         Ok(Live {
             messages,
