@@ -8,6 +8,9 @@
 //! (another one claimed the row) commits nothing — the claim and the checkpoint are one row, in the apply
 //! transaction.
 
+use std::collections::BTreeMap;
+
+use projectionist_crds::partition::Layout;
 use sqlx::Row;
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
@@ -202,6 +205,120 @@ pub async fn restart_partitions(
     .await
 }
 
+/// The checkpoints a batch moves: an unpartitioned projection's one, or those of the partitions a worker reads.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Cursor {
+    /// One checkpoint.
+    One(Slot, Checkpoint),
+    /// One checkpoint per partition, the partition of an event read from its stored subject.
+    Parts(Layout, BTreeMap<u32, (Slot, Checkpoint)>),
+}
+
+/// One checkpoint moved by a commit: `partition` (`None`: the projection's) to `to`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Move {
+    /// Which checkpoint.
+    pub partition: Option<u32>,
+    /// Its new last sequence.
+    pub to: u64,
+}
+
+impl Cursor {
+    fn partition_of(layout: &Layout, subject: &str) -> Option<u32> {
+        let rest = subject.strip_prefix(&layout.prefix)?.strip_prefix('.')?;
+        rest.split('.').next()?.parse().ok()
+    }
+
+    /// Where reading resumes: after the lowest checkpoint.
+    pub fn position(&self) -> u64 {
+        match self {
+            Self::One(_, at) => at.last_sequence,
+            Self::Parts(_, parts) => parts
+                .values()
+                .map(|(_, at)| at.last_sequence)
+                .min()
+                .unwrap_or_default(),
+        }
+    }
+
+    /// Whether the event at `seq` on `subject` is still to be applied (after its checkpoint, in a partition read).
+    pub fn pending(&self, seq: u64, subject: &str) -> bool {
+        match self {
+            Self::One(_, at) => seq > at.last_sequence,
+            Self::Parts(layout, parts) => Self::partition_of(layout, subject)
+                .and_then(|p| parts.get(&p))
+                .is_some_and(|(_, at)| seq > at.last_sequence),
+        }
+    }
+
+    /// The checkpoints that committing the events `(seq, subject)` moves, each to its last event among them.
+    pub fn moves<'a>(&self, committed: impl IntoIterator<Item = (u64, &'a str)>) -> Vec<Move> {
+        match self {
+            Self::One(_, at) => committed
+                .into_iter()
+                .map(|(seq, _)| seq)
+                .max()
+                .filter(|to| *to > at.last_sequence)
+                .map(|to| {
+                    vec![Move {
+                        partition: None,
+                        to,
+                    }]
+                })
+                .unwrap_or_default(),
+            Self::Parts(layout, _) => {
+                let mut last: BTreeMap<u32, u64> = BTreeMap::new();
+                for (seq, subject) in committed {
+                    if let Some(p) = Self::partition_of(layout, subject) {
+                        let e = last.entry(p).or_default();
+                        *e = (*e).max(seq);
+                    }
+                }
+                last.into_iter()
+                    .map(|(p, to)| Move {
+                        partition: Some(p),
+                        to,
+                    })
+                    .collect()
+            }
+        }
+    }
+
+    /// The compare-and-sets of `moves` (SQL with `?` placeholders), each of which must match one row.
+    pub fn statements(&self, moves: &[Move]) -> Vec<(String, Vec<Bound>)> {
+        moves
+            .iter()
+            .filter_map(|m| {
+                let (slot, at) = self.checkpoint(m.partition)?;
+                Some(advance_statement(slot, at, m.to))
+            })
+            .collect()
+    }
+
+    fn checkpoint(&self, partition: Option<u32>) -> Option<(&Slot, &Checkpoint)> {
+        match (self, partition) {
+            (Self::One(slot, at), None) => Some((slot, at)),
+            (Self::Parts(_, parts), Some(p)) => parts.get(&p).map(|(s, a)| (s, a)),
+            _ => None,
+        }
+    }
+
+    /// Records committed `moves`.
+    pub fn apply(&mut self, moves: &[Move]) {
+        for m in moves {
+            match (&mut *self, m.partition) {
+                (Self::One(_, at), None) => at.last_sequence = m.to,
+                (Self::Parts(_, parts), Some(p)) => {
+                    if let Some((_, at)) = parts.get_mut(&p) {
+                        at.last_sequence = m.to;
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
 /// The key of partition `partition` of `projection`.
 pub fn partition_key(projection: &str, partition: u32) -> String {
     format!("{projection}#{partition}")
@@ -230,6 +347,65 @@ mod tests {
         let (sql, values) = advance_statement(&Slot::projection("ns/p"), &from, 9);
         assert!(sql.contains(CHECKPOINTS) && !sql.contains("owner"), "{sql}");
         assert_eq!(values.len(), 5);
+    }
+
+    fn at(n: u64) -> Checkpoint {
+        Checkpoint {
+            last_sequence: n,
+            rebuild_token: String::new(),
+        }
+    }
+
+    #[test]
+    fn a_worker_moves_each_partition_it_touched_to_its_last_event() {
+        let layout = Layout::new("ns.s", 4);
+        let parts = BTreeMap::from([
+            (1, (Slot::partition("ns/p#1", "me"), at(5))),
+            (2, (Slot::partition("ns/p#2", "me"), at(9))),
+        ]);
+        let mut cursor = Cursor::Parts(layout, parts);
+        assert_eq!(cursor.position(), 5);
+        assert!(cursor.pending(6, "ns.s.1.a.x"));
+        assert!(
+            !cursor.pending(8, "ns.s.2.a.y"),
+            "at or below partition 2's checkpoint"
+        );
+        assert!(
+            !cursor.pending(20, "ns.s.3.a.z"),
+            "a partition the worker does not own"
+        );
+        let moves = cursor.moves([(6, "ns.s.1.a.x"), (10, "ns.s.2.a.y"), (12, "ns.s.1.a.x")]);
+        assert_eq!(
+            moves,
+            vec![
+                Move {
+                    partition: Some(1),
+                    to: 12
+                },
+                Move {
+                    partition: Some(2),
+                    to: 10
+                }
+            ]
+        );
+        let statements = cursor.statements(&moves);
+        assert_eq!(statements.len(), 2);
+        assert!(statements.iter().all(|(sql, _)| sql.contains("owner = ?")));
+        cursor.apply(&moves);
+        assert_eq!(cursor.position(), 10);
+    }
+
+    #[test]
+    fn one_checkpoint_moves_to_the_batchs_last_event() {
+        let cursor = Cursor::One(Slot::projection("ns/p"), at(3));
+        assert_eq!(
+            cursor.moves([(4, "a"), (7, "b")]),
+            vec![Move {
+                partition: None,
+                to: 7
+            }]
+        );
+        assert!(cursor.moves([(2, "a")]).is_empty());
     }
 
     #[test]

@@ -32,7 +32,7 @@ pub struct Pipeline {
 pub enum Outcome {
     /// Committed.
     Committed,
-    /// The checkpoint's compare-and-set matched no row: rolled back.
+    /// A checkpoint's compare-and-set matched no row: rolled back.
     Fenced,
 }
 
@@ -112,14 +112,12 @@ impl Pipeline {
     pub async fn run(
         &mut self,
         steps: &[(&str, Vec<Bound>)],
-        cas: (&str, Vec<Bound>),
+        cas: &[(&str, Vec<Bound>)],
     ) -> Result<Outcome, tokio_postgres::Error> {
         let client = self.client().await?;
-        let all: Vec<(&str, &Vec<Bound>)> = steps
-            .iter()
-            .map(|(sql, v)| (*sql, v))
-            .chain(std::iter::once((cas.0, &cas.1)))
-            .collect();
+        let all: Vec<(&str, &Vec<Bound>)> =
+            steps.iter().chain(cas).map(|(sql, v)| (*sql, v)).collect();
+        let first_cas = steps.len();
         let keys: Vec<(String, Vec<Type>)> = all
             .iter()
             .map(|(sql, v)| (sql.to_string(), v.iter().map(pg_type).collect()))
@@ -149,10 +147,10 @@ impl Pipeline {
             async move { client.execute(statement, &refs).await }
         });
         let results = join_all(executions).await;
-        let mut cas_rows = 0;
+        let mut fenced = false;
         for (i, r) in results.into_iter().enumerate() {
             match r {
-                Ok(rows) if i == keys.len() - 1 => cas_rows = rows,
+                Ok(rows) if i >= first_cas => fenced |= rows != 1,
                 Ok(_) => {}
                 Err(e) => {
                     let _ = client.batch_execute("ROLLBACK").await;
@@ -160,7 +158,7 @@ impl Pipeline {
                 }
             }
         }
-        if cas_rows != 1 {
+        if fenced {
             client.batch_execute("ROLLBACK").await?;
             return Ok(Outcome::Fenced);
         }

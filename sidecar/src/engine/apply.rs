@@ -19,7 +19,7 @@ use super::plan::{self, Plan};
 use super::policy::{Decision, Fault, Policy};
 use super::report::{Counts, Report};
 use super::source::{Incoming, Transient};
-use crate::checkpoint::{self, Checkpoint, Slot};
+use crate::checkpoint::{Cursor, Move};
 use crate::database::{self, Database, ErrorClass, Tx, classify};
 use crate::dead_letter::{self, DeadLetter};
 use crate::event::{DecodeError, Event};
@@ -30,8 +30,10 @@ use crate::pipeline::{self, Pipeline};
 /// A committed transaction.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Committed {
-    /// The checkpoint now.
+    /// The last sequence committed.
     pub upto: u64,
+    /// The checkpoints moved.
+    pub moves: Vec<Move>,
     /// What it applied.
     pub counts: Counts,
     /// The events recorded under `deadLetter` or `skip`.
@@ -71,7 +73,6 @@ pub struct Apply {
     pipeline: Option<Pipeline>,
     mergeable: HashMap<String, Mergeable>,
     key: String,
-    slot: Slot,
 }
 
 /// One statement failure.
@@ -81,15 +82,9 @@ enum StepError {
 }
 
 impl Apply {
-    /// Applies `handlers` to `db` for projection `key` (dead letters are recorded under it), moving the checkpoint in
-    /// `slot`; `pipeline` is the PostgreSQL fast path, if usable.
-    pub fn new(
-        db: Database,
-        handlers: Handlers,
-        pipeline: Option<Pipeline>,
-        key: &str,
-        slot: Slot,
-    ) -> Self {
+    /// Applies `handlers` to `db` for projection `key` (dead letters are recorded under it); `pipeline` is the
+    /// PostgreSQL fast path, if usable.
+    pub fn new(db: Database, handlers: Handlers, pipeline: Option<Pipeline>, key: &str) -> Self {
         let pipeline = pipeline.filter(|_| db.driver == Driver::Postgres);
         let mergeable = plan::mergeable(&handlers, db.driver);
         Self {
@@ -98,7 +93,6 @@ impl Apply {
             pipeline,
             mergeable,
             key: key.to_string(),
-            slot,
         }
     }
 
@@ -113,18 +107,19 @@ impl Apply {
         &self.db
     }
 
-    /// The whole batch (every event decoded) in one transaction, the checkpoint moved from `from` to `upto`.
+    /// The whole batch (every event decoded) in one transaction, with the compare-and-sets that move `cursor`'s
+    /// checkpoints past it.
     pub async fn batch(
         &mut self,
-        from: &Checkpoint,
+        cursor: &Cursor,
         events: &[Event],
-        upto: u64,
     ) -> Result<Outcome, BatchFailure> {
         let at_fault = |e: &dyn std::fmt::Display| BatchFailure::AtFault(e.to_string());
+        let moves = cursor.moves(events.iter().map(|e| (e.sequence, e.nats_subject.as_str())));
         if let Some(pipeline) = self.pipeline.as_mut() {
             let plan =
                 plan::plan(events, &self.handlers, &self.mergeable).map_err(|e| at_fault(&e))?;
-            return pipelined(pipeline, &self.db, &self.slot, from, plan, upto).await;
+            return pipelined(pipeline, &self.db, cursor, moves, plan).await;
         }
         let plan = plan::plan(events, &self.handlers, &self.mergeable).map_err(|e| at_fault(&e))?;
         let db_failure = |e: sqlx::Error| match classify(&e) {
@@ -143,7 +138,7 @@ impl Apply {
                 .await
                 .map_err(db_failure)?;
         }
-        self.commit(tx, from, upto, counts, Vec::new())
+        self.commit(tx, cursor, moves, counts, Vec::new())
             .await
             .map_err(db_failure)
     }
@@ -151,37 +146,45 @@ impl Apply {
     async fn commit(
         &self,
         mut tx: Tx,
-        from: &Checkpoint,
-        upto: u64,
+        cursor: &Cursor,
+        moves: Vec<Move>,
         counts: Counts,
         dead: Vec<DeadLetter>,
     ) -> Result<Outcome, sqlx::Error> {
-        if !checkpoint::advance(&self.db, &mut tx, &self.slot, from, upto).await? {
-            tx.rollback().await?;
-            return Ok(Outcome::Fenced);
+        for (sql, values) in cursor.statements(&moves) {
+            if database::execute(&mut tx, &self.db.sql(&sql), values).await? != 1 {
+                tx.rollback().await?;
+                return Ok(Outcome::Fenced);
+            }
         }
         tx.commit().await?;
-        Ok(Outcome::Committed(Committed { upto, counts, dead }))
+        Ok(Outcome::Committed(Committed {
+            upto: moves.iter().map(|m| m.to).max().unwrap_or_default(),
+            moves,
+            counts,
+            dead,
+        }))
     }
 
     /// Commits what came before the event at fault, then stops with `reason`.
+    #[allow(clippy::too_many_arguments)]
     async fn halt(
         &self,
         tx: Tx,
-        from: &Checkpoint,
-        upto: u64,
+        cursor: &Cursor,
+        moves: Vec<Move>,
         counts: Counts,
         dead: Vec<DeadLetter>,
         reason: String,
     ) -> Result<Outcome, sqlx::Error> {
-        if upto <= from.last_sequence {
+        if moves.is_empty() {
             let _ = tx.rollback().await;
             return Ok(Outcome::Halted {
                 committed: None,
                 reason,
             });
         }
-        match self.commit(tx, from, upto, counts, dead).await? {
+        match self.commit(tx, cursor, moves, counts, dead).await? {
             Outcome::Committed(c) => Ok(Outcome::Halted {
                 committed: Some(c),
                 reason,
@@ -207,7 +210,7 @@ impl Apply {
     /// One savepoint per event: the event at fault is tried again and settled by `policy`.
     pub async fn isolated(
         &mut self,
-        from: &Checkpoint,
+        cursor: &Cursor,
         decoded: &[(&Incoming<'_>, Result<Event, DecodeError>)],
         policy: &Policy,
         report: &Report,
@@ -215,7 +218,8 @@ impl Apply {
         let db_err = |e: sqlx::Error| Transient(format!("database: {e}"));
         let mut tx = self.db.begin().await.map_err(db_err)?;
         let mut counts = Counts::default();
-        let mut upto = from.last_sequence;
+        // The events settled so far (applied, ignored or recorded): what a commit covers.
+        let mut done: Vec<(u64, &str)> = Vec::with_capacity(decoded.len());
         let mut dead = Vec::new();
         for (inc, ev) in decoded {
             let failure = match ev {
@@ -280,7 +284,7 @@ impl Apply {
                     Decision::Record(p) => p,
                     Decision::Halt | Decision::Retry(_) => {
                         return self
-                            .halt(tx, from, upto, counts, dead, described)
+                            .halt(tx, cursor, cursor.moves(done), counts, dead, described)
                             .await
                             .map_err(db_err);
                     }
@@ -308,28 +312,27 @@ impl Apply {
                         savepoint(&mut tx, "ROLLBACK TO SAVEPOINT projectionist_letter").await?;
                         let reason = format!("{described}; cannot record it as a dead letter: {e}");
                         return self
-                            .halt(tx, from, upto, counts, dead, reason)
+                            .halt(tx, cursor, cursor.moves(done), counts, dead, reason)
                             .await
                             .map_err(db_err);
                     }
                 }
             }
-            upto = inc.seq;
+            done.push((inc.seq, inc.subject));
         }
-        self.commit(tx, from, upto, counts, dead)
+        self.commit(tx, cursor, cursor.moves(done), counts, dead)
             .await
             .map_err(db_err)
     }
 }
 
-/// The whole plan pipelined on PostgreSQL, with the checkpoint's compare-and-set, in one transaction.
+/// The whole plan pipelined on PostgreSQL, with the checkpoints' compare-and-sets, in one transaction.
 async fn pipelined(
     pipeline: &mut Pipeline,
     db: &Database,
-    slot: &Slot,
-    from: &Checkpoint,
+    cursor: &Cursor,
+    moves: Vec<Move>,
     plan: Plan<'_>,
-    upto: u64,
 ) -> Result<Outcome, BatchFailure> {
     let counts = Counts {
         applied: plan.applied,
@@ -342,11 +345,19 @@ async fn pipelined(
         .map(String::as_str)
         .zip(plan.steps.into_iter().map(plan::Step::into_values))
         .collect();
-    let (cas_sql, cas_values) = checkpoint::advance_statement(slot, from, upto);
-    let cas_sql = db.sql(&cas_sql);
-    match pipeline.run(&steps, (&cas_sql, cas_values)).await {
+    let cas: Vec<(String, Vec<handler::Bound>)> = cursor
+        .statements(&moves)
+        .into_iter()
+        .map(|(sql, values)| (db.sql(&sql), values))
+        .collect();
+    let cas: Vec<(&str, Vec<handler::Bound>)> = cas
+        .iter()
+        .map(|(sql, v)| (sql.as_str(), v.clone()))
+        .collect();
+    match pipeline.run(&steps, &cas).await {
         Ok(pipeline::Outcome::Committed) => Ok(Outcome::Committed(Committed {
-            upto,
+            upto: moves.iter().map(|m| m.to).max().unwrap_or_default(),
+            moves,
             counts,
             dead: Vec::new(),
         })),

@@ -25,6 +25,7 @@ pub mod policy;
 pub mod prepare;
 pub mod report;
 pub mod source;
+pub mod worker;
 
 use std::time::{Duration, Instant};
 
@@ -34,7 +35,7 @@ use projectionist_crds::sidecar_config::SidecarConfig;
 use tokio::sync::watch;
 use tracing::{debug, error, info, warn};
 
-use crate::checkpoint::{Checkpoint, Slot};
+use crate::checkpoint::{Checkpoint, Cursor, Slot};
 use crate::database::{Database, ErrorClass, classify};
 use crate::dead_letter;
 use crate::event::{self, Event};
@@ -45,6 +46,7 @@ use gate::Gate;
 use policy::{Backoff, Policy};
 use report::Report;
 use source::{Acks, Source, Transient};
+use worker::Worker;
 
 /// How a projection's loop ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -83,11 +85,9 @@ pub struct Projector {
     checkpoint: Checkpoint,
     /// Retry delays for transient failures.
     backoff: Backoff,
-    /// Where the checkpoint lives.
-    slot: Slot,
-    /// For a partition: the stored subjects it reads (the stream is read directly, from the checkpoint on).
-    partition: Option<Vec<String>>,
-    /// For a partition: the turns of the projection's workers.
+    /// A worker of a partitioned projection: its partitions, read from the stream from their checkpoints.
+    partition: Option<Worker>,
+    /// For a worker: the turns of the projection's workers.
     gate: Option<Gate>,
 }
 
@@ -114,8 +114,7 @@ impl Projector {
             report.clone(),
         );
         Self {
-            apply: Apply::new(db, handlers, pipeline, &key, Slot::projection(&key)),
-            slot: Slot::projection(&key),
+            apply: Apply::new(db, handlers, pipeline, &key),
             partition: None,
             gate: None,
             policy: Policy::new(&config.on_error),
@@ -132,22 +131,28 @@ impl Projector {
         }
     }
 
-    /// A projector of one partition: `slot` holds its checkpoint (owned by this replica), `filters` are the stored
-    /// subjects it reads. `projection` is the projection's key, under which dead letters are recorded.
-    pub fn partition(
+    /// A worker of a partitioned projection (its partitions owned by this replica). `projection` is the projection's
+    /// key, under which dead letters are recorded.
+    pub fn worker(
         mut self,
         projection: &str,
-        slot: Slot,
-        filters: Vec<String>,
+        worker: Worker,
         handlers: Handlers,
         gate: Gate,
     ) -> Self {
         let db = self.apply.db().clone();
-        self.apply = Apply::new(db, handlers, None, projection, slot.clone());
-        self.slot = slot;
-        self.partition = Some(filters);
+        self.apply = Apply::new(db, handlers, None, projection);
+        self.partition = Some(worker);
         self.gate = Some(gate);
         self
+    }
+
+    /// The checkpoints a batch moves.
+    fn cursor(&self) -> Cursor {
+        match &self.partition {
+            Some(worker) => worker.cursor.clone(),
+            None => Cursor::One(Slot::projection(self.report.key()), self.checkpoint.clone()),
+        }
     }
 
     fn stopping(&self) -> bool {
@@ -213,19 +218,31 @@ impl Projector {
     async fn prepare(&mut self) -> Option<Exit> {
         let mut permanent_failures = 0;
         loop {
-            let prepared = match &self.partition {
-                Some(_) => {
-                    prepare::prepare_partition(self.apply.db(), &self.config, &self.slot).await
+            if let Some(worker) = &mut self.partition {
+                match worker.prepare(self.apply.db(), &self.config).await {
+                    Ok(()) => {
+                        self.backoff.reset();
+                        self.report.checkpoint(worker.cursor.position());
+                        return None;
+                    }
+                    Err(e) => {
+                        warn!(projection = %self.report.key(), error = %e, "database not ready; retrying");
+                        self.report.waiting(Some(format!("database: {e}")));
+                        let d = self.backoff.next_delay();
+                        if self.pause(d).await {
+                            return Some(Exit::Shutdown);
+                        }
+                        continue;
+                    }
                 }
-                None => {
-                    prepare::prepare(self.apply.db(), &self.config, self.report.key(), false).await
-                }
-            };
+            }
+            let prepared =
+                prepare::prepare(self.apply.db(), &self.config, self.report.key(), false).await;
             match prepared {
                 Ok(prepared) => {
                     self.backoff.reset();
                     self.checkpoint = prepared.checkpoint;
-                    if prepared.rebuilding && self.partition.is_none() {
+                    if prepared.rebuilding {
                         self.report.rebuild_started();
                     }
                     self.report.checkpoint(self.checkpoint.last_sequence);
@@ -261,8 +278,12 @@ impl Projector {
     /// Re-reads the checkpoint. `true` when it went back (the database lost commits, or was restored): the events
     /// after it must then be read again from the stream, since the consumer has moved past them.
     async fn reload_checkpoint(&mut self) -> Result<bool, sqlx::Error> {
+        if let Some(worker) = &mut self.partition {
+            return worker.reload(self.apply.db(), &self.config).await;
+        }
         let token = self.checkpoint.rebuild_token.clone();
-        let cp = prepare::reload(self.apply.db(), &self.config, &self.slot, &token).await?;
+        let slot = Slot::projection(self.report.key());
+        let cp = prepare::reload(self.apply.db(), &self.config, &slot, &token).await?;
         let went_back =
             cp.last_sequence < self.checkpoint.last_sequence || cp.rebuild_token != token;
         if went_back {
@@ -282,11 +303,11 @@ impl Projector {
     /// A partition reads the stream from its checkpoint on.
     async fn consume(&mut self) -> Result<Exit, Transient> {
         self.report.waiting(Some("connecting to NATS".into()));
-        if let Some(filters) = &self.partition {
-            self.report.filters(filters.clone());
+        if let Some(worker) = &self.partition {
+            self.report.filters(worker.filters.clone());
             let live = self
                 .source
-                .tail(self.checkpoint.last_sequence, filters)
+                .tail(worker.cursor.position(), &worker.filters)
                 .await?
                 .read_ahead();
             return self.consume_live(live).await;
@@ -467,18 +488,18 @@ impl Projector {
         items: &[source::Incoming<'_>],
         decoded: Vec<Result<Event, event::DecodeError>>,
     ) -> Result<Option<Outcome>, Transient> {
-        let checkpoint = self.checkpoint.last_sequence;
+        let cursor = self.cursor();
         let (todo, decoded): (Vec<&source::Incoming>, Vec<_>) = items
             .iter()
             .zip(decoded)
-            .filter(|(i, _)| i.seq > checkpoint)
+            .filter(|(i, _)| cursor.pending(i.seq, i.subject))
             .unzip();
-        let Some(upto) = todo.last().map(|i| i.seq) else {
+        if todo.is_empty() {
             return Ok(None);
-        };
+        }
         let decoded = if decoded.iter().all(Result::is_ok) {
             let events: Vec<Event> = decoded.into_iter().flatten().collect();
-            match self.apply.batch(&self.checkpoint, &events, upto).await {
+            match self.apply.batch(&cursor, &events).await {
                 Ok(outcome) => return Ok(Some(outcome)),
                 Err(BatchFailure::Transient(reason)) => return Err(Transient(reason)),
                 Err(BatchFailure::AtFault(e)) => {
@@ -491,15 +512,28 @@ impl Projector {
         };
         let paired: Vec<_> = todo.into_iter().zip(decoded).collect();
         self.apply
-            .isolated(&self.checkpoint, &paired, &self.policy, &self.report)
+            .isolated(&cursor, &paired, &self.policy, &self.report)
             .await
             .map(Some)
     }
 
     /// Bookkeeping after a commit: the checkpoint, metrics, dead-letter publishing.
     async fn committed(&mut self, committed: Committed, started: Instant) {
-        self.checkpoint.last_sequence = committed.upto;
-        self.report.checkpoint(committed.upto);
+        match &mut self.partition {
+            Some(worker) => {
+                worker.cursor.apply(&committed.moves);
+                for m in &committed.moves {
+                    if let Some(p) = m.partition {
+                        self.report.partition_checkpoint(p, m.to);
+                    }
+                }
+                self.report.checkpoint(worker.cursor.position());
+            }
+            None => {
+                self.checkpoint.last_sequence = committed.upto;
+                self.report.checkpoint(committed.upto);
+            }
+        }
         self.report.committed(committed.counts, started.elapsed());
         for letter in &committed.dead {
             self.report.dead_letter(letter.policy);

@@ -10,9 +10,10 @@
 //!   that lost a partition — released it, or was declared dead while it still ran — can never commit to it.
 //!
 //! Each round the coordinator renews its lease, reads who is alive and who owns what, and [`rebalance`]s: above its
-//! share it stops and releases its highest partitions, below it claims free or orphaned ones. A partition it owns
-//! runs as an ordinary [`Projector`] reading that partition's subjects from its checkpoint; at most `workers` of
-//! them apply a batch at once ([`Gate`]).
+//! share it stops and releases its highest partitions, below it claims free or orphaned ones. The partitions it owns
+//! are dealt to `workers` [`Projector`]s ([`Worker`]), each reading its partitions' subjects through one consumer
+//! from their lowest checkpoint and committing one transaction per batch with a compare-and-set per partition it
+//! touched; their turns at the database are the [`Gate`]'s.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
@@ -28,8 +29,9 @@ use tracing::{error, info, warn};
 use super::gate::Gate;
 use super::prepare;
 use super::report::Report;
+use super::worker::Worker;
 use super::{Exit, Projector};
-use crate::checkpoint::{self, Slot, partition_key, partition_range};
+use crate::checkpoint::{self, partition_key, partition_range};
 use crate::database::{Database, ErrorClass, MEMBERS, PARTITIONS, classify, execute};
 use crate::handler::{Bound, Handlers};
 use crate::pipeline::Pipeline;
@@ -264,7 +266,9 @@ pub struct Parts {
     pub state: Arc<ProjectionState>,
 }
 
+/// One worker as it runs.
 struct Running {
+    partitions: Vec<u32>,
     stop: watch::Sender<bool>,
     task: JoinHandle<Exit>,
     state: Arc<ProjectionState>,
@@ -278,7 +282,7 @@ pub struct Coordinator {
     layout: Layout,
     tables: Tables,
     gate: Gate,
-    running: BTreeMap<u32, Running>,
+    running: Vec<Running>,
     shutdown: watch::Receiver<bool>,
 }
 
@@ -287,7 +291,7 @@ impl std::fmt::Debug for Coordinator {
         f.debug_struct("Coordinator")
             .field("key", &self.key)
             .field("me", &self.me)
-            .field("owned", &self.running.keys().collect::<Vec<_>>())
+            .field("owned", &self.owned())
             .finish_non_exhaustive()
     }
 }
@@ -330,7 +334,7 @@ impl Coordinator {
             key,
             tables,
             gate,
-            running: BTreeMap::new(),
+            running: Vec::new(),
             parts,
             shutdown,
         })
@@ -344,18 +348,6 @@ impl Coordinator {
     fn timing(&self) -> (Duration, Duration) {
         let lease = (self.parts.config.ack_wait / 2).max(Duration::from_secs(1));
         (lease / 3, lease)
-    }
-
-    /// The stored subjects partition `p` reads.
-    fn filters(&self, p: u32) -> Vec<String> {
-        let filters = self
-            .parts
-            .config
-            .partitioning
-            .as_ref()
-            .map(|c| c.filters.clone())
-            .unwrap_or_default();
-        self.layout.partition_filters(&filters, p)
     }
 
     /// Runs until shutdown.
@@ -408,8 +400,8 @@ impl Coordinator {
             }
         }
         renewal.abort();
-        let owned: Vec<u32> = self.running.keys().copied().collect();
-        self.stop_all(&owned).await;
+        let owned = self.owned();
+        self.stop_all().await;
         for p in owned {
             let _ = self.tables.hand_over(p, &self.me, "").await;
         }
@@ -461,82 +453,112 @@ impl Coordinator {
         }
     }
 
-    /// One round: renew the lease, stop what was lost, release above the share, claim below it.
+    /// The partitions this replica's workers run.
+    fn owned(&self) -> BTreeSet<u32> {
+        self.running
+            .iter()
+            .flat_map(|r| r.partitions.iter().copied())
+            .collect()
+    }
+
+    /// One round: stop what was lost, release above the share, claim below it, and run the workers on what is owned
+    /// now (restarted only when that changed).
     async fn round(&mut self) -> Result<(), sqlx::Error> {
         let view = self.tables.view(&self.me, self.layout.partitions).await?;
         self.publish(&view);
-        let lost: Vec<u32> = self
-            .running
-            .keys()
+        let running = self.owned();
+        for p in running
+            .iter()
             .filter(|p| view.owners.get(p) != Some(&self.me))
-            .copied()
-            .collect();
-        for p in &lost {
+        {
             warn!(projection = %self.key, partition = p, "partition taken over by another replica; stopping it here");
         }
-        self.stop_all(&lost).await;
-        // A partition whose projector ended (fenced, or stopped) runs again below if this replica still owns it.
-        self.running.retain(|_, r| !r.task.is_finished());
         let moves = rebalance(&view, self.layout.partitions);
-        self.stop_all(&moves.release).await;
-        for p in &moves.release {
-            if self.tables.hand_over(*p, &self.me, "").await? {
-                info!(projection = %self.key, partition = p, "partition released");
-            }
-        }
-        for (p, seen) in moves.claim {
-            if self.tables.hand_over(p, &seen, &self.me).await? {
-                info!(projection = %self.key, partition = p, from = %seen, "partition claimed");
-                self.start(p);
-            }
-        }
-        // A partition this replica owns but does not run (its task ended): run it again.
-        let idle: Vec<u32> = view
+        let mut target: BTreeSet<u32> = view
             .owners
             .iter()
-            .filter(|(p, o)| {
-                **o == self.me && !self.running.contains_key(p) && !moves.release.contains(p)
-            })
+            .filter(|(p, o)| **o == self.me && !moves.release.contains(p))
             .map(|(p, _)| *p)
             .collect();
-        for p in idle {
-            self.start(p);
+        let ended = self.running.iter().any(|r| r.task.is_finished());
+        if !moves.release.is_empty() {
+            self.stop_all().await;
+            for p in &moves.release {
+                if self.tables.hand_over(*p, &self.me, "").await? {
+                    info!(projection = %self.key, partition = p, "partition released");
+                }
+            }
+        }
+        for (p, seen) in &moves.claim {
+            if self.tables.hand_over(*p, seen, &self.me).await? {
+                info!(projection = %self.key, partition = p, from = %seen, "partition claimed");
+                target.insert(*p);
+            }
+        }
+        if target != self.owned() || ended {
+            self.stop_all().await;
+            self.start(&target);
         }
         Ok(())
     }
 
-    fn start(&mut self, p: u32) {
-        let key = partition_key(&self.key, p);
-        let state = ProjectionState::new(&key);
-        let (stop, stop_rx) = watch::channel(false);
-        let report = Report::new(&key, self.parts.metrics.clone(), state.clone())
-            .of_partition(self.parts.state.clone(), p);
-        let projector = Projector::new(
-            self.parts.config.clone(),
-            self.parts.handlers.clone(),
-            self.parts.db.clone(),
-            None,
-            self.parts.nats.clone(),
-            report,
-            stop_rx,
-        )
-        .partition(
-            &self.key,
-            Slot::partition(&key, &self.me),
-            self.filters(p),
-            self.parts.handlers.clone(),
-            self.gate.clone(),
-        );
-        let task = tokio::spawn(projector.run());
-        self.running.insert(p, Running { stop, task, state });
+    /// Runs `workers` workers over `partitions`, dealt round-robin.
+    fn start(&mut self, partitions: &BTreeSet<u32>) {
+        let workers = self
+            .parts
+            .config
+            .partitioning
+            .as_ref()
+            .map_or(1, |c| c.workers.max(1)) as usize;
+        let mut groups: Vec<Vec<u32>> = vec![Vec::new(); workers];
+        for (i, p) in partitions.iter().enumerate() {
+            groups[i % workers].push(*p);
+        }
+        let filters = self
+            .parts
+            .config
+            .partitioning
+            .as_ref()
+            .map(|c| c.filters.clone())
+            .unwrap_or_default();
+        for (w, group) in groups.into_iter().enumerate() {
+            if group.is_empty() {
+                continue;
+            }
+            let key = format!("{}@{w}", self.key);
+            let state = ProjectionState::new(&key);
+            let (stop, stop_rx) = watch::channel(false);
+            let report = Report::new(&key, self.parts.metrics.clone(), state.clone())
+                .of_worker(self.parts.state.clone());
+            let worker = Worker::new(&self.key, &self.me, self.layout.clone(), &group, &filters);
+            let projector = Projector::new(
+                self.parts.config.clone(),
+                self.parts.handlers.clone(),
+                self.parts.db.clone(),
+                None,
+                self.parts.nats.clone(),
+                report,
+                stop_rx,
+            )
+            .worker(
+                &self.key,
+                worker,
+                self.parts.handlers.clone(),
+                self.gate.clone(),
+            );
+            let task = tokio::spawn(projector.run());
+            self.running.push(Running {
+                partitions: group,
+                stop,
+                task,
+                state,
+            });
+        }
     }
 
-    /// Stops the projectors of `partitions` (each finishes or rolls back its batch), all at once.
-    async fn stop_all(&mut self, partitions: &[u32]) {
-        let stopping: Vec<Running> = partitions
-            .iter()
-            .filter_map(|p| self.running.remove(p))
-            .collect();
+    /// Stops every worker (each finishes or rolls back its batch).
+    async fn stop_all(&mut self) {
+        let stopping = std::mem::take(&mut self.running);
         for running in &stopping {
             let _ = running.stop.send(true);
         }
@@ -554,12 +576,14 @@ impl Coordinator {
     /// Every partition's checkpoint, for the `wait` endpoint: the database's, or this replica's own where it is ahead.
     fn publish(&self, view: &View) {
         let mut checkpoints = view.checkpoints.clone();
-        for (p, running) in &self.running {
-            let local = running.state.checkpoint();
-            checkpoints
-                .entry(*p)
-                .and_modify(|c| *c = (*c).max(local))
-                .or_insert(local);
+        if let Some(known) = self.parts.state.partitions() {
+            for p in self.owned() {
+                if let (Some(local), Some(db)) =
+                    (known.checkpoints.get(&p), checkpoints.get_mut(&p))
+                {
+                    *db = (*db).max(*local);
+                }
+            }
         }
         self.parts.state.set_partitions(Partitions {
             layout: self.layout.clone(),
@@ -574,18 +598,18 @@ impl Coordinator {
         });
     }
 
-    /// The projection's state from its partitions': ready when every owned partition is; halted when one is; the
-    /// checkpoint the lowest of them.
+    /// The projection's state from its workers': ready when every worker is; halted when one is; the checkpoint the
+    /// lowest of them.
     fn summarize(&self) {
         let state = &self.parts.state;
         let mut waiting = None;
         let mut halted = None;
-        for (p, running) in &self.running {
+        for (w, running) in self.running.iter().enumerate() {
             if let Some(reason) = running.state.halted() {
-                halted.get_or_insert(format!("partition {p}: {reason}"));
+                halted.get_or_insert(format!("worker {w}: {reason}"));
             }
             if let Some(reason) = running.state.waiting() {
-                waiting.get_or_insert(format!("partition {p}: {reason}"));
+                waiting.get_or_insert(format!("worker {w}: {reason}"));
             }
         }
         if let Some(reason) = halted {
@@ -594,19 +618,19 @@ impl Coordinator {
         state.set_waiting(waiting);
         let low = self
             .running
-            .values()
+            .iter()
             .map(|r| r.state.checkpoint())
             .min()
             .unwrap_or_default();
         state.set_checkpoint(low);
         let lag = self
             .running
-            .values()
+            .iter()
             .map(|r| r.state.lag.load(std::sync::atomic::Ordering::Relaxed))
             .max()
             .unwrap_or(0);
         state.lag.store(lag, std::sync::atomic::Ordering::Relaxed);
-        let owned: Vec<String> = self.running.keys().map(u32::to_string).collect();
+        let owned: Vec<String> = self.owned().iter().map(u32::to_string).collect();
         state.set_filters(vec![format!("partitions {}", owned.join(","))]);
     }
 }

@@ -17,8 +17,8 @@ pub struct Report {
     label: ProjectionLabel,
     metrics: Arc<Metrics>,
     state: Arc<ProjectionState>,
-    /// A partition's: the projection's state and the partition, told of every checkpoint.
-    parent: Option<(Arc<ProjectionState>, u32)>,
+    /// A worker's: the projection's state, told of every partition's checkpoint.
+    parent: Option<Arc<ProjectionState>>,
 }
 
 /// What one committed batch did.
@@ -46,10 +46,24 @@ impl Report {
         }
     }
 
-    /// The handle of partition `partition`, which also tells the projection's state `parent` its checkpoints.
-    pub fn of_partition(mut self, parent: Arc<ProjectionState>, partition: u32) -> Self {
-        self.parent = Some((parent, partition));
+    /// The handle of a worker of a partitioned projection, which tells the projection's state `parent` its
+    /// partitions' checkpoints.
+    pub fn of_worker(mut self, parent: Arc<ProjectionState>) -> Self {
+        self.parent = Some(parent);
         self
+    }
+
+    /// A partition's checkpoint now stands at `sequence` (metric label `<projection>#<partition>`).
+    pub fn partition_checkpoint(&self, partition: u32, sequence: u64) {
+        if let Some(parent) = &self.parent {
+            parent.set_partition_checkpoint(partition, sequence);
+            self.metrics
+                .checkpoint
+                .get_or_create(&ProjectionLabel {
+                    projection: crate::checkpoint::partition_key(&parent.key, partition),
+                })
+                .set(gauge(sequence));
+        }
     }
 
     /// `<namespace>/<name>`.
@@ -75,9 +89,6 @@ impl Report {
     /// The checkpoint now stands at `sequence`.
     pub fn checkpoint(&self, sequence: u64) {
         self.state.set_checkpoint(sequence);
-        if let Some((parent, partition)) = &self.parent {
-            parent.set_partition_checkpoint(*partition, sequence);
-        }
         self.metrics
             .checkpoint
             .get_or_create(&self.label)

@@ -1,0 +1,111 @@
+//! A worker of a partitioned projection: the partitions one of its connections applies, read through one consumer
+//! (their subjects together) and committed in one transaction per batch with one compare-and-set per partition the
+//! batch touched — each on the partition's own row, owner included ([`crate::checkpoint::Cursor::Parts`]).
+
+use std::collections::BTreeMap;
+
+use projectionist_crds::partition::Layout;
+use projectionist_crds::sidecar_config::SidecarConfig;
+
+use super::prepare;
+use crate::checkpoint::{Checkpoint, Cursor, Slot, partition_key};
+use crate::database::Database;
+
+/// The partitions a worker reads and where each stands.
+#[derive(Debug, Clone)]
+pub struct Worker {
+    /// The stored subjects of all its partitions.
+    pub filters: Vec<String>,
+    /// Each partition's checkpoint.
+    pub cursor: Cursor,
+}
+
+impl Worker {
+    /// A worker of `partitions` of projection `key`, owned by `owner`, reading the projection's `filters`
+    /// (publishers' form; empty: all).
+    pub fn new(
+        key: &str,
+        owner: &str,
+        layout: Layout,
+        partitions: &[u32],
+        filters: &[String],
+    ) -> Self {
+        // Every partition (a lone replica with one worker): the store-wide form, one filter per projection filter.
+        let all = if partitions.len() == layout.partitions as usize {
+            if filters.is_empty() {
+                vec![format!("{}.*.>", layout.prefix)]
+            } else {
+                filters
+                    .iter()
+                    .filter_map(|f| layout.stored_filter(f, None))
+                    .collect()
+            }
+        } else {
+            partitions
+                .iter()
+                .flat_map(|p| layout.partition_filters(filters, *p))
+                .collect()
+        };
+        let parts = partitions
+            .iter()
+            .map(|p| {
+                (
+                    *p,
+                    (
+                        Slot::partition(&partition_key(key, *p), owner),
+                        Checkpoint {
+                            last_sequence: 0,
+                            rebuild_token: String::new(),
+                        },
+                    ),
+                )
+            })
+            .collect::<BTreeMap<_, _>>();
+        Self {
+            filters: all,
+            cursor: Cursor::Parts(layout, parts),
+        }
+    }
+
+    /// The partitions.
+    pub fn partitions(&self) -> Vec<u32> {
+        match &self.cursor {
+            Cursor::Parts(_, parts) => parts.keys().copied().collect(),
+            Cursor::One(..) => Vec::new(),
+        }
+    }
+
+    /// Reads every partition's checkpoint.
+    pub async fn prepare(
+        &mut self,
+        db: &Database,
+        config: &SidecarConfig,
+    ) -> Result<(), sqlx::Error> {
+        if let Cursor::Parts(_, parts) = &mut self.cursor {
+            for (slot, at) in parts.values_mut() {
+                *at = prepare::prepare_partition(db, config, slot)
+                    .await?
+                    .checkpoint;
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads every partition's checkpoint again; `true` when one went back (read again from the stream).
+    pub async fn reload(
+        &mut self,
+        db: &Database,
+        config: &SidecarConfig,
+    ) -> Result<bool, sqlx::Error> {
+        let mut went_back = false;
+        if let Cursor::Parts(_, parts) = &mut self.cursor {
+            for (slot, at) in parts.values_mut() {
+                let now = prepare::reload(db, config, slot, &at.rebuild_token).await?;
+                went_back |=
+                    now.last_sequence < at.last_sequence || now.rebuild_token != at.rebuild_token;
+                *at = now;
+            }
+        }
+        Ok(went_back)
+    }
+}
