@@ -19,6 +19,7 @@
 
 pub mod apply;
 pub mod gate;
+pub mod membership;
 pub mod partitions;
 pub mod plan;
 pub mod policy;
