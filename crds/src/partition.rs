@@ -117,6 +117,60 @@ pub fn partitions_of(destination: &str) -> Option<u32> {
     rest[..rest.find(',')?].trim().parse().ok()
 }
 
+/// The stream the replicas of partitioned projections report their share and lag on, one message per replica
+/// (the last kept, gone a minute after the replica stopped reporting); the operator reads it for status.
+pub const PROGRESS_STREAM: &str = "PROJECTIONIST_PROGRESS";
+
+/// The subject of replica `member`'s report for projection `namespace/name`.
+pub fn progress_subject(namespace: &str, name: &str, member: &str) -> String {
+    format!("projectionist.progress.{namespace}.{name}.{member}")
+}
+
+/// The subjects of every replica's report for projection `namespace/name`.
+pub fn progress_filter(namespace: &str, name: &str) -> String {
+    format!("projectionist.progress.{namespace}.{name}.*")
+}
+
+/// The stream of the reports.
+pub fn progress_stream() -> async_nats::jetstream::stream::Config {
+    async_nats::jetstream::stream::Config {
+        name: PROGRESS_STREAM.to_string(),
+        description: Some(
+            "Partitioned projections' replicas: their partitions and lag (projectionist)".into(),
+        ),
+        subjects: vec!["projectionist.progress.>".into()],
+        max_messages_per_subject: 1,
+        max_age: std::time::Duration::from_secs(60),
+        storage: async_nats::jetstream::stream::StorageType::Memory,
+        allow_direct: true,
+        ..Default::default()
+    }
+}
+
+/// One replica's report.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Progress {
+    /// The partitions it owns.
+    pub partitions: Vec<u32>,
+    /// Events of its partitions not yet applied (the largest of its workers').
+    pub lag: u64,
+}
+
+/// How the partitions are spread (replica → partitions owned) and the largest lag, from the replicas' reports.
+pub fn spread(reports: &[(String, Progress)]) -> (std::collections::BTreeMap<String, u32>, u64) {
+    let spread = reports
+        .iter()
+        .map(|(member, p)| {
+            (
+                member.clone(),
+                u32::try_from(p.partitions.len()).unwrap_or(u32::MAX),
+            )
+        })
+        .collect();
+    let lag = reports.iter().map(|(_, p)| p.lag).max().unwrap_or_default();
+    (spread, lag)
+}
+
 /// The partitions of `total` a member of rank `rank` among `members` live members should own: a fair share,
 /// the first `total % members` members owning one more.
 pub fn quota(total: u32, members: usize, rank: usize) -> u32 {
@@ -175,6 +229,33 @@ mod tests {
         assert_eq!(layout.aggregate_of("ns.users.3.user.42"), Some("user.42"));
         assert_eq!(layout.aggregate_of("ns.users.user.42"), None);
         assert_eq!(layout.published("ns.users.3.user.42"), "ns.users.user.42");
+    }
+
+    #[test]
+    fn reports_give_the_spread_and_the_largest_lag() {
+        let reports = vec![
+            (
+                "a".to_string(),
+                Progress {
+                    partitions: vec![0, 1],
+                    lag: 5,
+                },
+            ),
+            (
+                "b".to_string(),
+                Progress {
+                    partitions: vec![2],
+                    lag: 9,
+                },
+            ),
+        ];
+        let (spread, lag) = spread(&reports);
+        assert_eq!(spread, [("a".to_string(), 2), ("b".to_string(), 1)].into());
+        assert_eq!(lag, 9);
+        assert_eq!(
+            progress_subject("ns", "p", "pod-1"),
+            "projectionist.progress.ns.p.pod-1"
+        );
     }
 
     #[test]

@@ -341,6 +341,9 @@ pub struct ProjectionStatus {
     /// On a partitioned store: how many partitions one sidecar applies at once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub workers: Option<u32>,
+    /// On a partitioned store: the partitions each live sidecar owns, by sidecar, as they last reported.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub spread: std::collections::BTreeMap<String, u32>,
 }
 
 fn default_ack_wait() -> String {

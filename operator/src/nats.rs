@@ -12,6 +12,7 @@ use async_nats::jetstream::{self, consumer, stream};
 use k8s_openapi::api::core::v1::Secret;
 use kube::Api;
 use projectionist_crds::common::{NatsConnection, SecretKeyRef};
+use projectionist_crds::partition;
 use tokio::sync::Mutex;
 
 use crate::error::Error;
@@ -270,6 +271,40 @@ impl JetStream {
                 _ => Err(self.failed(format!("deleting stream {name}"), e)),
             },
         }
+    }
+
+    /// The reports of a partitioned projection's replicas (replica → its partitions and lag); empty when none
+    /// reported (or the progress stream does not exist yet).
+    pub async fn partition_progress(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Result<Vec<(String, partition::Progress)>, Error> {
+        use futures::TryStreamExt;
+        self.metrics.nats_call("progress");
+        let Ok(stream) = self.context.get_stream(partition::PROGRESS_STREAM).await else {
+            return Ok(Vec::new());
+        };
+        let filter = partition::progress_filter(namespace, name);
+        let subjects: Vec<String> = stream
+            .info_with_subjects(filter.clone())
+            .await
+            .map_err(|e| self.failed(format!("reading {filter}"), e))?
+            .map_ok(|(subject, _)| subject)
+            .try_collect()
+            .await
+            .map_err(|e| self.failed(format!("reading {filter}"), e))?;
+        let mut out = Vec::new();
+        for subject in subjects {
+            let Ok(message) = stream.get_last_raw_message_by_subject(&subject).await else {
+                continue;
+            };
+            if let Ok(progress) = serde_json::from_slice::<partition::Progress>(&message.payload) {
+                let member = subject.rsplit('.').next().unwrap_or_default().to_string();
+                out.push((member, progress));
+            }
+        }
+        Ok(out)
     }
 
     /// A consumer's info, or `None` when it (or its stream) does not exist.

@@ -185,6 +185,13 @@ async fn sync(
         status.partitions = Some(partitioning.partitions);
         status.workers = Some(partitioning.workers);
         status.consumer_name = None;
+        let js = ctx.jetstream(&store).await?;
+        let reports = js
+            .partition_progress(&namespace, &projection.name_any())
+            .await?;
+        let (spread, lag) = projectionist_crds::partition::spread(&reports);
+        status.pending = (!reports.is_empty()).then_some(lag);
+        status.spread = spread;
         conditions::set(
             &mut status.conditions,
             "Ready",
@@ -202,6 +209,7 @@ async fn sync(
     }
     status.partitions = None;
     status.workers = None;
+    status.spread.clear();
 
     let js = ctx.jetstream(&store).await?;
     let stream = store.stream_name();

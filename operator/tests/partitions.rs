@@ -87,6 +87,42 @@ async fn a_partitioned_store_and_its_projection_are_mapped_and_partitions_never_
         .expect("column");
     assert_eq!(t["rows"][0]["cells"][at], 50);
 
+    // The sidecars' reports give the spread and the largest lag (published here as two sidecars would).
+    js.get_or_create_stream(projectionist_crds::partition::progress_stream())
+        .await
+        .expect("progress stream");
+    let namespace = projection.metadata.namespace.clone().expect("namespace");
+    for (member, partitions, lag) in [("pod-a", 25u32, 3u64), ("pod-b", 25, 7)] {
+        let report = projectionist_crds::partition::Progress {
+            partitions: (0..partitions).collect(),
+            lag,
+        };
+        js.publish(
+            projectionist_crds::partition::progress_subject(&namespace, &name, member),
+            serde_json::to_vec(&report).expect("json").into(),
+        )
+        .await
+        .expect("publish")
+        .await
+        .expect("ack");
+    }
+    let projections = env.projections();
+    let spread = eventually(
+        "the spread in status",
+        Duration::from_secs(30),
+        || {
+            let (projections, name) = (projections.clone(), name.clone());
+            async move {
+                let s = projections.get(&name).await.ok()?.status?;
+                (s.spread.len() == 2).then_some(s)
+            }
+        },
+        || operator.log(),
+    )
+    .await;
+    assert_eq!(spread.spread.get("pod-b"), Some(&25));
+    assert_eq!(spread.pending, Some(7), "the largest lag");
+
     // Changing the partitions would move aggregates between partitions: refused, the stream untouched.
     env.stores()
         .patch(

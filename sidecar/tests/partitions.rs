@@ -296,6 +296,13 @@ async fn workers_keep_the_guarantees(driver: Driver, url: &str) {
         ledger_events(url).await
     );
     assert_eq!(read_ledger(url).await, fold(&all));
+    // Each replica reports its share and lag for the operator's status.
+    let mut progress = js
+        .get_stream(projectionist_crds::partition::PROGRESS_STREAM)
+        .await
+        .expect("progress stream");
+    let reported = progress.info().await.expect("info").state.messages;
+    assert_eq!(reported, 2, "one report per replica");
     // Read-your-writes across replicas: an event appended now is applied (by whichever replica owns its partition)
     // when `wait` answers.
     let last = append_one(&js, "acct-new", 5, "late").await;

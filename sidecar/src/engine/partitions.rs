@@ -19,11 +19,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use projectionist_crds::partition::{Layout, quota};
+use projectionist_crds::partition::{
+    Layout, PROGRESS_STREAM, Progress, progress_stream, progress_subject, quota,
+};
 use projectionist_crds::sidecar_config::SidecarConfig;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 use super::gate::Gate;
 use super::membership::{Tables, member_name};
@@ -130,6 +132,8 @@ pub struct Coordinator {
     gate: Gate,
     running: Vec<Running>,
     shutdown: watch::Receiver<bool>,
+    /// The progress stream exists (or was created).
+    progress_ready: bool,
 }
 
 impl std::fmt::Debug for Coordinator {
@@ -165,6 +169,7 @@ impl Coordinator {
             tables,
             gate,
             running: Vec::new(),
+            progress_ready: false,
             parts,
             shutdown,
         })
@@ -223,6 +228,7 @@ impl Coordinator {
                 state.set_waiting(Some(format!("database: {e}")));
             }
             self.summarize();
+            self.report_progress().await;
             let mut shutdown = self.shutdown.clone();
             tokio::select! {
                 _ = tokio::time::sleep(tick) => {}
@@ -236,6 +242,16 @@ impl Coordinator {
             let _ = self.tables.hand_over(p, &self.me, "").await;
         }
         let _ = self.tables.leave(&self.me).await;
+        // This replica's report goes with it.
+        let js = async_nats::jetstream::new(self.parts.nats.clone());
+        if let Ok(stream) = js.get_stream(PROGRESS_STREAM).await {
+            let subject = progress_subject(
+                &self.parts.config.projection.namespace,
+                &self.parts.config.projection.name,
+                &self.me,
+            );
+            let _ = stream.purge().filter(subject).await;
+        }
         Exit::Shutdown
     }
 
@@ -426,6 +442,43 @@ impl Coordinator {
                 .unwrap_or_default(),
             checkpoints,
         });
+    }
+
+    /// Tells the operator (through the progress stream) which partitions this replica owns and its largest lag. Best
+    /// effort: a NATS user that may not publish there only leaves the status without them.
+    async fn report_progress(&mut self) {
+        let js = async_nats::jetstream::new(self.parts.nats.clone());
+        if !self.progress_ready {
+            self.progress_ready = js.get_or_create_stream(progress_stream()).await.is_ok();
+        }
+        let progress = Progress {
+            partitions: self.owned().into_iter().collect(),
+            lag: u64::try_from(
+                self.parts
+                    .state
+                    .lag
+                    .load(std::sync::atomic::Ordering::Relaxed),
+            )
+            .unwrap_or(0),
+        };
+        let subject = progress_subject(
+            &self.parts.config.projection.namespace,
+            &self.parts.config.projection.name,
+            &self.me,
+        );
+        let Ok(body) = serde_json::to_vec(&progress) else {
+            return;
+        };
+        match js.publish(subject, body.into()).await {
+            Ok(ack) => {
+                if let Err(e) = ack.await {
+                    debug!(projection = %self.key, error = %e, "cannot report the partitions' progress");
+                }
+            }
+            Err(e) => {
+                debug!(projection = %self.key, error = %e, "cannot report the partitions' progress")
+            }
+        }
     }
 
     /// The projection's state from its workers': ready when every worker is; halted when one is; the checkpoint the
