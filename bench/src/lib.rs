@@ -81,3 +81,47 @@ pub mod procs {
             .spawn()?)
     }
 }
+
+pub mod fixtures {
+    //! What the benchmarks project: an EventStore in namespace `bench`, the upsert that folds `Tick`s per account,
+    //! and the headers of an event.
+
+    use async_nats::HeaderMap;
+    use projectionist_crds::EventStore;
+    use projectionist_crds::common::NatsConnection;
+    use projectionist_crds::event_store::EventStoreSpec;
+
+    /// The read model's table.
+    pub const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS agg (account TEXT PRIMARY KEY, events BIGINT NOT NULL, total BIGINT NOT NULL)";
+    /// The handler that folds a `Tick`.
+    pub const UPSERT: &str = "INSERT INTO agg (account, events, total) VALUES (:data.account, 1, :data.n) \
+        ON CONFLICT (account) DO UPDATE SET events = agg.events + 1, total = agg.total + excluded.total";
+
+    /// EventStore `bench/<name>` on the server at `nats_url`.
+    pub fn event_store(name: &str, nats_url: &str) -> EventStore {
+        let mut store = EventStore::new(
+            name,
+            EventStoreSpec {
+                nats: NatsConnection {
+                    servers: vec![nats_url.into()],
+                    auth: None,
+                    tls: None,
+                },
+                stream: Default::default(),
+                deletion_policy: Default::default(),
+            },
+        );
+        store.metadata.namespace = Some("bench".into());
+        store
+    }
+
+    /// The headers of event `id` of `type_` (binary CloudEvents, de-duplicated by id).
+    pub fn headers(id: &str, type_: &str) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert("Nats-Msg-Id", id);
+        h.insert("ce-specversion", "1.0");
+        h.insert("ce-id", id);
+        h.insert("ce-type", type_);
+        h
+    }
+}

@@ -12,18 +12,17 @@
 
 mod drivers;
 
+use projectionist_bench::fixtures::{SCHEMA, UPSERT, event_store, headers};
 use projectionist_bench::procs::{cpu_split, peak_rss_kib, sidecar_binary, spawn_sidecar};
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use async_nats::HeaderMap;
 use async_nats::jetstream::{self, consumer};
 use clap::Parser;
 use futures::StreamExt;
-use projectionist_crds::common::{NatsConnection, SecretKeyRef};
-use projectionist_crds::event_store::EventStoreSpec;
+use projectionist_crds::common::SecretKeyRef;
 use projectionist_crds::manifest::Manifests;
 use projectionist_crds::projection::{Database, Driver, Handler, ProjectionSpec};
 use projectionist_crds::sidecar_config::{SecretSource, resolve};
@@ -56,10 +55,6 @@ struct Args {
     relaxed: bool,
 }
 
-const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS agg (account TEXT PRIMARY KEY, events BIGINT NOT NULL, total BIGINT NOT NULL)";
-const UPSERT: &str = "INSERT INTO agg (account, events, total) VALUES (:data.account, 1, :data.n) \
-    ON CONFLICT (account) DO UPDATE SET events = agg.events + 1, total = agg.total + excluded.total";
-
 struct Event {
     account: String,
     n: i64,
@@ -78,15 +73,6 @@ fn events(count: usize, aggregates: usize) -> Vec<Event> {
             }
         })
         .collect()
-}
-
-fn headers(id: &str, type_: &str) -> HeaderMap {
-    let mut h = HeaderMap::new();
-    h.insert("Nats-Msg-Id", id);
-    h.insert("ce-specversion", "1.0");
-    h.insert("ce-id", id);
-    h.insert("ce-type", type_);
-    h
 }
 
 async fn publish(
@@ -117,19 +103,7 @@ async fn publish(
 }
 
 fn resources(nats_url: &str) -> (EventStore, Projection) {
-    let mut store = EventStore::new(
-        "store",
-        EventStoreSpec {
-            nats: NatsConnection {
-                servers: vec![nats_url.into()],
-                auth: None,
-                tls: None,
-            },
-            stream: Default::default(),
-            deletion_policy: Default::default(),
-        },
-    );
-    store.metadata.namespace = Some("bench".into());
+    let store = event_store("store", nats_url);
     let mut projection = Projection::new(
         "agg",
         ProjectionSpec {

@@ -13,12 +13,11 @@ use std::process::Child;
 use std::time::{Duration, Instant};
 
 use anyhow::bail;
-use async_nats::HeaderMap;
 use async_nats::jetstream;
 use clap::Parser;
+use projectionist_bench::fixtures::{SCHEMA, UPSERT, event_store, headers};
 use projectionist_bench::procs::{cpu_seconds, sidecar_binary, spawn_sidecar};
-use projectionist_crds::common::{NatsConnection, SecretKeyRef};
-use projectionist_crds::event_store::EventStoreSpec;
+use projectionist_crds::common::SecretKeyRef;
 use projectionist_crds::manifest::Manifests;
 use projectionist_crds::projection::{Batch, Database, Driver, Handler, ProjectionSpec};
 use projectionist_crds::sidecar_config::{SecretSource, resolve};
@@ -47,24 +46,8 @@ struct Args {
     relaxed: bool,
 }
 
-const SCHEMA: &str = "CREATE TABLE IF NOT EXISTS agg (account TEXT PRIMARY KEY, events BIGINT NOT NULL, total BIGINT NOT NULL)";
-const UPSERT: &str = "INSERT INTO agg (account, events, total) VALUES (:data.account, 1, :data.n) \
-    ON CONFLICT (account) DO UPDATE SET events = agg.events + 1, total = agg.total + excluded.total";
-
 fn store(name: &str, nats_url: &str, partitions: Option<u32>) -> EventStore {
-    let mut store = EventStore::new(
-        name,
-        EventStoreSpec {
-            nats: NatsConnection {
-                servers: vec![nats_url.into()],
-                auth: None,
-                tls: None,
-            },
-            stream: Default::default(),
-            deletion_policy: Default::default(),
-        },
-    );
-    store.metadata.namespace = Some("bench".into());
+    let mut store = event_store(name, nats_url);
     store.spec.stream.partitions = partitions;
     store
 }
@@ -102,15 +85,6 @@ fn projection(store: &str, workers: Option<u32>) -> Projection {
     p
 }
 
-fn headers(id: &str) -> HeaderMap {
-    let mut h = HeaderMap::new();
-    h.insert("Nats-Msg-Id", id);
-    h.insert("ce-specversion", "1.0");
-    h.insert("ce-id", id);
-    h.insert("ce-type", "Tick");
-    h
-}
-
 /// The same events into a store: `bench.<store>.account.<id>`.
 async fn publish(js: &jetstream::Context, store: &str, args: &Args) -> anyhow::Result<()> {
     let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
@@ -124,7 +98,7 @@ async fn publish(js: &jetstream::Context, store: &str, args: &Args) -> anyhow::R
         acks.push(
             js.publish_with_headers(
                 format!("bench.{store}.account.{account}"),
-                headers(&format!("{store}-{i}")),
+                headers(&format!("{store}-{i}"), "Tick"),
                 body.into(),
             )
             .await?,
