@@ -338,3 +338,76 @@ async fn four_workers_on_mariadb_keep_every_aggregate_in_order() {
     let url = db.fresh_database().await.expect("db");
     workers_keep_the_guarantees(Driver::Mysql, &url).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_projection_dead_letters_and_rebuilds_every_partition() {
+    use projectionist_crds::projection::Rebuild;
+    let nats = NatsServer::start().await.expect("nats");
+    let js = nats.jetstream().await.expect("js");
+    let db = projectionist_tests::sqlite::Sqlite::new().expect("sqlite");
+    let url = db.fresh_database();
+    let (mut store, mut projection) =
+        ledger(&nats.url(), Driver::Sqlite, ErrorPolicy::DeadLetter, "4s");
+    store.spec.stream.partitions = Some(8);
+    provision(&js, &store, &projection).await;
+    let all = ticks(2000, 200, 41);
+    append_ticks(&js, &all[..1000], 0).await;
+    // An event the read model refuses (a CHECK constraint): recorded as a dead letter, the others go on.
+    publish_raw(
+        &js,
+        vec![(
+            "note.n1".into(),
+            event_headers("bad-note", "Noted"),
+            serde_json::json!({"id": "n1", "body": "forbidden"})
+                .to_string()
+                .into_bytes(),
+        )],
+    )
+    .await;
+    append_ticks(&js, &all[1000..], 1000).await;
+    let sidecar = InProcess::start(config_of(&store, &projection), &url, &nats.url()).await;
+    assert!(
+        wait_until(Duration::from_secs(30), || async {
+            ledger_events(&url).await == all.len() as i64
+        })
+        .await,
+        "caught up"
+    );
+    let letters = query_strings(
+        &url,
+        "SELECT projection, event_id FROM projectionist_dead_letters",
+    )
+    .await;
+    assert_eq!(
+        letters,
+        vec![vec!["test/ledger".to_string(), "bad-note".to_string()]]
+    );
+    sidecar.stop().await;
+
+    // A rebuild resets the read model once and restarts every partition's checkpoint.
+    let pool = sqlx::SqlitePool::connect(&url).await.expect("connect");
+    sqlx::query("UPDATE ledger SET hash = 0, events = 999")
+        .execute(&pool)
+        .await
+        .expect("corrupt");
+    pool.close().await;
+    projection.spec.rebuild = Some(Rebuild {
+        token: "v2".into(),
+        reset: vec!["DELETE FROM ledger".into()],
+    });
+    let sidecar = InProcess::start(config_of(&store, &projection), &url, &nats.url()).await;
+    assert!(
+        wait_until(Duration::from_secs(30), || async {
+            read_ledger(&url).await == fold(&all)
+        })
+        .await,
+        "rebuilt"
+    );
+    let tokens = query_strings(
+        &url,
+        "SELECT DISTINCT rebuild_token FROM projectionist_partitions",
+    )
+    .await;
+    assert_eq!(tokens, vec![vec!["v2".to_string()]]);
+    sidecar.stop().await;
+}
