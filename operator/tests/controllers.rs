@@ -164,7 +164,8 @@ async fn examples_become_a_stream_a_consumer_and_ready_resources() {
         Duration::from_secs(30),
         || async {
             let t = table(&env, "eventstores").await;
-            (t["rows"][0]["cells"][3] == 5).then_some(t)
+            // Name, Stream, Ready, Partitions, Messages, …
+            (t["rows"][0]["cells"][4] == 5).then_some(t)
         },
         || operator.log(),
     )
@@ -174,10 +175,12 @@ async fn examples_become_a_stream_a_consumer_and_ready_resources() {
     assert_eq!(cells[2], "True");
     let proj_table = table(&env, "projections").await;
     let cells = &proj_table["rows"][0]["cells"];
+    // Name, Store, Ready, Partitions (none), Lag, Last-Seq, Age.
     assert_eq!(cells[1], "users");
     assert_eq!(cells[2], "True");
-    assert_eq!(cells[3], 5);
-    assert_eq!(cells[4], 0);
+    assert_eq!(cells[3], serde_json::Value::Null);
+    assert_eq!(cells[4], 5);
+    assert_eq!(cells[5], 0);
 
     // A projection that keeps pending events without acknowledging is reported as stalled.
     let stalled = eventually(

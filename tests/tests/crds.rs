@@ -193,7 +193,21 @@ fn printer_columns_are_as_designed() {
             .unwrap_or_default()
     };
     let crds = crd::crds();
-    assert_eq!(cols(&crds[1]), ["STORE", "READY", "LAG", "LAST-SEQ", "AGE"]);
+    assert_eq!(
+        cols(&crds[1]),
+        ["STORE", "READY", "PARTITIONS", "LAG", "LAST-SEQ", "AGE"]
+    );
+    assert_eq!(
+        cols(&crds[0]),
+        [
+            "STREAM",
+            "READY",
+            "PARTITIONS",
+            "MESSAGES",
+            "LAST-SEQ",
+            "AGE"
+        ]
+    );
     assert_eq!(
         crds[0].spec.names.short_names,
         Some(vec!["evs".to_string()])
