@@ -305,12 +305,8 @@ impl Projector {
     async fn consume(&mut self) -> Result<Exit, Transient> {
         self.report.waiting(Some("connecting to NATS".into()));
         if let Some(worker) = &self.partition {
-            self.report.filters(worker.filters.clone());
-            let live = self
-                .source
-                .tail(worker.cursor.position(), &worker.filters)
-                .await?
-                .read_ahead();
+            self.report.filters(worker.filters());
+            let live = self.source.tail(&worker.reads()).await?.read_ahead();
             return self.consume_live(live).await;
         }
         let opened = self.source.open().await?;

@@ -11,9 +11,8 @@
 //!
 //! Each round the coordinator renews its lease, reads who is alive and who owns what, and [`rebalance`]s: above its
 //! share it stops and releases its highest partitions, below it claims free or orphaned ones. The partitions it owns
-//! are dealt to `workers` [`Projector`]s ([`Worker`]), each reading its partitions' subjects through one consumer
-//! from their lowest checkpoint and committing one transaction per batch with a compare-and-set per partition it
-//! touched; their turns at the database are the [`Gate`]'s.
+//! are dealt to `workers` [`Projector`]s ([`Worker`]), each reading its partitions from their checkpoints and
+//! committing one transaction per batch across them, with a compare-and-set per partition it touched; their turns at the database are the [`Gate`]'s.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;

@@ -306,22 +306,44 @@ impl Source {
 }
 
 impl Source {
-    /// Reads the stream itself after `after` with an ordered consumer on `filters` — how the owner of a partition
-    /// reads it: nothing is shared with another replica (a stale owner takes no message from the new one), and the
-    /// checkpoint in the database is the only position. Nothing is acknowledged.
-    pub async fn tail(&self, after: u64, filters: &[String]) -> Result<Live, Transient> {
+    /// Reads the stream itself, one consumer per `(after, filters)`: the events on `filters` after `after`, the
+    /// consumers' messages merged (each one's order kept) — how a worker of a partitioned projection reads its
+    /// partitions. Nothing is shared with another replica (a stale owner takes no message from the new one), and the
+    /// checkpoints in the database are the only position. Nothing is acknowledged.
+    pub async fn tail(&self, reads: &[(u64, Vec<String>)]) -> Result<Live, Transient> {
         let stream = self
             .js
             .get_stream(&self.stream)
             .await
             .map_err(|e| Transient(format!("stream: {e}")))?;
+        let mut all = Vec::with_capacity(reads.len());
+        for (after, filters) in reads {
+            all.push(self.read_from(&stream, *after, filters).await?);
+        }
+        Ok(Live {
+            messages: futures::stream::select_all(all).boxed(),
+            acks: Acks::None,
+            max_events: self.max_events,
+            max_wait: self.max_wait,
+            shutdown: self.shutdown.clone(),
+            report: self.report.clone(),
+        })
+    }
+
+    /// An ephemeral consumer without acknowledgements on `filters` after `after`, pulled in batches of
+    /// `batch.maxEvents`; a message that never arrives (a gap in the consumer's sequence) ends the subscription, and
+    /// the projector reads again from its checkpoints. (One filter per consumer: the server serves several filters
+    /// of one consumer far more slowly than as many consumers of one filter.)
+    async fn read_from(
+        &self,
+        stream: &JsStream,
+        after: u64,
+        filters: &[String],
+    ) -> Result<futures::stream::BoxStream<'static, Result<Message, String>>, Transient> {
         let (filter_subject, filter_subjects) = match filters {
             [one] => (one.clone(), Vec::new()),
             _ => (String::new(), filters.to_vec()),
         };
-        // An ephemeral consumer without acknowledgements, pulled in batches of `batch.maxEvents`; a message that
-        // never arrives (a gap in the consumer's sequence) ends the subscription, and the projector reads again from
-        // its checkpoint.
         let consumer: PullConsumer = stream
             .create_consumer(pull::Config {
                 deliver_policy: if after == 0 {
@@ -341,7 +363,7 @@ impl Source {
             })
             .await
             .map_err(|e| Transient(format!("partition consumer: {e}")))?;
-        let messages = consumer
+        Ok(consumer
             .stream()
             .max_messages_per_batch(self.max_events)
             .expires(Duration::from_secs(5))
@@ -366,15 +388,7 @@ impl Source {
                 };
                 futures::future::ready(Some(next))
             })
-            .boxed();
-        Ok(Live {
-            messages,
-            acks: Acks::None,
-            max_events: self.max_events,
-            max_wait: self.max_wait,
-            shutdown: self.shutdown.clone(),
-            report: self.report.clone(),
-        })
+            .boxed())
     }
 }
 

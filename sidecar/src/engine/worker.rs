@@ -1,6 +1,6 @@
 //! A worker of a partitioned projection: the partitions one of its connections applies, read through one consumer
-//! (their subjects together) and committed in one transaction per batch with one compare-and-set per partition the
-//! batch touched — each on the partition's own row, owner included ([`crate::checkpoint::Cursor::Parts`]).
+//! per partition (one consumer on the store-wide subjects when it owns them all), their messages merged into one
+//! batch, committed in one transaction per batch with one compare-and-set per partition the batch touched — each on the partition's own row, owner included ([`crate::checkpoint::Cursor::Parts`]).
 
 use std::collections::BTreeMap;
 
@@ -14,8 +14,8 @@ use crate::database::Database;
 /// The partitions a worker reads and where each stands.
 #[derive(Debug, Clone)]
 pub struct Worker {
-    /// The stored subjects of all its partitions.
-    pub filters: Vec<String>,
+    /// What one consumer reads: some partitions, by their stored subjects.
+    pub groups: Vec<(Vec<u32>, Vec<String>)>,
     /// Each partition's checkpoint.
     pub cursor: Cursor,
 }
@@ -30,20 +30,22 @@ impl Worker {
         partitions: &[u32],
         filters: &[String],
     ) -> Self {
-        // Every partition (a lone replica with one worker): the store-wide form, one filter per projection filter.
-        let all = if partitions.len() == layout.partitions as usize {
-            if filters.is_empty() {
+        // Every partition (a lone replica with one worker): one consumer on the store-wide form. Otherwise one
+        // consumer per partition.
+        let groups = if partitions.len() == layout.partitions as usize {
+            let all = if filters.is_empty() {
                 vec![format!("{}.*.>", layout.prefix)]
             } else {
                 filters
                     .iter()
                     .filter_map(|f| layout.stored_filter(f, None))
                     .collect()
-            }
+            };
+            vec![(partitions.to_vec(), all)]
         } else {
             partitions
                 .iter()
-                .flat_map(|p| layout.partition_filters(filters, *p))
+                .map(|p| (vec![*p], layout.partition_filters(filters, *p)))
                 .collect()
         };
         let parts = partitions
@@ -62,9 +64,32 @@ impl Worker {
             })
             .collect::<BTreeMap<_, _>>();
         Self {
-            filters: all,
+            groups,
             cursor: Cursor::Parts(layout, parts),
         }
+    }
+
+    /// What each consumer reads: after the lowest checkpoint of its partitions, their subjects.
+    pub fn reads(&self) -> Vec<(u64, Vec<String>)> {
+        let Cursor::Parts(_, parts) = &self.cursor else {
+            return Vec::new();
+        };
+        self.groups
+            .iter()
+            .map(|(partitions, filters)| {
+                let after = partitions
+                    .iter()
+                    .filter_map(|p| parts.get(p).map(|(_, at)| at.last_sequence))
+                    .min()
+                    .unwrap_or_default();
+                (after, filters.clone())
+            })
+            .collect()
+    }
+
+    /// The stored subjects it reads.
+    pub fn filters(&self) -> Vec<String> {
+        self.groups.iter().flat_map(|(_, f)| f.clone()).collect()
     }
 
     /// The partitions.
