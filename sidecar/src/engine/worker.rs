@@ -1,6 +1,7 @@
 //! A worker of a partitioned projection: the partitions one of its connections applies, read through one consumer
-//! per partition (one consumer on the store-wide subjects when it owns them all), their messages merged into one
-//! batch, committed in one transaction per batch with one compare-and-set per partition the batch touched — each on the partition's own row, owner included ([`crate::checkpoint::Cursor::Parts`]).
+//! per partition (one on the whole stream when it owns them all and the projection reads everything), their messages
+//! merged into one batch, committed in one transaction per batch with one compare-and-set per partition the batch
+//! touched — each on the partition's own row, owner included ([`crate::checkpoint::Cursor::Parts`]).
 
 use std::collections::BTreeMap;
 
@@ -30,18 +31,11 @@ impl Worker {
         partitions: &[u32],
         filters: &[String],
     ) -> Self {
-        // Every partition (a lone replica with one worker): one consumer on the store-wide form. Otherwise one
-        // consumer per partition.
-        let groups = if partitions.len() == layout.partitions as usize {
-            let all = if filters.is_empty() {
-                vec![format!("{}.*.>", layout.prefix)]
-            } else {
-                filters
-                    .iter()
-                    .filter_map(|f| layout.stored_filter(f, None))
-                    .collect()
-            };
-            vec![(partitions.to_vec(), all)]
+        // Every partition of a projection that reads everything (a lone replica with one worker): one consumer on
+        // the whole stream. Otherwise one consumer per partition, on subjects that begin with the partition: the
+        // server serves those far faster than a wildcard in the middle (`<prefix>.*.…`).
+        let groups = if partitions.len() == layout.partitions as usize && filters.is_empty() {
+            vec![(partitions.to_vec(), Vec::new())]
         } else {
             partitions
                 .iter()
