@@ -10,6 +10,7 @@
 //! - [`consumer`]: Projection → durable pull consumer config.
 //! - [`diff`]: desired vs actual stream/consumer config, split into in-place and immutable changes.
 //! - [`sidecar_config`]: the resolved, versioned config file the sidecar runs from (`resolve`).
+//! - [`secret_sources`]: Secret keys as the environment variables and mounted files the sidecar reads them from.
 //! - [`store_config`]: the config file of the sidecar's event-store API for one EventStore (`resolve_store`).
 //! - [`template`]: the SQL handler template parser (named parameters → driver placeholders).
 //! - [`partition`]: the subject layout and hash of partitioned stores, and fair shares of partitions.
@@ -27,6 +28,7 @@ pub mod event_store;
 pub mod projection;
 pub mod reactor;
 pub mod reactor_config;
+pub mod secret_sources;
 pub mod sidecar_config;
 pub mod store_config;
 pub mod stream;
