@@ -93,21 +93,21 @@ impl Layout {
             .collect()
     }
 
-    /// The subject after the prefix with the partition token removed: `<type>.<id>` of a stored subject.
-    pub fn aggregate_of<'a>(&self, stored: &'a str) -> Option<&'a str> {
+    /// The partition token and the rest (`<type>.<id>`) of a stored subject.
+    fn split<'a>(&self, stored: &'a str) -> Option<(u32, &'a str)> {
         let rest = stored.strip_prefix(&self.prefix)?.strip_prefix('.')?;
         let (partition, aggregate) = rest.split_once('.')?;
-        partition.parse::<u32>().ok()?;
-        Some(aggregate)
+        Some((partition.parse().ok()?, aggregate))
     }
 
-    /// The publishers' form of a stored subject (`<prefix>.<p>.<type>.<id>` → `<prefix>.<type>.<id>`); other
-    /// subjects unchanged.
-    pub fn published(&self, stored: &str) -> String {
-        match self.aggregate_of(stored) {
-            Some(aggregate) => format!("{}.{aggregate}", self.prefix),
-            None => stored.to_string(),
-        }
+    /// The subject after the prefix with the partition token removed: `<type>.<id>` of a stored subject.
+    pub fn aggregate_of<'a>(&self, stored: &'a str) -> Option<&'a str> {
+        self.split(stored).map(|(_, aggregate)| aggregate)
+    }
+
+    /// The partition a stored subject is in.
+    pub fn partition_in(&self, stored: &str) -> Option<u32> {
+        self.split(stored).map(|(partition, _)| partition)
     }
 }
 
@@ -228,7 +228,8 @@ mod tests {
         assert_eq!(partitions_of("ns.users.{{wildcard(1)}}"), None);
         assert_eq!(layout.aggregate_of("ns.users.3.user.42"), Some("user.42"));
         assert_eq!(layout.aggregate_of("ns.users.user.42"), None);
-        assert_eq!(layout.published("ns.users.3.user.42"), "ns.users.user.42");
+        assert_eq!(layout.partition_in("ns.users.3.user.42"), Some(3));
+        assert_eq!(layout.partition_in("ns.users.user.42"), None);
     }
 
     #[test]

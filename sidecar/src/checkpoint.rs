@@ -146,18 +146,6 @@ pub fn advance_statement(slot: &Slot, from: &Checkpoint, to: u64) -> (String, Ve
     )
 }
 
-/// Moves the checkpoint from `from` to `to`. `false` means another processor moved it first: roll back.
-pub async fn advance(
-    db: &Database,
-    tx: &mut Tx,
-    slot: &Slot,
-    from: &Checkpoint,
-    to: u64,
-) -> Result<bool, sqlx::Error> {
-    let (sql, values) = advance_statement(slot, from, to);
-    Ok(execute(tx, &db.sql(&sql), values).await? == 1)
-}
-
 /// Restarts the checkpoint at 0 under a new rebuild token. `false` means another processor changed it first.
 pub async fn restart(
     db: &Database,
@@ -224,11 +212,6 @@ pub struct Move {
 }
 
 impl Cursor {
-    fn partition_of(layout: &Layout, subject: &str) -> Option<u32> {
-        let rest = subject.strip_prefix(&layout.prefix)?.strip_prefix('.')?;
-        rest.split('.').next()?.parse().ok()
-    }
-
     /// Where reading resumes: after the lowest checkpoint.
     pub fn position(&self) -> u64 {
         match self {
@@ -245,7 +228,8 @@ impl Cursor {
     pub fn pending(&self, seq: u64, subject: &str) -> bool {
         match self {
             Self::One(_, at) => seq > at.last_sequence,
-            Self::Parts(layout, parts) => Self::partition_of(layout, subject)
+            Self::Parts(layout, parts) => layout
+                .partition_in(subject)
                 .and_then(|p| parts.get(&p))
                 .is_some_and(|(_, at)| seq > at.last_sequence),
         }
@@ -269,7 +253,7 @@ impl Cursor {
             Self::Parts(layout, _) => {
                 let mut last: BTreeMap<u32, u64> = BTreeMap::new();
                 for (seq, subject) in committed {
-                    if let Some(p) = Self::partition_of(layout, subject) {
+                    if let Some(p) = layout.partition_in(subject) {
                         let e = last.entry(p).or_default();
                         *e = (*e).max(seq);
                     }

@@ -21,7 +21,7 @@ use std::time::Duration;
 use projectionist_crds::partition::{
     Layout, PROGRESS_STREAM, Progress, progress_stream, progress_subject, quota,
 };
-use projectionist_crds::sidecar_config::SidecarConfig;
+use projectionist_crds::sidecar_config::{Partitioning, SidecarConfig};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tracing::{debug, error, info, warn};
@@ -127,6 +127,8 @@ pub struct Coordinator {
     key: String,
     me: String,
     layout: Layout,
+    /// The projection's settings on the partitioned store.
+    partitioning: Partitioning,
     tables: Tables,
     gate: Gate,
     running: Vec<Running>,
@@ -163,6 +165,7 @@ impl Coordinator {
         };
         Some(Self {
             layout: Layout::new(&prefix, partitioning.partitions),
+            partitioning,
             me: member_name(),
             key,
             tables,
@@ -349,23 +352,12 @@ impl Coordinator {
 
     /// Runs `workers` workers over `partitions`, dealt round-robin.
     fn start(&mut self, partitions: &BTreeSet<u32>) {
-        let workers = self
-            .parts
-            .config
-            .partitioning
-            .as_ref()
-            .map_or(1, |c| c.workers.max(1)) as usize;
+        let workers = self.partitioning.workers.max(1) as usize;
         let mut groups: Vec<Vec<u32>> = vec![Vec::new(); workers];
         for (i, p) in partitions.iter().enumerate() {
             groups[i % workers].push(*p);
         }
-        let filters = self
-            .parts
-            .config
-            .partitioning
-            .as_ref()
-            .map(|c| c.filters.clone())
-            .unwrap_or_default();
+        let filters = &self.partitioning.filters;
         for (w, group) in groups.into_iter().enumerate() {
             if group.is_empty() {
                 continue;
@@ -375,7 +367,7 @@ impl Coordinator {
             let (stop, stop_rx) = watch::channel(false);
             let report = Report::new(&key, self.parts.metrics.clone(), state.clone())
                 .of_worker(self.parts.state.clone());
-            let worker = Worker::new(&self.key, &self.me, self.layout.clone(), &group, &filters);
+            let worker = Worker::new(&self.key, &self.me, self.layout.clone(), &group, filters);
             let projector = Projector::new(
                 self.parts.config.clone(),
                 self.parts.handlers.clone(),
@@ -432,13 +424,7 @@ impl Coordinator {
         }
         self.parts.state.set_partitions(Partitions {
             layout: self.layout.clone(),
-            filters: self
-                .parts
-                .config
-                .partitioning
-                .as_ref()
-                .map(|c| c.filters.clone())
-                .unwrap_or_default(),
+            filters: self.partitioning.filters.clone(),
             checkpoints,
         });
     }

@@ -86,14 +86,6 @@ impl Worker {
         self.groups.iter().flat_map(|(_, f)| f.clone()).collect()
     }
 
-    /// The partitions.
-    pub fn partitions(&self) -> Vec<u32> {
-        match &self.cursor {
-            Cursor::Parts(_, parts) => parts.keys().copied().collect(),
-            Cursor::One(..) => Vec::new(),
-        }
-    }
-
     /// Reads every partition's checkpoint.
     pub async fn prepare(
         &mut self,
