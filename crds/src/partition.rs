@@ -179,9 +179,36 @@ pub fn quota(total: u32, members: usize, rank: usize) -> u32 {
     total / members + u32::from(rank < total % members)
 }
 
+/// The partitions of `total` that the member of rank `rank` among `members` live members (sorted by name) is
+/// assigned when every member computes the assignment from the same list: contiguous ranges of [`quota`] size.
+pub fn assigned(total: u32, members: usize, rank: usize) -> std::ops::Range<u32> {
+    if rank >= members {
+        return 0..0;
+    }
+    let start: u32 = (0..rank).map(|r| quota(total, members, r)).sum();
+    start..start + quota(total, members, rank)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn assignments_cover_every_partition_once_in_fair_shares() {
+        for total in [1, 7, 16, 50] {
+            for members in 1..=6 {
+                let mut seen = Vec::new();
+                for rank in 0..members {
+                    let mine = assigned(total, members, rank);
+                    assert!(mine.len() as u32 <= total / members as u32 + 1);
+                    assert!(mine.len() as u32 >= total / members as u32);
+                    seen.extend(mine);
+                }
+                assert_eq!(seen, (0..total).collect::<Vec<_>>());
+            }
+        }
+        assert_eq!(assigned(4, 2, 2), 0..0);
+    }
 
     #[test]
     fn fnv1a32_matches_the_reference_vectors() {

@@ -281,9 +281,16 @@ pub struct ReactorStatus {
     /// When the oldest parked event was parked (RFC 3339).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub oldest_parked: Option<String>,
-    /// The sidecar currently pinned to the consumer, if any.
+    /// The sidecar currently pinned to the consumer, if any (on an unpartitioned store).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub active_sidecar: Option<String>,
+    /// On a partitioned store: its partitions, one consumer each (`<consumerName>_p<partition>`), shared by the
+    /// live sidecars.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partitions: Option<u32>,
+    /// On a partitioned store: the partitions each live sidecar delivers, by sidecar, as they last reported.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub spread: std::collections::BTreeMap<String, u32>,
 }
 
 fn default_ack_wait() -> String {
@@ -316,6 +323,11 @@ impl Reactor {
             .as_deref()
             .unwrap_or("")
             .replace('.', "-")
+    }
+
+    /// The name its sidecars report their partitions under on a partitioned store ([`progress_name`]).
+    pub fn progress_name(&self) -> String {
+        progress_name(self.metadata.name.as_deref().unwrap_or(""))
     }
 
     /// Name of the durable consumer: `<namespace>_reactor_<name>`. A Projection's is `<namespace>_<name>`, and
@@ -357,18 +369,79 @@ pub fn consumer_config(
     reactor: &Reactor,
     store: &EventStore,
 ) -> Result<pull::Config, ConsumerSpecError> {
+    let filters = reactor
+        .spec
+        .events
+        .as_ref()
+        .map(|e| e.subjects.clone())
+        .unwrap_or_default();
+    let (filter_subject, filter_subjects) = consumer::server_filters(&filters, store)?;
+    partition_consumer_config(
+        reactor,
+        reactor.consumer_name(),
+        filter_subject,
+        filter_subjects,
+    )
+}
+
+/// The durable consumers of a reactor: one ([`consumer_config`]) on an unpartitioned store; on a partitioned store
+/// one per partition (`<consumer>_p<partition>`, filtered to that partition's stored subjects), so that the
+/// sidecars running the reactor can share the partitions, each pinned to one sidecar at a time.
+pub fn consumer_configs(
+    reactor: &Reactor,
+    store: &EventStore,
+) -> Result<Vec<pull::Config>, ConsumerSpecError> {
+    let one = consumer_config(reactor, store)?;
+    let Some(layout) = store.layout() else {
+        return Ok(vec![one]);
+    };
+    let filters = reactor
+        .spec
+        .events
+        .as_ref()
+        .map(|e| e.subjects.clone())
+        .unwrap_or_default();
+    (0..layout.partitions)
+        .map(|p| {
+            let mut stored = layout.partition_filters(&filters, p);
+            let (subject, subjects) = if stored.len() == 1 {
+                (stored.remove(0), Vec::new())
+            } else {
+                (String::new(), stored)
+            };
+            partition_consumer_config(
+                reactor,
+                partition_consumer(&reactor.consumer_name(), p),
+                subject,
+                subjects,
+            )
+        })
+        .collect()
+}
+
+/// The name the sidecars of reactor `name` report under on [`crate::partition::PROGRESS_STREAM`]: `reactor_<name>`
+/// (dots made dashes). A Projection reports under its own name, which never holds `_`.
+pub fn progress_name(name: &str) -> String {
+    format!("reactor_{}", name.replace('.', "-"))
+}
+
+/// The durable consumer of partition `p` of a reactor whose consumer on an unpartitioned store is `base`.
+pub fn partition_consumer(base: &str, p: u32) -> String {
+    format!("{base}_p{p}")
+}
+
+fn partition_consumer_config(
+    reactor: &Reactor,
+    durable: String,
+    filter_subject: String,
+    filter_subjects: Vec<String>,
+) -> Result<pull::Config, ConsumerSpecError> {
     let spec = &reactor.spec;
     let ack_wait =
         duration::parse(&spec.ack_wait).map_err(|source| ConsumerSpecError::Duration {
             field: "ackWait",
             source,
         })?;
-    let filters = spec
-        .events
-        .as_ref()
-        .map(|e| e.subjects.clone())
-        .unwrap_or_default();
-    let (filter_subject, filter_subjects) = consumer::server_filters(&filters, store)?;
     let start = spec.start_at.clone().unwrap_or_default().as_start_at();
     let deliver_policy = consumer::deliver_policy(&start)?;
     let key = format!(
@@ -380,7 +453,7 @@ pub fn consumer_config(
     // against max_ack_pending, so it leaves room well beyond the aggregates in flight.
     let max_ack_pending = (i64::from(spec.delivery.concurrency) * 64).max(1000);
     Ok(pull::Config {
-        durable_name: Some(reactor.consumer_name()),
+        durable_name: Some(durable),
         description: Some(format!("Reactor {key} (managed by projectionist)")),
         deliver_policy,
         ack_policy: AckPolicy::Explicit,

@@ -40,7 +40,7 @@ pub struct ReactorConfig {
     /// The store's partitions, when it is partitioned (events are stored as `<prefix>.<partition>.<type>.<id>`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub store_partitions: Option<u32>,
-    /// The durable consumer name.
+    /// The durable consumer name (on a partitioned store, each partition's consumer is `<consumer>_p<partition>`).
     pub consumer: String,
     /// The priority group to pull from (one pinned client at a time).
     pub priority_group: String,
@@ -140,7 +140,7 @@ pub fn resolve_reactor(
             given: store_name,
         });
     }
-    reactor::consumer_config(reactor, store)?;
+    reactor::consumer_configs(reactor, store)?;
     let spec = &reactor.spec;
     let url = &spec.endpoint.url;
     let rest = url.strip_prefix("http://").unwrap_or_default();
@@ -239,6 +239,16 @@ pub enum ReactorConfigError {
 }
 
 impl ReactorConfig {
+    /// The durable consumer of partition `p` on a partitioned store.
+    pub fn partition_consumer(&self, p: u32) -> String {
+        reactor::partition_consumer(&self.consumer, p)
+    }
+
+    /// The name its sidecars report their partitions under on a partitioned store.
+    pub fn progress_name(&self) -> String {
+        reactor::progress_name(&self.reactor.name)
+    }
+
     /// Renders the file.
     pub fn to_yaml(&self) -> Result<String, serde_yaml::Error> {
         render_file(self)

@@ -14,7 +14,9 @@ use kube::runtime::controller::Action;
 use kube::runtime::events::EventType;
 use projectionist_crds::diff::{diff_consumer, diff_stream};
 use projectionist_crds::event_store::EventStore;
-use projectionist_crds::reactor::{Reactor, ReactorStatus, consumer_config, parking_stream_config};
+use projectionist_crds::reactor::{
+    Reactor, ReactorStatus, consumer_configs, parking_stream_config, partition_consumer,
+};
 use projectionist_crds::reactor_config::{ReactorResolveError, ResolvedReactor, resolve_reactor};
 use time::format_description::well_known::Rfc3339;
 
@@ -86,16 +88,21 @@ async fn delete_on_nats(reactor: &Reactor, ctx: &Context) -> Result<(), Error> {
         return Ok(());
     };
     let js = ctx.jetstream(&store).await?;
-    let consumer = reactor.consumer_name();
-    if js.delete_consumer(&store.stream_name(), &consumer).await? {
-        ctx.event(
-            reactor,
-            EventType::Normal,
-            "ConsumerDeleted",
-            "Delete",
-            format!("deleted consumer {consumer}"),
-        )
-        .await;
+    let mut consumers = vec![reactor.consumer_name()];
+    if let Some(n) = store.spec.stream.partitions {
+        consumers.extend((0..n).map(|p| partition_consumer(&reactor.consumer_name(), p)));
+    }
+    for consumer in consumers {
+        if js.delete_consumer(&store.stream_name(), &consumer).await? {
+            ctx.event(
+                reactor,
+                EventType::Normal,
+                "ConsumerDeleted",
+                "Delete",
+                format!("deleted consumer {consumer}"),
+            )
+            .await;
+        }
     }
     if js.delete_stream(&reactor.parking_stream()).await? {
         ctx.event(
@@ -141,7 +148,7 @@ async fn sync(
             return Ok(Action::await_change());
         }
     };
-    let desired = match consumer_config(reactor, &store) {
+    let desired = match consumer_configs(reactor, &store) {
         Ok(c) => c,
         Err(e) => {
             not_ready(status, "InvalidSpec", e.to_string(), generation);
@@ -172,67 +179,125 @@ async fn sync(
     apply_config_map(reactor, &resolved, ctx).await?;
 
     let stream = store.stream_name();
-    let consumer_name = reactor.consumer_name();
-    let info = match js.consumer_info(&stream, &consumer_name).await? {
-        None => {
-            let info = js.put_consumer(&stream, desired, true).await?;
-            ctx.event(
-                reactor,
-                EventType::Normal,
-                "ConsumerCreated",
-                "Create",
-                format!("created consumer {consumer_name} on stream {stream}"),
-            )
-            .await;
-            info
+    let mut infos = Vec::with_capacity(desired.len());
+    let mut refused = None;
+    for desired in desired {
+        match ensure_consumer(reactor, ctx, &js, &stream, desired, status).await? {
+            Ok(info) => infos.push(info),
+            Err((info, message)) => {
+                infos.push(info);
+                refused.get_or_insert(message);
+            }
         }
-        Some(info) => {
-            let diff = diff_consumer(&desired, &info.config);
-            if diff.has_immutable() {
-                let message = ctx
-                    .refuse_immutable(
-                        reactor,
-                        &status.conditions,
-                        &format!("consumer {consumer_name}"),
-                        &diff,
-                        "Restore the previous value, or delete and re-create the Reactor",
-                    )
-                    .await;
-                refresh(reactor, ctx, &store, status, &info, generation).await?;
-                not_ready(status, "ImmutableFieldChanged", message, generation);
-                return Ok(Action::requeue(ctx.settings.status_interval));
-            }
-            if diff.is_empty() {
-                info
-            } else {
-                let what = diff.describe();
-                let info = js.put_consumer(&stream, desired, false).await?;
-                ctx.event(
-                    reactor,
-                    EventType::Normal,
-                    "ConsumerUpdated",
-                    "Update",
-                    format!("updated consumer {consumer_name}: {what}"),
-                )
-                .await;
-                info
-            }
+    }
+    let info = combined(&infos);
+    if let Some(message) = refused {
+        refresh(reactor, ctx, &store, status, &info, generation).await?;
+        not_ready(status, "ImmutableFieldChanged", message, generation);
+        return Ok(Action::requeue(ctx.settings.status_interval));
+    }
+    refresh(reactor, ctx, &store, status, &info, generation).await?;
+    let consumers = match store.spec.stream.partitions {
+        Some(n) => {
+            status.partitions = Some(n);
+            let reports = js
+                .partition_progress(&namespace, &reactor.progress_name())
+                .await?;
+            status.spread = projectionist_crds::partition::spread(&reports).0;
+            status.active_sidecar = None;
+            format!(
+                "{n} consumers {}_p0…{} on stream {stream} (one per partition, shared by the live sidecars)",
+                reactor.consumer_name(),
+                n - 1
+            )
+        }
+        None => {
+            status.partitions = None;
+            status.spread.clear();
+            format!("consumer {} on stream {stream}", reactor.consumer_name())
         }
     };
-    refresh(reactor, ctx, &store, status, &info, generation).await?;
     conditions::set(
         &mut status.conditions,
         "Ready",
         true,
         "ConsumerReady",
         format!(
-            "consumer {consumer_name} on stream {stream}, parking lot {}; sidecar config in ConfigMap {}",
+            "{consumers}, parking lot {}; sidecar config in ConfigMap {}",
             reactor.parking_stream(),
             config_map_name(&reactor.name_any())
         ),
         generation,
     );
     Ok(Action::requeue(ctx.settings.status_interval))
+}
+
+/// Creates one consumer, updates it in place, or refuses an immutable change: `Err` with the consumer as it is and
+/// the refusal's message.
+async fn ensure_consumer(
+    reactor: &Reactor,
+    ctx: &Context,
+    js: &crate::nats::JetStream,
+    stream: &str,
+    desired: consumer::pull::Config,
+    status: &ReactorStatus,
+) -> Result<Result<consumer::Info, (consumer::Info, String)>, Error> {
+    let consumer_name = desired.durable_name.clone().unwrap_or_default();
+    let Some(info) = js.consumer_info(stream, &consumer_name).await? else {
+        let info = js.put_consumer(stream, desired, true).await?;
+        ctx.event(
+            reactor,
+            EventType::Normal,
+            "ConsumerCreated",
+            "Create",
+            format!("created consumer {consumer_name} on stream {stream}"),
+        )
+        .await;
+        return Ok(Ok(info));
+    };
+    let diff = diff_consumer(&desired, &info.config);
+    if diff.has_immutable() {
+        let message = ctx
+            .refuse_immutable(
+                reactor,
+                &status.conditions,
+                &format!("consumer {consumer_name}"),
+                &diff,
+                "Restore the previous value, or delete and re-create the Reactor",
+            )
+            .await;
+        return Ok(Err((info, message)));
+    }
+    if diff.is_empty() {
+        return Ok(Ok(info));
+    }
+    let what = diff.describe();
+    let info = js.put_consumer(stream, desired, false).await?;
+    ctx.event(
+        reactor,
+        EventType::Normal,
+        "ConsumerUpdated",
+        "Update",
+        format!("updated consumer {consumer_name}: {what}"),
+    )
+    .await;
+    Ok(Ok(info))
+}
+
+/// The reactor's consumers seen as one: counts summed, the ack floor the highest, the pinned sidecar the first's.
+fn combined(infos: &[consumer::Info]) -> consumer::Info {
+    let mut all = infos[0].clone();
+    for info in &infos[1..] {
+        all.num_pending += info.num_pending;
+        all.num_ack_pending += info.num_ack_pending;
+        all.num_redelivered += info.num_redelivered;
+        all.delivered.consumer_sequence += info.delivered.consumer_sequence;
+        all.ack_floor.stream_sequence = all
+            .ack_floor
+            .stream_sequence
+            .max(info.ack_floor.stream_sequence);
+    }
+    all
 }
 
 /// Status from consumer info and the parking lot.

@@ -114,10 +114,13 @@ pub async fn provision(
         let parking = reactor_mapping::parking_stream_config(reactor, store);
         let outcome = ensure_stream(js, &parking).await?;
         report.push((format!("stream {}", parking.name), outcome));
-        let desired = reactor_mapping::consumer_config(reactor, store)
-            .map_err(|e| spec_err(e.to_string()))?;
-        let outcome = ensure_consumer(js, &store.stream_name(), desired).await?;
-        report.push((format!("consumer {}", reactor.consumer_name()), outcome));
+        for desired in reactor_mapping::consumer_configs(reactor, store)
+            .map_err(|e| spec_err(e.to_string()))?
+        {
+            let name = desired.durable_name.clone().unwrap_or_default();
+            let outcome = ensure_consumer(js, &store.stream_name(), desired).await?;
+            report.push((format!("consumer {name}"), outcome));
+        }
     }
     Ok(report)
 }

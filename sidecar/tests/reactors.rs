@@ -9,12 +9,13 @@ mod reactor_support;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
+use common::api;
 use projectionist_crds::projection::{Driver, ErrorPolicy};
 use projectionist_crds::reactor_config::resolve_reactor;
 use projectionist_sidecar::runtime::{ReactorLaunch, Workload};
 use projectionist_tests::nats::NatsServer;
 use reactor_support::{Endpoint, Reply, append, provision, reactor};
-use serde_json::{Value, json};
+use serde_json::json;
 
 async fn start_sidecar(
     nats: &NatsServer,
@@ -30,30 +31,6 @@ async fn start_sidecar(
         ..Default::default()
     })
     .await
-}
-
-async fn api(sidecar: &common::InProcess, method: &str, path: &str) -> (u16, Value) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(sidecar.api)
-        .await
-        .expect("connect");
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
-    );
-    s.write_all(req.as_bytes()).await.expect("write");
-    let mut buf = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(15), s.read_to_end(&mut buf)).await;
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let code = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b)
-        .unwrap_or_default();
-    (code, serde_json::from_str(body).unwrap_or(Value::Null))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -69,6 +69,7 @@ fn refused(refusal: Refusal) -> Problem {
         Refusal::Unavailable(detail) => {
             Problem::unavailable(format!("NATS is unavailable: {detail}"))
         }
+        Refusal::NotOwned(detail) => Problem::new(StatusCode::CONFLICT, detail),
     }
 }
 

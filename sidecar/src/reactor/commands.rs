@@ -31,6 +31,8 @@ pub enum Refusal {
     Busy(String),
     /// NATS could not be reached.
     Unavailable(String),
+    /// On a partitioned store: the aggregate's partition is pulled by another sidecar, which must be asked.
+    NotOwned(String),
 }
 
 /// The event a skip dropped.
@@ -82,6 +84,7 @@ impl Reactor {
             }
             Command::Retry(aggregate, reply) => {
                 let answer = match (&refresh, d.parked.get(&aggregate)) {
+                    _ if !self.owns(&aggregate) => Err(self.not_owned(&aggregate)),
                     (Err(e), _) => Err(Refusal::Unavailable(e.clone())),
                     (_, None) => Err(Refusal::NotParked(aggregate.clone())),
                     (_, Some(_)) if !d.lanes.occupy(&aggregate) => {
@@ -116,7 +119,32 @@ impl Reactor {
         }
     }
 
+    /// Whether this sidecar pulls the partition of `aggregate` (`<type>.<id>`); always on an unpartitioned store.
+    fn owns(&self, aggregate: &str) -> bool {
+        match (self.config.store_partitions, aggregate.split_once('.')) {
+            (Some(n), Some((kind, id))) => self
+                .owned
+                .contains(&projectionist_crds::partition::partition_of(kind, id, n)),
+            _ => true,
+        }
+    }
+
+    fn not_owned(&self, aggregate: &str) -> Refusal {
+        let partition = match (self.config.store_partitions, aggregate.split_once('.')) {
+            (Some(n), Some((kind, id))) => projectionist_crds::partition::partition_of(kind, id, n),
+            _ => 0,
+        };
+        Refusal::NotOwned(format!(
+            "the aggregate {aggregate:?} is in partition {partition}, which another sidecar of this reactor delivers \
+             (this one delivers partitions {:?}); send the request to the sidecar of that pod",
+            self.owned
+        ))
+    }
+
     async fn skip(&self, d: &mut Dispatch, aggregate: &str) -> Result<Skipped, Refusal> {
+        if !self.owns(aggregate) {
+            return Err(self.not_owned(aggregate));
+        }
         if d.lanes.is_busy(aggregate) {
             return Err(Refusal::Busy(aggregate.to_string()));
         }

@@ -8,6 +8,7 @@
 //! - [`job`]: an event delivered until done (retries, emitted events appended); a parked aggregate drained.
 //! - [`emit`]: the events an answer emits.
 //! - `commands`: the parking-lot requests of the API, answered by the dispatcher; `fence`: the takeover fence.
+//! - [`share`]: on a partitioned store, the partitions shared among the sidecars running the reactor.
 //! - [`parking`]: the parking lot in a JetStream stream.
 //! - [`metrics`]: Prometheus series.
 //!
@@ -23,6 +24,7 @@ pub mod job;
 pub mod lanes;
 pub mod metrics;
 pub mod parking;
+pub mod share;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
@@ -46,6 +48,10 @@ use job::{Deliverer, Drained, Outcome, retrying, sleep_or_stop};
 use lanes::Lanes;
 use metrics::ReactorMetrics;
 use parking::{Parked, ParkingLot};
+use share::{Share, Sharing};
+
+/// The events of the consumers a sidecar pulls, merged.
+type Messages = futures::stream::SelectAll<std::pin::Pin<Box<jetstream::consumer::pull::Stream>>>;
 
 /// What a job reports back.
 #[derive(Debug)]
@@ -76,6 +82,12 @@ pub struct Reactor {
     shutdown: watch::Receiver<bool>,
     commands: mpsc::Receiver<Command>,
     prefix: String,
+    /// On a partitioned store: this sidecar's share of the partitions, before `run` starts it.
+    share: Option<Share>,
+    /// On a partitioned store: this sidecar's share of the partitions, running.
+    sharing: Option<Sharing>,
+    /// The partitions it pulls (on a partitioned store).
+    owned: Vec<u32>,
 }
 
 impl Reactor {
@@ -94,15 +106,27 @@ impl Reactor {
             commands: tx,
         };
         let prefix = crate::store::subject_prefix(&config.store_subjects).unwrap_or_default();
+        let js = jetstream::new(nats.clone());
+        let share = config.store_partitions.map(|partitions| {
+            Share::new(
+                js.clone(),
+                &config,
+                partitions,
+                crate::engine::membership::member_name(),
+            )
+        });
         let reactor = Self {
             config,
-            js: jetstream::new(nats.clone()),
+            js,
             nats,
             deliverer: Arc::new(deliverer),
             state,
             shutdown,
             commands,
             prefix,
+            share,
+            sharing: None,
+            owned: Vec::new(),
         };
         (reactor, handle)
     }
@@ -113,15 +137,24 @@ impl Reactor {
 
     /// Runs until shutdown or a halt, reconnecting after NATS failures.
     pub async fn run(mut self) -> Exit {
+        if let Some(share) = self.share.take() {
+            self.sharing = Some(share.start(self.state.clone(), self.shutdown.clone()));
+        }
         let mut delay = Duration::from_millis(200);
         loop {
             match self.run_connected().await {
-                Ok(exit) => return exit,
+                // The partitions this sidecar pulls changed: pull the new ones at once.
+                Ok(Exit::Lost) => delay = Duration::from_millis(200),
+                Ok(exit) => {
+                    self.leave().await;
+                    return exit;
+                }
                 Err(reason) => {
                     warn!(reactor = %self.key(), reason = %reason, "reactor not running; retrying");
                     self.state.set_waiting(Some(reason));
                     let mut shutdown = self.shutdown.clone();
                     if sleep_or_stop(delay, &mut shutdown).await {
+                        self.leave().await;
                         return Exit::Shutdown;
                     }
                     delay = (delay * 2).min(Duration::from_secs(5));
@@ -130,35 +163,118 @@ impl Reactor {
         }
     }
 
-    async fn consumer(&self) -> Result<PullConsumer, String> {
+    /// The consumers this sidecar pulls: the reactor's, or on a partitioned store those of its partitions.
+    fn consumer_names(&self) -> Vec<String> {
+        if self.config.store_partitions.is_some() {
+            self.owned
+                .iter()
+                .map(|p| self.config.partition_consumer(*p))
+                .collect()
+        } else {
+            vec![self.config.consumer.clone()]
+        }
+    }
+
+    async fn consumers(&self) -> Result<Vec<PullConsumer>, String> {
         let stream = self
             .js
             .get_stream(&self.config.stream)
             .await
             .map_err(|e| format!("stream {}: {e}", self.config.stream))?;
-        stream
-            .get_consumer(&self.config.consumer)
-            .await
-            .map_err(|e| format!("consumer {}: {e}", self.config.consumer))
+        let mut consumers = Vec::new();
+        for name in self.consumer_names() {
+            consumers.push(
+                stream
+                    .get_consumer(&name)
+                    .await
+                    .map_err(|e| format!("consumer {name}: {e}"))?,
+            );
+        }
+        Ok(consumers)
     }
 
-    async fn subscribe(
-        &self,
-        consumer: &PullConsumer,
-    ) -> Result<jetstream::consumer::pull::Stream, String> {
-        consumer
-            .stream()
-            .group(self.config.priority_group.clone())
-            .max_messages_per_batch(256)
-            .expires(Duration::from_secs(5))
-            .heartbeat(Duration::from_secs(2))
-            .messages()
-            .await
-            .map_err(|e| format!("subscribing: {e}"))
+    /// Pulls every consumer; `None` when there is none to pull.
+    async fn subscribe(&self, consumers: &[PullConsumer]) -> Result<Option<Messages>, String> {
+        if consumers.is_empty() {
+            return Ok(None);
+        }
+        let mut all = Vec::with_capacity(consumers.len());
+        for consumer in consumers {
+            all.push(Box::pin(
+                consumer
+                    .stream()
+                    .group(self.config.priority_group.clone())
+                    .max_messages_per_batch(256)
+                    .expires(Duration::from_secs(5))
+                    .heartbeat(Duration::from_secs(2))
+                    .messages()
+                    .await
+                    .map_err(|e| format!("subscribing: {e}"))?,
+            ));
+        }
+        Ok(Some(futures::stream::select_all(all)))
+    }
+
+    /// On a partitioned store: the partitions this sidecar is assigned, once the first round went through.
+    async fn assigned(&mut self) -> Result<Option<Vec<u32>>, String> {
+        let Some(sharing) = &mut self.sharing else {
+            return Ok(None);
+        };
+        let wait = tokio::time::timeout(
+            Duration::from_secs(10),
+            sharing.assigned.wait_for(Option::is_some),
+        );
+        match wait.await {
+            Ok(Ok(assigned)) => Ok(assigned.clone()),
+            _ => Err("cannot report to the other sidecars of the reactor".into()),
+        }
+    }
+
+    /// Gives up what this sidecar pulls: its report (on shutdown), and the pins of its partitions.
+    async fn leave(&mut self) {
+        if let Some(sharing) = self.sharing.take() {
+            if *self.shutdown.borrow() {
+                sharing.stop().await;
+            } else {
+                // Halted: the partitions stay this sidecar's, so that the others do not go past the event.
+                self.sharing = Some(sharing);
+                return;
+            }
+            let released = std::mem::take(&mut self.owned);
+            self.release(&released).await;
+        }
+    }
+
+    async fn release(&self, partitions: &[u32]) {
+        for p in partitions {
+            share::unpin(
+                &self.js,
+                &self.config.stream,
+                &self.config.partition_consumer(*p),
+                &self.config.priority_group,
+            )
+            .await;
+        }
     }
 
     async fn run_connected(&mut self) -> Result<Exit, String> {
-        let consumer = self.consumer().await?;
+        if let Some(assigned) = self.assigned().await? {
+            let released: Vec<u32> = self
+                .owned
+                .iter()
+                .copied()
+                .filter(|p| !assigned.contains(p))
+                .collect();
+            self.release(&released).await;
+            if let Some(sharing) = &self.sharing {
+                if assigned != self.owned {
+                    info!(reactor = %self.key(), member = %sharing.member, partitions = ?assigned, "pulling this sidecar's share of the partitions");
+                }
+                sharing.owned.send_replace(assigned.clone());
+            }
+            self.owned = assigned;
+        }
+        let consumers = self.consumers().await?;
         let lot = ParkingLot::open(
             &self.js,
             &self.config.parking_stream,
@@ -166,8 +282,8 @@ impl Reactor {
         )
         .await?;
         let parked = lot.load().await?;
-        let messages = self.subscribe(&consumer).await?;
-        info!(reactor = %self.key(), parked = parked.len(), "reactor running");
+        let messages = self.subscribe(&consumers).await?;
+        info!(reactor = %self.key(), parked = parked.len(), consumers = consumers.len(), "reactor running");
         self.state.set_waiting(None);
         let mut dispatch = Dispatch {
             held: BTreeMap::new(),
@@ -176,16 +292,21 @@ impl Reactor {
             lot,
             results: mpsc::unbounded_channel(),
             tasks: tokio::task::JoinSet::new(),
-            last_received: None,
+            last_received: HashMap::new(),
             highest: 0,
             confirmer: Confirmer::start(self.nats.clone(), self.shutdown.clone()),
             fences: HashMap::new(),
             fence_deadline: None,
             fence_everything: false,
+            pending: HashMap::new(),
         };
-        let exit = self
-            .dispatch(&mut dispatch, &consumer, Some(messages))
-            .await;
+        let exit = self.dispatch(&mut dispatch, &consumers, messages).await;
+        if exit == Exit::Lost {
+            // Partitions move to another sidecar: the calls in progress end first (at most one call's timeout),
+            // so that the next holder's call to an aggregate never overlaps this one's.
+            let calls = async { while dispatch.tasks.join_next().await.is_some() {} };
+            let _ = tokio::time::timeout(self.config.timeout, calls).await;
+        }
         dispatch.tasks.abort_all();
         // What is still held goes back to the server at once (for this sidecar after a restart, or another replica).
         for held in dispatch.held.values() {
@@ -197,12 +318,13 @@ impl Reactor {
     async fn dispatch(
         &mut self,
         d: &mut Dispatch,
-        consumer: &PullConsumer,
-        mut messages: Option<jetstream::consumer::pull::Stream>,
+        consumers: &[PullConsumer],
+        mut messages: Option<Messages>,
     ) -> Exit {
         let progress =
             (self.config.ack_wait / 3).clamp(Duration::from_millis(100), Duration::from_secs(5));
         let mut tick = tokio::time::interval(progress);
+        let mut assigned = self.sharing.as_ref().map(|s| s.assigned.clone());
         let mut shutdown = self.shutdown.clone();
         loop {
             self.start_ready(d);
@@ -211,6 +333,7 @@ impl Reactor {
                 Some(done) = d.results.1.recv() => Wake::Done(done),
                 Some(command) = self.commands.recv() => Wake::Command(command),
                 _ = tick.tick() => Wake::Tick,
+                Some(()) = reassigned(&mut assigned) => Wake::Reassigned,
                 _ = shutdown.changed() => Wake::Tick,
             };
             if *shutdown.borrow() {
@@ -220,23 +343,31 @@ impl Reactor {
                 Wake::Message(Some(Ok(m))) => self.received(d, *m).await,
                 Wake::Message(Some(Err(e))) => {
                     warn!(reactor = %self.key(), error = %e, "pull failed; subscribing again");
-                    messages = self.subscribe(consumer).await.ok();
+                    messages = self.subscribe(consumers).await.ok().flatten();
                 }
-                Wake::Message(None) => messages = self.subscribe(consumer).await.ok(),
+                Wake::Message(None) => {
+                    messages = self.subscribe(consumers).await.ok().flatten();
+                }
                 Wake::Done(done) => {
                     if let Some(exit) = self.finished(d, done).await {
                         return exit;
                     }
                 }
                 Wake::Command(command) => self.command(d, command).await,
+                Wake::Reassigned => {
+                    let now = assigned.as_ref().and_then(|a| a.borrow().clone());
+                    if now.is_some_and(|now| now != self.owned) {
+                        return Exit::Lost;
+                    }
+                }
                 Wake::Tick => {
                     for held in d.held.values() {
                         let _ = held.ack_with(AckKind::Progress).await;
                     }
-                    if messages.is_none() {
-                        match self.subscribe(consumer).await {
+                    if messages.is_none() && !consumers.is_empty() {
+                        match self.subscribe(consumers).await {
                             Ok(m) => {
-                                messages = Some(m);
+                                messages = m;
                                 self.state.set_waiting(None);
                             }
                             Err(e) => self.state.set_waiting(Some(e)),
@@ -303,24 +434,30 @@ impl Reactor {
             return;
         };
         let (seq, delivered) = (info.stream_sequence, info.delivered);
+        d.pending.insert(info.consumer.to_string(), info.pending);
+        let lag: u64 = d.pending.values().sum();
         self.state
             .lag
-            .store(info.pending as i64, std::sync::atomic::Ordering::Relaxed);
+            .store(lag as i64, std::sync::atomic::Ordering::Relaxed);
         if delivered > 1 {
             ReactorMetrics::count(&self.deliverer.metrics.redelivered, self.key(), 1);
         }
         d.highest = d.highest.max(seq);
-        // After a quiet spell another replica may have been delivering (and parking): read the lot again.
+        // The first event of a consumer, or one after a quiet spell: another replica (or, on a partitioned store,
+        // the partition's previous holder) may have been delivering and parking: read the lot again, and fence what
+        // it left pending.
+        let consumer = info.consumer.to_string();
         let quiet = d
             .last_received
+            .get(&consumer)
             .is_none_or(|t| t.elapsed() > self.config.ack_wait / 2);
-        d.last_received = Some(Instant::now());
+        d.last_received.insert(consumer.clone(), Instant::now());
         if quiet {
             let mut shutdown = self.shutdown.clone();
             if let Some(parked) = retrying(&mut shutdown, || d.lot.load()).await {
                 d.parked = parked;
             }
-            self.fence_foreign_pending(d).await;
+            self.fence_foreign_pending(d, &consumer).await;
         }
         if let Some(held) = d.held.get_mut(&seq) {
             // Redelivered while held: keep the newest delivery, whose acknowledgement the server expects.
@@ -537,6 +674,16 @@ enum Wake {
     Done(Done),
     Command(Command),
     Tick,
+    /// The partitions this sidecar is assigned may have changed.
+    Reassigned,
+}
+
+/// Resolves when the assignment changes; never without one.
+async fn reassigned(assigned: &mut Option<watch::Receiver<Option<Vec<u32>>>>) -> Option<()> {
+    match assigned {
+        Some(a) => a.changed().await.ok(),
+        None => std::future::pending().await,
+    }
 }
 
 /// The dispatcher's state while connected.
@@ -547,7 +694,7 @@ struct Dispatch {
     lot: ParkingLot,
     results: (mpsc::UnboundedSender<Done>, mpsc::UnboundedReceiver<Done>),
     tasks: tokio::task::JoinSet<()>,
-    last_received: Option<Instant>,
+    last_received: HashMap<String, Instant>,
     highest: u64,
     confirmer: Confirmer,
     /// Aggregates waiting for events a previous holder left pending, with those events' sequences.
@@ -556,11 +703,11 @@ struct Dispatch {
     fence_deadline: Option<Instant>,
     /// Every aggregate waits (the pending events could not be read).
     fence_everything: bool,
+    /// Events not yet delivered, per consumer pulled.
+    pending: HashMap<String, u64>,
 }
 
-async fn next_message(
-    messages: &mut Option<jetstream::consumer::pull::Stream>,
-) -> Option<Result<Message, String>> {
+async fn next_message(messages: &mut Option<Messages>) -> Option<Result<Message, String>> {
     match messages {
         Some(m) => m.next().await.map(|r| r.map_err(|e| e.to_string())),
         None => std::future::pending().await,
