@@ -369,12 +369,7 @@ pub fn consumer_config(
     reactor: &Reactor,
     store: &EventStore,
 ) -> Result<pull::Config, ConsumerSpecError> {
-    let filters = reactor
-        .spec
-        .events
-        .as_ref()
-        .map(|e| e.subjects.clone())
-        .unwrap_or_default();
+    let filters = event_subjects(reactor);
     let (filter_subject, filter_subjects) = consumer::server_filters(&filters, store)?;
     partition_consumer_config(
         reactor,
@@ -382,6 +377,16 @@ pub fn consumer_config(
         filter_subject,
         filter_subjects,
     )
+}
+
+/// The subjects a reactor's events are filtered to (empty: every subject of the store).
+fn event_subjects(reactor: &Reactor) -> Vec<String> {
+    reactor
+        .spec
+        .events
+        .as_ref()
+        .map(|e| e.subjects.clone())
+        .unwrap_or_default()
 }
 
 /// The durable consumers of a reactor: one ([`consumer_config`]) on an unpartitioned store; on a partitioned store
@@ -395,12 +400,7 @@ pub fn consumer_configs(
     let Some(layout) = store.layout() else {
         return Ok(vec![one]);
     };
-    let filters = reactor
-        .spec
-        .events
-        .as_ref()
-        .map(|e| e.subjects.clone())
-        .unwrap_or_default();
+    let filters = event_subjects(reactor);
     (0..layout.partitions)
         .map(|p| {
             let mut stored = layout.partition_filters(&filters, p);

@@ -5,27 +5,13 @@
 mod common;
 mod reactor_support;
 
-use std::process::Command;
 use std::time::Duration;
 
 use projectionist_crds::projection::{Driver, ErrorPolicy};
-use projectionist_crds::reactor_config::resolve_reactor;
 use projectionist_tests::nats::NatsServer;
 use rand::Rng;
 use reactor_support::{Endpoint, append, provision, reactor};
 use serde_json::json;
-
-fn spawn(dir: &std::path::Path) -> common::SidecarProcess {
-    common::SidecarProcess::spawn(
-        Command::new(env!("CARGO_BIN_EXE_projectionist-sidecar"))
-            .arg("run")
-            .arg("--config-dir")
-            .arg(dir)
-            .arg("--admin-addr")
-            .arg("127.0.0.1:0")
-            .env("PROJECTIONIST_API_ADDR", "127.0.0.1:0"),
-    )
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkills_and_nats_restarts_lose_nothing_and_keep_each_aggregate_in_order() {
@@ -38,13 +24,7 @@ async fn sigkills_and_nats_restarts_lose_nothing_and_keep_each_aggregate_in_orde
         json!({"delivery": {"concurrency": 8, "retry": {"initial": "20ms", "max": "500ms"}, "maxAttempts": 0}}),
     );
     provision(&js, &store, &reactor).await;
-    let dir = tempfile::tempdir().expect("dir");
-    let config = resolve_reactor(&store, &reactor).expect("resolves").config;
-    std::fs::write(
-        dir.path().join("reactor.yaml"),
-        config.to_yaml().expect("yaml"),
-    )
-    .expect("write");
+    let dir = reactor_support::config_dir(&store, &reactor);
 
     // The parked aggregate: its second event is poison; every later one must stay held.
     append(&js, &store, &endpoint, "p", "p0", json!({})).await;
@@ -56,17 +36,7 @@ async fn sigkills_and_nats_restarts_lose_nothing_and_keep_each_aggregate_in_orde
         let shared = endpoint.shared.clone();
         tokio::spawn(async move {
             for round in 0..rounds {
-                for a in 0..aggregates {
-                    reactor_support::append_to(
-                        &js,
-                        &store,
-                        &shared,
-                        &format!("a{a}"),
-                        &format!("e-{a}-{round}"),
-                        json!({}),
-                    )
-                    .await;
-                }
+                reactor_support::append_round(&js, &store, &shared, aggregates, round).await;
                 if round % 5 == 4 {
                     reactor_support::append_to(
                         &js,
@@ -83,22 +53,17 @@ async fn sigkills_and_nats_restarts_lose_nothing_and_keep_each_aggregate_in_orde
         })
     };
 
-    let mut sidecar = spawn(dir.path());
+    let mut sidecar = common::SidecarProcess::run(dir.path());
     for kill in 0..20 {
         let pause = rand::rng().random_range(400..1200);
         tokio::time::sleep(Duration::from_millis(pause)).await;
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(sidecar.id() as i32),
-            nix::sys::signal::Signal::SIGKILL,
-        )
-        .expect("kill");
-        let _ = sidecar.wait();
+        sidecar.sigkill();
         if kill == 6 || kill == 13 {
             nats.stop();
             tokio::time::sleep(Duration::from_millis(500)).await;
             nats.start_again().await.expect("nats back");
         }
-        sidecar = spawn(dir.path());
+        sidecar = common::SidecarProcess::run(dir.path());
     }
     appender.await.expect("appended");
 
@@ -117,29 +82,7 @@ async fn sigkills_and_nats_restarts_lose_nothing_and_keep_each_aggregate_in_orde
         .map(|a| delivered.get(&format!("acct.a{a}")).map_or(0, Vec::len))
         .sum();
     assert!(all, "delivered {count} of {total}");
-    for (aggregate, ids) in &delivered {
-        if aggregate != "acct.p" {
-            assert_eq!(ids, &expected[aggregate], "order of {aggregate}");
-        }
-    }
-    // Repeats are redeliveries of the same event: an aggregate never goes back to an earlier event.
-    let calls = endpoint.shared.calls.lock().expect("lock").clone();
-    for (aggregate, ids) in &expected {
-        let positions: Vec<usize> = calls
-            .iter()
-            .filter(|c| &c.aggregate == aggregate && (200..300).contains(&c.status))
-            .filter_map(|c| ids.iter().position(|i| *i == c.id))
-            .collect();
-        assert!(
-            positions.windows(2).all(|w| w[0] <= w[1]),
-            "{aggregate}: {positions:?}"
-        );
-    }
-    assert!(
-        endpoint.violations().is_empty(),
-        "{:?}",
-        endpoint.violations()
-    );
+    endpoint.assert_order(&["acct.p"]);
 
     // The parked aggregate is still parked, every event after the poison one held and none delivered.
     assert!(endpoint.shared.succeeded("p0"));

@@ -9,41 +9,17 @@ mod common;
 mod reactor_support;
 
 use std::collections::BTreeMap;
-use std::process::Command;
 use std::time::Duration;
 
 use async_nats::jetstream;
 use projectionist_crds::partition::{PROGRESS_STREAM, Progress, progress_filter};
 use projectionist_crds::projection::{Driver, ErrorPolicy};
-use projectionist_crds::reactor_config::resolve_reactor;
-use projectionist_sidecar::runtime::{ReactorLaunch, Workload};
 use projectionist_tests::nats::NatsServer;
 use rand::Rng;
 use reactor_support::{Endpoint, Reply, append, provision, reactor};
 use serde_json::json;
 
 const PARTITIONS: u32 = 8;
-
-fn spawn(dir: &std::path::Path) -> common::SidecarProcess {
-    common::SidecarProcess::spawn(
-        Command::new(env!("CARGO_BIN_EXE_projectionist-sidecar"))
-            .arg("run")
-            .arg("--config-dir")
-            .arg(dir)
-            .arg("--admin-addr")
-            .arg("127.0.0.1:0")
-            .env("PROJECTIONIST_API_ADDR", "127.0.0.1:0"),
-    )
-}
-
-fn kill(sidecar: &mut common::SidecarProcess) {
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(sidecar.id() as i32),
-        nix::sys::signal::Signal::SIGKILL,
-    )
-    .expect("kill");
-    let _ = sidecar.wait();
-}
 
 /// The partitions each live sidecar reports it delivers (reports older than `lease` before the newest left out).
 async fn spread(js: &jetstream::Context, lease: Duration) -> BTreeMap<String, Vec<u32>> {
@@ -95,16 +71,12 @@ async fn sidecars_share_the_partitions_and_take_over_from_killed_ones_in_order()
     store.spec.stream.partitions = Some(PARTITIONS);
     let reactor = reactor(&endpoint.url(), json!({}));
     provision(&js, &store, &reactor).await;
-    let dir = tempfile::tempdir().expect("dir");
-    let config = resolve_reactor(&store, &reactor).expect("resolves").config;
-    std::fs::write(
-        dir.path().join("reactor.yaml"),
-        config.to_yaml().expect("yaml"),
-    )
-    .expect("write");
+    let dir = reactor_support::config_dir(&store, &reactor);
     let lease = Duration::from_millis(1500);
 
-    let mut sidecars: Vec<_> = (0..3).map(|_| spawn(dir.path())).collect();
+    let mut sidecars: Vec<_> = (0..3)
+        .map(|_| common::SidecarProcess::run(dir.path()))
+        .collect();
     let shared = common::wait_until(Duration::from_secs(30), || async {
         fair(&spread(&js, lease).await, 3)
     })
@@ -121,17 +93,7 @@ async fn sidecars_share_the_partitions_and_take_over_from_killed_ones_in_order()
         let shared = endpoint.shared.clone();
         tokio::spawn(async move {
             for round in 0..rounds {
-                for a in 0..aggregates {
-                    reactor_support::append_to(
-                        &js,
-                        &store,
-                        &shared,
-                        &format!("a{a}"),
-                        &format!("e-{a}-{round}"),
-                        json!({}),
-                    )
-                    .await;
-                }
+                reactor_support::append_round(&js, &store, &shared, aggregates, round).await;
                 tokio::time::sleep(Duration::from_millis(60)).await;
             }
         })
@@ -141,16 +103,16 @@ async fn sidecars_share_the_partitions_and_take_over_from_killed_ones_in_order()
         tokio::time::sleep(Duration::from_millis(pause)).await;
         if round == 5 {
             // Scaled out: a fourth sidecar takes its share.
-            sidecars.push(spawn(dir.path()));
+            sidecars.push(common::SidecarProcess::run(dir.path()));
             continue;
         }
         let victim = rand::rng().random_range(0..sidecars.len());
-        kill(&mut sidecars[victim]);
-        sidecars[victim] = spawn(dir.path());
+        sidecars[victim].sigkill();
+        sidecars[victim] = common::SidecarProcess::run(dir.path());
     }
     // Scaled in, by SIGKILL: the other two take the partitions of two over.
     for _ in 0..2 {
-        kill(&mut sidecars.remove(0));
+        sidecars.remove(0).sigkill();
     }
     appender.await.expect("appended");
 
@@ -165,49 +127,13 @@ async fn sidecars_share_the_partitions_and_take_over_from_killed_ones_in_order()
     let delivered = endpoint.shared.delivered();
     let count: usize = delivered.values().map(Vec::len).sum();
     assert!(all, "delivered {count} of {}", aggregates * rounds);
-    for (aggregate, ids) in &delivered {
-        assert_eq!(ids, &expected[aggregate], "order of {aggregate}");
-    }
-    // Repeats are redeliveries of the same event: an aggregate never goes back to an earlier event.
-    let calls = endpoint.shared.calls.lock().expect("lock").clone();
-    for (aggregate, ids) in &expected {
-        let positions: Vec<usize> = calls
-            .iter()
-            .filter(|c| &c.aggregate == aggregate && (200..300).contains(&c.status))
-            .filter_map(|c| ids.iter().position(|i| *i == c.id))
-            .collect();
-        assert!(
-            positions.windows(2).all(|w| w[0] <= w[1]),
-            "{aggregate}: {positions:?}"
-        );
-    }
-    assert!(
-        endpoint.violations().is_empty(),
-        "{:?}",
-        endpoint.violations()
-    );
+    endpoint.assert_order(&[]);
     let shared = common::wait_until(Duration::from_secs(30), || async {
         fair(&spread(&js, lease).await, 2)
     })
     .await;
     assert!(shared, "two sidecars share: {:?}", spread(&js, lease).await);
     drop(sidecars);
-}
-
-async fn start_sidecar(
-    nats: &NatsServer,
-    store: &projectionist_crds::EventStore,
-    reactor: &projectionist_crds::Reactor,
-) -> common::InProcess {
-    let config = resolve_reactor(store, reactor).expect("resolves").config;
-    common::InProcess::run(Workload {
-        reactors: vec![ReactorLaunch {
-            config,
-            nats_url: Some(nats.url()),
-        }],
-        ..Default::default()
-    })
-    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -220,8 +146,8 @@ async fn a_parked_aggregate_is_retried_by_the_sidecar_delivering_its_partition()
     let reactor = reactor(&endpoint.url(), json!({}));
     provision(&js, &store, &reactor).await;
     let sidecars = [
-        start_sidecar(&nats, &store, &reactor).await,
-        start_sidecar(&nats, &store, &reactor).await,
+        reactor_support::start_sidecar(&nats, &store, &reactor).await,
+        reactor_support::start_sidecar(&nats, &store, &reactor).await,
     ];
     let lease = Duration::from_millis(1500);
     assert!(

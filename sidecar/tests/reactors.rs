@@ -11,27 +11,9 @@ use std::time::Duration;
 
 use common::api;
 use projectionist_crds::projection::{Driver, ErrorPolicy};
-use projectionist_crds::reactor_config::resolve_reactor;
-use projectionist_sidecar::runtime::{ReactorLaunch, Workload};
 use projectionist_tests::nats::NatsServer;
 use reactor_support::{Endpoint, Reply, append, provision, reactor};
 use serde_json::json;
-
-async fn start_sidecar(
-    nats: &NatsServer,
-    store: &projectionist_crds::EventStore,
-    reactor: &projectionist_crds::Reactor,
-) -> common::InProcess {
-    let config = resolve_reactor(store, reactor).expect("resolves").config;
-    common::InProcess::run(Workload {
-        reactors: vec![ReactorLaunch {
-            config,
-            nats_url: Some(nats.url()),
-        }],
-        ..Default::default()
-    })
-    .await
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flaky_endpoint_gets_every_event_in_order_per_aggregate_one_call_at_a_time() {
@@ -60,7 +42,7 @@ async fn a_flaky_endpoint_gets_every_event_in_order_per_aggregate_one_call_at_a_
     let (store, _) = common::ledger(&nats.url(), Driver::Sqlite, ErrorPolicy::Halt, "1s");
     let reactor = reactor(&endpoint.url(), json!({}));
     provision(&js, &store, &reactor).await;
-    let sidecar = start_sidecar(&nats, &store, &reactor).await;
+    let sidecar = reactor_support::start_sidecar(&nats, &store, &reactor).await;
 
     let (aggregates, per_aggregate) = (12, 10);
     let mut restarted = None;
@@ -170,7 +152,7 @@ async fn a_poison_event_parks_its_aggregate_others_go_on_and_retry_and_skip_work
     let (store, _) = common::ledger(&nats.url(), Driver::Sqlite, ErrorPolicy::Halt, "1s");
     let reactor = reactor(&endpoint.url(), json!({}));
     provision(&js, &store, &reactor).await;
-    let sidecar = start_sidecar(&nats, &store, &reactor).await;
+    let sidecar = reactor_support::start_sidecar(&nats, &store, &reactor).await;
     let dead_letters = nats
         .connect()
         .await
@@ -344,7 +326,7 @@ async fn an_emitting_reactor_appends_its_events_once_despite_redeliveries() {
         )
         .await;
     }
-    let sidecar = start_sidecar(&nats, &store, &reactor).await;
+    let sidecar = reactor_support::start_sidecar(&nats, &store, &reactor).await;
     let calls = || endpoint.shared.calls.lock().expect("lock").len();
     assert!(common::wait_until(Duration::from_secs(30), || async { calls() >= events }).await);
     sidecar.stop().await;
@@ -356,7 +338,7 @@ async fn an_emitting_reactor_appends_its_events_once_despite_redeliveries() {
         .await
         .expect("deleted");
     provision(&js, &store, &reactor).await;
-    let sidecar = start_sidecar(&nats, &store, &reactor).await;
+    let sidecar = reactor_support::start_sidecar(&nats, &store, &reactor).await;
     assert!(common::wait_until(Duration::from_secs(30), || async { calls() >= 2 * events }).await);
     sidecar.stop().await;
 
@@ -400,8 +382,8 @@ async fn one_replica_delivers_at_a_time_and_another_takes_over_when_it_stops() {
     let (store, _) = common::ledger(&nats.url(), Driver::Sqlite, ErrorPolicy::Halt, "1s");
     let reactor = reactor(&endpoint.url(), json!({}));
     provision(&js, &store, &reactor).await;
-    let first = start_sidecar(&nats, &store, &reactor).await;
-    let second = start_sidecar(&nats, &store, &reactor).await;
+    let first = reactor_support::start_sidecar(&nats, &store, &reactor).await;
+    let second = reactor_support::start_sidecar(&nats, &store, &reactor).await;
     for i in 0..60 {
         append(
             &js,
@@ -484,7 +466,7 @@ async fn a_reactor_on_a_partitioned_store_parks_and_delivers_by_aggregate() {
         json!({"events": {"subjects": ["test.bank.acct.>"]}}),
     );
     provision(&js, &store, &reactor).await;
-    let sidecar = start_sidecar(&nats, &store, &reactor).await;
+    let sidecar = reactor_support::start_sidecar(&nats, &store, &reactor).await;
     for i in 0..4 {
         append(
             &js,

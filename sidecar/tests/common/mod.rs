@@ -379,47 +379,36 @@ impl InProcess {
     }
 }
 
-/// A minimal HTTP GET (the admin server speaks HTTP/1.1).
 /// A request without a body to the sidecar's event-store API: the status and the JSON body (`Null` if none).
 #[allow(dead_code)]
 pub async fn api(sidecar: &InProcess, method: &str, path: &str) -> (u16, serde_json::Value) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(sidecar.api)
-        .await
-        .expect("connect");
     let req = format!(
         "{method} {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
     );
-    s.write_all(req.as_bytes()).await.expect("write");
-    let mut buf = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(15), s.read_to_end(&mut buf)).await;
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let code = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b)
-        .unwrap_or_default();
+    let (code, body) = exchange(sidecar.api, &req, Duration::from_secs(15))
+        .await
+        .expect("connect");
     (
         code,
-        serde_json::from_str(body).unwrap_or(serde_json::Value::Null),
+        serde_json::from_str(&body).unwrap_or(serde_json::Value::Null),
     )
 }
 
+/// A minimal HTTP GET (the admin server speaks HTTP/1.1).
 pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let Ok(mut s) = tokio::net::TcpStream::connect(addr).await else {
-        return (0, String::new());
-    };
     let req = format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
-    if s.write_all(req.as_bytes()).await.is_err() {
-        return (0, String::new());
-    }
+    exchange(addr, &req, Duration::from_secs(5))
+        .await
+        .unwrap_or((0, String::new()))
+}
+
+/// Sends one HTTP/1.1 request and reads the answer (`None` when the connection fails): its status and body.
+async fn exchange(addr: SocketAddr, req: &str, wait: Duration) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+    s.write_all(req.as_bytes()).await.ok()?;
     let mut buf = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut buf)).await;
+    let _ = tokio::time::timeout(wait, s.read_to_end(&mut buf)).await;
     let text = String::from_utf8_lossy(&buf).into_owned();
     let code = text
         .split_whitespace()
@@ -430,7 +419,7 @@ pub async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
         .split_once("\r\n\r\n")
         .map(|(_, b)| b.to_string())
         .unwrap_or_default();
-    (code, body)
+    Some((code, body))
 }
 
 /// The value of a metric series (first line starting with `prefix`).
@@ -478,6 +467,25 @@ impl SidecarProcess {
                 .spawn()
                 .expect("spawn sidecar"),
         )
+    }
+
+    /// `run` on the configs in `config_dir`, both servers on ports of their own.
+    pub fn run(config_dir: &Path) -> Self {
+        Self::spawn(
+            Command::new(env!("CARGO_BIN_EXE_projectionist-sidecar"))
+                .arg("run")
+                .arg("--config-dir")
+                .arg(config_dir)
+                .arg("--admin-addr")
+                .arg("127.0.0.1:0")
+                .env("PROJECTIONIST_API_ADDR", "127.0.0.1:0"),
+        )
+    }
+
+    /// Kills the process with SIGKILL (no chance to clean up) and reaps it.
+    pub fn sigkill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 

@@ -255,12 +255,69 @@ impl Endpoint {
     pub fn violations(&self) -> Vec<String> {
         self.shared.violations.lock().expect("lock").clone()
     }
+
+    /// Asserts that every aggregate but those `except` got its events in the order appended, never went back to an
+    /// earlier event (repeats are redeliveries of the same one), and never had two calls at once.
+    pub fn assert_order(&self, except: &[&str]) {
+        let expected = self.shared.expected.lock().expect("lock").clone();
+        for (aggregate, ids) in &self.shared.delivered() {
+            if !except.contains(&aggregate.as_str()) {
+                assert_eq!(ids, &expected[aggregate], "order of {aggregate}");
+            }
+        }
+        let calls = self.shared.calls.lock().expect("lock").clone();
+        for (aggregate, ids) in &expected {
+            let positions: Vec<usize> = calls
+                .iter()
+                .filter(|c| &c.aggregate == aggregate && (200..300).contains(&c.status))
+                .filter_map(|c| ids.iter().position(|i| *i == c.id))
+                .collect();
+            assert!(
+                positions.windows(2).all(|w| w[0] <= w[1]),
+                "{aggregate}: {positions:?}"
+            );
+        }
+        assert!(self.violations().is_empty(), "{:?}", self.violations());
+    }
 }
 
 impl Drop for Endpoint {
     fn drop(&mut self) {
         self.stop();
     }
+}
+
+/// A config directory for `run` holding `reactor` of `store`.
+pub fn config_dir(store: &EventStore, reactor: &Reactor) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("dir");
+    let config = projectionist_crds::reactor_config::resolve_reactor(store, reactor)
+        .expect("resolves")
+        .config;
+    std::fs::write(
+        dir.path().join("reactor.yaml"),
+        config.to_yaml().expect("yaml"),
+    )
+    .expect("write");
+    dir
+}
+
+/// A sidecar in this process running `reactor` of `store`.
+pub async fn start_sidecar(
+    nats: &projectionist_tests::nats::NatsServer,
+    store: &EventStore,
+    reactor: &Reactor,
+) -> super::common::InProcess {
+    let config = projectionist_crds::reactor_config::resolve_reactor(store, reactor)
+        .expect("resolves")
+        .config;
+    super::common::InProcess::run(projectionist_sidecar::runtime::Workload {
+        reactors: vec![projectionist_sidecar::runtime::ReactorLaunch {
+            config,
+            nats_url: Some(nats.url()),
+        }],
+        ..Default::default()
+    })
+    .await
 }
 
 /// A reactor on the ledger store delivering to `url`, with extra spec fields merged in.
@@ -310,6 +367,27 @@ pub async fn append(
 }
 
 /// [`append`], recording into the endpoint's shared state.
+/// Appends event `e-<a>-<round>` to each of the aggregates `a0` … `a<aggregates - 1>`.
+pub async fn append_round(
+    js: &jetstream::Context,
+    store: &EventStore,
+    shared: &Shared,
+    aggregates: usize,
+    round: usize,
+) {
+    for a in 0..aggregates {
+        append_to(
+            js,
+            store,
+            shared,
+            &format!("a{a}"),
+            &format!("e-{a}-{round}"),
+            serde_json::json!({}),
+        )
+        .await;
+    }
+}
+
 pub async fn append_to(
     js: &jetstream::Context,
     store: &EventStore,
