@@ -190,13 +190,11 @@ async fn sync(
             }
         }
     }
-    let info = combined(&infos);
+    refresh(reactor, ctx, &store, status, &combined(&infos), generation).await?;
     if let Some(message) = refused {
-        refresh(reactor, ctx, &store, status, &info, generation).await?;
         not_ready(status, "ImmutableFieldChanged", message, generation);
         return Ok(Action::requeue(ctx.settings.status_interval));
     }
-    refresh(reactor, ctx, &store, status, &info, generation).await?;
     let consumers = match store.spec.stream.partitions {
         Some(n) => {
             status.partitions = Some(n);

@@ -8,7 +8,8 @@
 //! - [`job`]: an event delivered until done (retries, emitted events appended); a parked aggregate drained.
 //! - [`emit`]: the events an answer emits.
 //! - `commands`: the parking-lot requests of the API, answered by the dispatcher; `fence`: the takeover fence.
-//! - [`share`]: on a partitioned store, the partitions shared among the sidecars running the reactor.
+//! - [`share`]: on a partitioned store, the partitions shared among the sidecars running the reactor; `pulling`:
+//!   the consumers this sidecar pulls (its share), merged, and what it gives up when the share changes.
 //! - [`parking`]: the parking lot in a JetStream stream.
 //! - [`metrics`]: Prometheus series.
 //!
@@ -24,6 +25,7 @@ pub mod job;
 pub mod lanes;
 pub mod metrics;
 pub mod parking;
+mod pulling;
 pub mod share;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -48,10 +50,8 @@ use job::{Deliverer, Drained, Outcome, retrying, sleep_or_stop};
 use lanes::Lanes;
 use metrics::ReactorMetrics;
 use parking::{Parked, ParkingLot};
+use pulling::{Messages, reassigned};
 use share::{Share, Sharing};
-
-/// The events of the consumers a sidecar pulls, merged.
-type Messages = futures::stream::SelectAll<std::pin::Pin<Box<jetstream::consumer::pull::Stream>>>;
 
 /// What a job reports back.
 #[derive(Debug)]
@@ -163,117 +163,8 @@ impl Reactor {
         }
     }
 
-    /// The consumers this sidecar pulls: the reactor's, or on a partitioned store those of its partitions.
-    fn consumer_names(&self) -> Vec<String> {
-        if self.config.store_partitions.is_some() {
-            self.owned
-                .iter()
-                .map(|p| self.config.partition_consumer(*p))
-                .collect()
-        } else {
-            vec![self.config.consumer.clone()]
-        }
-    }
-
-    async fn consumers(&self) -> Result<Vec<PullConsumer>, String> {
-        let stream = self
-            .js
-            .get_stream(&self.config.stream)
-            .await
-            .map_err(|e| format!("stream {}: {e}", self.config.stream))?;
-        let mut consumers = Vec::new();
-        for name in self.consumer_names() {
-            consumers.push(
-                stream
-                    .get_consumer(&name)
-                    .await
-                    .map_err(|e| format!("consumer {name}: {e}"))?,
-            );
-        }
-        Ok(consumers)
-    }
-
-    /// Pulls every consumer; `None` when there is none to pull.
-    async fn subscribe(&self, consumers: &[PullConsumer]) -> Result<Option<Messages>, String> {
-        if consumers.is_empty() {
-            return Ok(None);
-        }
-        let mut all = Vec::with_capacity(consumers.len());
-        for consumer in consumers {
-            all.push(Box::pin(
-                consumer
-                    .stream()
-                    .group(self.config.priority_group.clone())
-                    .max_messages_per_batch(256)
-                    .expires(Duration::from_secs(5))
-                    .heartbeat(Duration::from_secs(2))
-                    .messages()
-                    .await
-                    .map_err(|e| format!("subscribing: {e}"))?,
-            ));
-        }
-        Ok(Some(futures::stream::select_all(all)))
-    }
-
-    /// On a partitioned store: the partitions this sidecar is assigned, once the first round went through.
-    async fn assigned(&mut self) -> Result<Option<Vec<u32>>, String> {
-        let Some(sharing) = &mut self.sharing else {
-            return Ok(None);
-        };
-        let wait = tokio::time::timeout(
-            Duration::from_secs(10),
-            sharing.assigned.wait_for(Option::is_some),
-        );
-        match wait.await {
-            Ok(Ok(assigned)) => Ok(assigned.clone()),
-            _ => Err("cannot report to the other sidecars of the reactor".into()),
-        }
-    }
-
-    /// Gives up what this sidecar pulls: its report (on shutdown), and the pins of its partitions.
-    async fn leave(&mut self) {
-        if let Some(sharing) = self.sharing.take() {
-            if *self.shutdown.borrow() {
-                sharing.stop().await;
-            } else {
-                // Halted: the partitions stay this sidecar's, so that the others do not go past the event.
-                self.sharing = Some(sharing);
-                return;
-            }
-            let released = std::mem::take(&mut self.owned);
-            self.release(&released).await;
-        }
-    }
-
-    async fn release(&self, partitions: &[u32]) {
-        for p in partitions {
-            share::unpin(
-                &self.js,
-                &self.config.stream,
-                &self.config.partition_consumer(*p),
-                &self.config.priority_group,
-            )
-            .await;
-        }
-    }
-
     async fn run_connected(&mut self) -> Result<Exit, String> {
-        if let Some(assigned) = self.assigned().await? {
-            let released: Vec<u32> = self
-                .owned
-                .iter()
-                .copied()
-                .filter(|p| !assigned.contains(p))
-                .collect();
-            self.release(&released).await;
-            if let Some(sharing) = &self.sharing {
-                if assigned != self.owned {
-                    info!(reactor = %self.key(), member = %sharing.member, partitions = ?assigned, "pulling this sidecar's share of the partitions");
-                }
-                sharing.owned.send_replace(assigned.clone());
-            }
-            self.owned = assigned;
-        }
+        self.take_assignment().await?;
         let consumers = self.consumers().await?;
         let lot = ParkingLot::open(
             &self.js,
@@ -676,14 +567,6 @@ enum Wake {
     Tick,
     /// The partitions this sidecar is assigned may have changed.
     Reassigned,
-}
-
-/// Resolves when the assignment changes; never without one.
-async fn reassigned(assigned: &mut Option<watch::Receiver<Option<Vec<u32>>>>) -> Option<()> {
-    match assigned {
-        Some(a) => a.changed().await.ok(),
-        None => std::future::pending().await,
-    }
 }
 
 /// The dispatcher's state while connected.
