@@ -18,7 +18,7 @@ use super::job::sleep_or_stop;
 /// Most acknowledgements covered by one confirmation.
 const MAX_BATCH: usize = 512;
 
-type Waiting = (Message, oneshot::Sender<()>);
+type Waiting = (Arc<Message>, oneshot::Sender<()>);
 
 /// The confirmer of one reactor's acknowledgements.
 #[derive(Debug, Clone)]
@@ -44,7 +44,7 @@ impl Confirmer {
     }
 
     /// Acknowledges `message` and returns once the server confirmed it (or gave up trying: a redelivery then follows).
-    pub async fn confirm(&self, message: Message) {
+    pub async fn confirm(&self, message: Arc<Message>) {
         let (done, confirmed) = oneshot::channel();
         if self.tx.send((message, done)).is_ok() {
             let _ = confirmed.await;

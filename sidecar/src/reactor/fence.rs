@@ -50,7 +50,7 @@ impl Reactor {
     async fn foreign_pending(
         &self,
         consumer: &str,
-        held: &BTreeMap<u64, Message>,
+        held: &BTreeMap<u64, std::sync::Arc<Message>>,
     ) -> Result<Option<Option<HashMap<String, BTreeSet<u64>>>>, String> {
         let held_here = held
             .values()

@@ -289,7 +289,7 @@ impl Reactor {
                 d.lanes.done(&aggregate);
                 continue;
             };
-            let message = held.clone();
+            let message = Arc::clone(held);
             let (deliverer, tx, mut shutdown, confirmer) = (
                 self.deliverer.clone(),
                 d.results.0.clone(),
@@ -352,7 +352,7 @@ impl Reactor {
         }
         if let Some(held) = d.held.get_mut(&seq) {
             // Redelivered while held: keep the newest delivery, whose acknowledgement the server expects.
-            *held = m;
+            *held = Arc::new(m);
             return;
         }
         let aggregate = self.aggregate_of(m.subject.as_str());
@@ -373,7 +373,7 @@ impl Reactor {
             confirm_one(&m, &mut self.shutdown.clone()).await;
             return;
         }
-        d.held.insert(seq, m);
+        d.held.insert(seq, Arc::new(m));
         d.lanes.push(&aggregate, seq);
     }
 
@@ -571,7 +571,8 @@ enum Wake {
 
 /// The dispatcher's state while connected.
 struct Dispatch {
-    held: BTreeMap<u64, Message>,
+    /// Shared with the job delivering it, which acknowledges it once its call is over.
+    held: BTreeMap<u64, Arc<Message>>,
     lanes: Lanes,
     parked: BTreeMap<String, Parked>,
     lot: ParkingLot,
