@@ -314,19 +314,20 @@ async fn drift_is_repaired_mutable_changes_applied_and_immutable_ones_refused() 
         || operator.log(),
     )
     .await;
-    let reasons = event_reasons(&env).await;
-    assert!(
-        reasons.contains(&"StreamRecreated".to_string()),
-        "{reasons:?}"
-    );
-    assert!(
-        reasons.contains(&"StreamRepaired".to_string()),
-        "{reasons:?}"
-    );
-    assert!(
-        reasons.contains(&"ConsumerRepaired".to_string()),
-        "{reasons:?}"
-    );
+    // The Events are recorded after the repair they report: wait for them rather than read them once.
+    eventually(
+        "the repairs' Events",
+        Duration::from_secs(15),
+        || async {
+            let reasons = event_reasons(&env).await;
+            ["StreamRecreated", "StreamRepaired", "ConsumerRepaired"]
+                .iter()
+                .all(|r| reasons.iter().any(|x| x == r))
+                .then_some(())
+        },
+        || operator.log(),
+    )
+    .await;
 
     // The sidecar config's ConfigMap deleted: put back.
     let maps: Api<ConfigMap> = Api::namespaced(env.client.clone(), &env.namespace);

@@ -92,13 +92,20 @@ async fn a_reactor_becomes_a_consumer_a_parking_lot_a_config_map_and_a_status() 
     assert_eq!(config.consumer, consumer_name);
     assert_eq!(config.types, vec!["UserCreated"]);
     assert_eq!(config.url, "http://127.0.0.1:8080/events");
-    let reasons = event_reasons(&env).await;
-    for reason in ["ConsumerCreated", "ParkingLotCreated"] {
-        assert!(
-            reasons.iter().any(|r| r == reason),
-            "{reason} in {reasons:?}"
-        );
-    }
+    // The Events are recorded after what they report: wait for them rather than read them once.
+    eventually(
+        "the Reactor's Events",
+        Duration::from_secs(15),
+        || async {
+            let reasons = event_reasons(&env).await;
+            ["ConsumerCreated", "ParkingLotCreated"]
+                .iter()
+                .all(|r| reasons.iter().any(|x| x == r))
+                .then_some(())
+        },
+        || operator.log(),
+    )
+    .await;
     // kubectl get react: STORE, READY, LAG, PARKED, AGE.
     let t = table(&env, "reactors").await;
     let columns: Vec<String> = t["columnDefinitions"]
