@@ -94,15 +94,23 @@ pub async fn append(
     match outcome {
         Ok(a) => (
             StatusCode::OK,
-            axum::Json(json!({
-                "version": a.version,
-                "sequences": a.sequences,
-                "duplicate": a.duplicate,
-            })),
+            axum::Json(Answer {
+                version: a.version,
+                sequences: a.sequences,
+                duplicate: a.duplicate,
+            }),
         )
             .into_response(),
         Err(e) => append_problem(e).into_response(),
     }
+}
+
+/// The answer to an append (members in the order the OpenAPI document lists them).
+#[derive(Debug, serde::Serialize)]
+struct Answer {
+    version: u64,
+    sequences: Vec<u64>,
+    duplicate: bool,
 }
 
 fn append_problem(e: AppendError) -> Problem {

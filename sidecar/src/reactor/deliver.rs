@@ -2,11 +2,13 @@
 //! classified — delivered (with the events it emits, if any), worth retrying (after `Retry-After` when given), or a
 //! permanent failure.
 
+use std::borrow::Cow;
 use std::time::Duration;
 
 use async_nats::HeaderMap;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
+use hyper::header::{CONTENT_TYPE, HeaderName, HeaderValue};
 use hyper::{Request, StatusCode, Uri};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -17,15 +19,16 @@ pub const EMIT_MEDIA_TYPE: &str = "application/cloudevents-batch+json";
 /// The largest answer body read (emitted events): 64 MiB, as the event-store API's request limit.
 const MAX_ANSWER_BYTES: usize = 64 * 1024 * 1024;
 
-/// An event to deliver, as it was stored.
+/// An event to deliver, as it was stored: borrowed from the message it came in (a live delivery) or owned (a held
+/// event read back from the parking lot).
 #[derive(Debug, Clone)]
-pub struct Delivery {
+pub struct Delivery<'a> {
     /// Its stream sequence.
     pub sequence: u64,
     /// Its aggregate: the subject after the store's prefix.
-    pub aggregate: String,
+    pub aggregate: Cow<'a, str>,
     /// Its headers as stored (the CloudEvents NATS binding).
-    pub headers: HeaderMap,
+    pub headers: Cow<'a, HeaderMap>,
     /// Its body.
     pub payload: Bytes,
 }
@@ -52,51 +55,104 @@ pub enum Answer {
     },
 }
 
-/// The `ce-*` attributes of an event, from its headers or, for a structured CloudEvent, its JSON body.
+/// The `ce-*` attributes of an event, from its headers or, for a structured CloudEvent, its JSON body, as the
+/// request headers they become (validated once, however many attempts follow).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Attributes {
-    /// Header name (`ce-id`, …) and value, in order.
-    pub headers: Vec<(String, String)>,
+    /// `ce-id`, …, `content-type` and `idempotency-key`, sorted by name.
+    pub headers: Vec<(HeaderName, HeaderValue)>,
     /// The event id (`Idempotency-Key`).
     pub id: String,
     /// The body to send.
     pub body: Bytes,
-    /// Its content type.
-    pub content_type: String,
 }
 
-/// The attributes of a stored event, or why it cannot be delivered (no id or type anywhere).
+const CE_ID: &str = "ce-id";
+const CE_TYPE: &str = "ce-type";
+const CE_SOURCE: &str = "ce-source";
+const CE_SPECVERSION: &str = "ce-specversion";
+const CE_SUBJECT: &str = "ce-subject";
+const CE_TIME: &str = "ce-time";
+
+/// A header the endpoint gets, or why the event cannot be sent over HTTP.
+fn http_header(name: &str, value: &str) -> Result<(HeaderName, HeaderValue), String> {
+    let known = [
+        CE_ID,
+        CE_TYPE,
+        CE_SOURCE,
+        CE_SPECVERSION,
+        CE_SUBJECT,
+        CE_TIME,
+    ];
+    let name = match known.into_iter().find(|k| *k == name) {
+        Some(known) => HeaderName::from_static(known),
+        None => HeaderName::from_bytes(name.as_bytes())
+            .map_err(|e| format!("the event cannot be sent over HTTP: header {name:?}: {e}"))?,
+    };
+    let value = HeaderValue::from_str(value)
+        .map_err(|e| format!("the event cannot be sent over HTTP: header {name}: {e}"))?;
+    Ok((name, value))
+}
+
+/// The attributes of a stored event, or why it cannot be delivered (no id or type anywhere, or a value HTTP cannot
+/// carry).
 pub fn attributes(delivery: &Delivery) -> Result<Attributes, String> {
-    let header = |name: &str| delivery.headers.get(name).map(|v| v.as_str().to_string());
-    if let (Some(id), Some(_)) = (header("ce-id"), header("ce-type")) {
-        let mut headers: Vec<(String, String)> = delivery
-            .headers
-            .iter()
-            .filter_map(|(name, values)| {
-                let name: &str = name.as_ref();
-                let lower = name.to_ascii_lowercase();
-                lower
-                    .starts_with("ce-")
-                    .then(|| values.first().map(|v| (lower, v.as_str().to_string())))
-                    .flatten()
-            })
-            .collect();
-        if header("ce-specversion").is_none() {
-            headers.push(("ce-specversion".into(), "1.0".into()));
+    // One pass over the stored headers: the `ce-*` ones become request headers as they are.
+    let mut headers = Vec::with_capacity(12);
+    let (mut id, mut typed, mut content_type) = (None, false, None);
+    let (mut seen, mut unsendable) = ([false; 3], None);
+    for (name, values) in delivery.headers.iter() {
+        let name: &str = name.as_ref();
+        let Some(value) = values.first().map(|v| v.as_str()) else {
+            continue;
+        };
+        if name.eq_ignore_ascii_case("content-type") {
+            content_type = Some(value);
+            continue;
         }
-        if header("ce-source").is_none() {
-            headers.push(("ce-source".into(), "projectionist".into()));
+        if name.len() <= 3 || !name[..3].eq_ignore_ascii_case("ce-") {
+            continue;
         }
-        if header("ce-subject").is_none() {
-            headers.push(("ce-subject".into(), delivery.aggregate.clone()));
+        let lower: Cow<str> = if name.bytes().any(|b| b.is_ascii_uppercase()) {
+            Cow::Owned(name.to_ascii_lowercase())
+        } else {
+            Cow::Borrowed(name)
+        };
+        match lower.as_ref() {
+            CE_ID => id = Some(value),
+            CE_TYPE => typed = true,
+            other => {
+                for (i, wanted) in [CE_SPECVERSION, CE_SOURCE, CE_SUBJECT].iter().enumerate() {
+                    seen[i] |= other == *wanted;
+                }
+            }
         }
-        headers.sort();
-        return Ok(Attributes {
-            headers,
-            id,
-            body: delivery.payload.clone(),
-            content_type: header("content-type").unwrap_or_else(|| "application/json".into()),
-        });
+        match http_header(&lower, value) {
+            Ok(header) => headers.push(header),
+            Err(e) => unsendable = Some(e),
+        }
+    }
+    if let (Some(id), true) = (id, typed) {
+        if let Some(e) = unsendable {
+            return Err(e);
+        }
+        let defaults = [
+            (CE_SPECVERSION, "1.0"),
+            (CE_SOURCE, "projectionist"),
+            (CE_SUBJECT, delivery.aggregate.as_ref()),
+        ];
+        for ((name, value), seen) in defaults.into_iter().zip(seen) {
+            if !seen {
+                headers.push(http_header(name, value)?);
+            }
+        }
+        headers.push((
+            CONTENT_TYPE,
+            HeaderValue::from_str(content_type.unwrap_or("application/json")).map_err(|e| {
+                format!("the event cannot be sent over HTTP: header content-type: {e}")
+            })?,
+        ));
+        return Ok(finish(headers, id.to_string(), delivery.payload.clone()));
     }
     let event = crate::event::decode(
         delivery.sequence,
@@ -105,29 +161,30 @@ pub fn attributes(delivery: &Delivery) -> Result<Attributes, String> {
         &delivery.payload,
     )
     .map_err(|e| format!("not a deliverable event: {e}"))?;
+    let source = event.source.as_deref().unwrap_or("projectionist");
+    let subject = event.subject.as_deref().unwrap_or(&delivery.aggregate);
     let mut headers = vec![
-        ("ce-id".to_string(), event.id.clone()),
-        (
-            "ce-source".to_string(),
-            event.source.unwrap_or_else(|| "projectionist".into()),
-        ),
-        ("ce-specversion".to_string(), "1.0".to_string()),
-        (
-            "ce-subject".to_string(),
-            event.subject.unwrap_or_else(|| delivery.aggregate.clone()),
-        ),
-        ("ce-type".to_string(), event.type_),
+        http_header(CE_ID, &event.id)?,
+        http_header(CE_SOURCE, source)?,
+        http_header(CE_SPECVERSION, "1.0")?,
+        http_header(CE_SUBJECT, subject)?,
+        http_header(CE_TYPE, &event.type_)?,
+        (CONTENT_TYPE, HeaderValue::from_static("application/json")),
     ];
-    if let Some(time) = event.time {
-        headers.push(("ce-time".into(), time));
+    if let Some(time) = &event.time {
+        headers.push(http_header(CE_TIME, time)?);
     }
-    headers.sort();
-    Ok(Attributes {
-        headers,
-        id: event.id,
-        body: Bytes::from(serde_json::to_vec(&event.data).unwrap_or_default()),
-        content_type: "application/json".into(),
-    })
+    let body = Bytes::from(serde_json::to_vec(&event.data).unwrap_or_default());
+    Ok(finish(headers, event.id, body))
+}
+
+/// The attributes with `Idempotency-Key` (the value of `ce-id`), sorted by header name.
+fn finish(mut headers: Vec<(HeaderName, HeaderValue)>, id: String, body: Bytes) -> Attributes {
+    if let Some((_, value)) = headers.iter().find(|(name, _)| name.as_str() == CE_ID) {
+        headers.push((IDEMPOTENCY_KEY, value.clone()));
+    }
+    headers.sort_by(|a, b| a.0.as_str().cmp(b.0.as_str()));
+    Attributes { headers, id, body }
 }
 
 /// Classifies an answer by its status, its `Retry-After` header and its content type.
@@ -164,8 +221,13 @@ pub struct Endpoint {
     client: Client<HttpConnector, Full<Bytes>>,
     url: Uri,
     timeout: Duration,
-    reactor: String,
+    reactor: HeaderValue,
 }
+
+const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+const PROJECTIONIST_SEQUENCE: HeaderName = HeaderName::from_static("projectionist-sequence");
+const PROJECTIONIST_ATTEMPT: HeaderName = HeaderName::from_static("projectionist-attempt");
+const PROJECTIONIST_REACTOR: HeaderName = HeaderName::from_static("projectionist-reactor");
 
 impl Endpoint {
     /// The endpoint at `url`; calls longer than `timeout` count as transient failures.
@@ -182,29 +244,24 @@ impl Endpoint {
             client,
             url,
             timeout,
-            reactor: reactor.to_string(),
+            reactor: HeaderValue::from_str(reactor)
+                .map_err(|e| anyhow::anyhow!("reactor name {reactor:?}: {e}"))?,
         })
     }
 
     /// Delivers one event: attempt `attempt` (1-based).
     pub async fn call(&self, attributes: &Attributes, sequence: u64, attempt: u32) -> Answer {
-        let mut request = Request::post(self.url.clone())
-            .header("content-type", attributes.content_type.as_str())
-            .header("idempotency-key", attributes.id.as_str())
-            .header("projectionist-sequence", sequence)
-            .header("projectionist-attempt", attempt)
-            .header("projectionist-reactor", self.reactor.as_str());
+        let mut request = Request::new(Full::new(attributes.body.clone()));
+        *request.method_mut() = hyper::Method::POST;
+        *request.uri_mut() = self.url.clone();
+        let headers = request.headers_mut();
+        headers.reserve(attributes.headers.len() + 4);
         for (name, value) in &attributes.headers {
-            request = request.header(name.as_str(), value.as_str());
+            headers.append(name.clone(), value.clone());
         }
-        let request = match request.body(Full::new(attributes.body.clone())) {
-            Ok(r) => r,
-            Err(e) => {
-                return Answer::Permanent {
-                    reason: format!("the event cannot be sent over HTTP: {e}"),
-                };
-            }
-        };
+        headers.insert(PROJECTIONIST_SEQUENCE, HeaderValue::from(sequence));
+        headers.insert(PROJECTIONIST_ATTEMPT, HeaderValue::from(attempt));
+        headers.insert(PROJECTIONIST_REACTOR, self.reactor.clone());
         let call = async {
             let response = self.client.request(request).await.map_err(|e| {
                 let mut text = e.to_string();
@@ -332,7 +389,7 @@ mod tests {
         let d = Delivery {
             sequence: 7,
             aggregate: "user.u-1".into(),
-            headers,
+            headers: Cow::Owned(headers),
             payload: Bytes::from_static(b"{\"name\":\"Ada\"}"),
         };
         let a = attributes(&d).expect("deliverable");
@@ -346,13 +403,24 @@ mod tests {
                 "ce-specversion",
                 "ce-subject",
                 "ce-traceparent",
-                "ce-type"
+                "ce-type",
+                "content-type",
+                "idempotency-key"
             ]
         );
+        let value = |name: &str| {
+            a.headers
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, v)| v.to_str().expect("text"))
+        };
+        assert_eq!(value("idempotency-key"), Some("e-1"));
+        assert_eq!(value("ce-subject"), Some("user.u-1"));
+        assert_eq!(value("ce-specversion"), Some("1.0"));
         assert_eq!(a.body, d.payload);
 
         let structured = Delivery {
-            headers: HeaderMap::new(),
+            headers: Cow::Owned(HeaderMap::new()),
             payload: Bytes::from_static(
                 b"{\"specversion\":\"1.0\",\"id\":\"e-2\",\"type\":\"T\",\"source\":\"s\",\"data\":{\"x\":1}}",
             ),
@@ -363,7 +431,7 @@ mod tests {
         assert_eq!(&a.body[..], b"{\"x\":1}");
 
         let junk = Delivery {
-            headers: HeaderMap::new(),
+            headers: Cow::Owned(HeaderMap::new()),
             payload: Bytes::from_static(b"\xff"),
             ..d
         };

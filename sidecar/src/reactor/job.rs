@@ -63,7 +63,7 @@ impl Deliverer {
     /// Delivers one event until it is done.
     pub async fn deliver(
         &self,
-        delivery: &Delivery,
+        delivery: &Delivery<'_>,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Outcome {
         let attributes = match deliver::attributes(delivery) {

@@ -28,6 +28,7 @@ pub mod parking;
 mod pulling;
 pub mod share;
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -325,7 +326,12 @@ impl Reactor {
             return;
         };
         let (seq, delivered) = (info.stream_sequence, info.delivered);
-        d.pending.insert(info.consumer.to_string(), info.pending);
+        match d.pending.get_mut(info.consumer) {
+            Some(pending) => *pending = info.pending,
+            None => {
+                d.pending.insert(info.consumer.to_string(), info.pending);
+            }
+        }
         let lag: u64 = d.pending.values().sum();
         self.state
             .lag
@@ -337,13 +343,18 @@ impl Reactor {
         // The first event of a consumer, or one after a quiet spell: another replica (or, on a partitioned store,
         // the partition's previous holder) may have been delivering and parking: read the lot again, and fence what
         // it left pending.
-        let consumer = info.consumer.to_string();
-        let quiet = d
-            .last_received
-            .get(&consumer)
-            .is_none_or(|t| t.elapsed() > self.config.ack_wait / 2);
-        d.last_received.insert(consumer.clone(), Instant::now());
+        let now = Instant::now();
+        let quiet = match d.last_received.get_mut(info.consumer) {
+            Some(last) => {
+                now.duration_since(std::mem::replace(last, now)) > self.config.ack_wait / 2
+            }
+            None => {
+                d.last_received.insert(info.consumer.to_string(), now);
+                true
+            }
+        };
         if quiet {
+            let consumer = info.consumer.to_string();
             let mut shutdown = self.shutdown.clone();
             if let Some(parked) = retrying(&mut shutdown, || d.lot.load()).await {
                 d.parked = parked;
@@ -414,7 +425,7 @@ impl Reactor {
     }
 
     /// Moves one event to the parking lot (retrying until NATS takes it).
-    async fn park(&self, d: &mut Dispatch, aggregate: &str, delivery: &Delivery, reason: &str) {
+    async fn park(&self, d: &mut Dispatch, aggregate: &str, delivery: &Delivery<'_>, reason: &str) {
         let mut shutdown = self.shutdown.clone();
         if retrying(&mut shutdown, || d.lot.park(delivery, reason))
             .await
@@ -525,7 +536,7 @@ impl Reactor {
         None
     }
 
-    async fn dead_letter(&self, delivery: &Delivery, reason: &str) {
+    async fn dead_letter(&self, delivery: &Delivery<'_>, reason: &str) {
         let header = |n: &str| delivery.headers.get(n).map(|v| v.as_str().to_string());
         let letter = DeadLetter {
             sequence: delivery.sequence,
@@ -598,11 +609,15 @@ async fn next_message(messages: &mut Option<Messages>) -> Option<Result<Message,
     }
 }
 
-fn delivery_of(m: &Message, sequence: u64, aggregate: &str) -> Delivery {
+/// The message as a delivery, borrowing its headers.
+fn delivery_of<'a>(m: &'a Message, sequence: u64, aggregate: &'a str) -> Delivery<'a> {
     Delivery {
         sequence,
-        aggregate: aggregate.to_string(),
-        headers: m.headers.clone().unwrap_or_default(),
+        aggregate: Cow::Borrowed(aggregate),
+        headers: m
+            .headers
+            .as_ref()
+            .map_or_else(|| Cow::Owned(async_nats::HeaderMap::new()), Cow::Borrowed),
         payload: m.payload.clone(),
     }
 }

@@ -3,6 +3,7 @@
 //! survive restarts, redeliveries and a failover to another replica. A held event keeps its original headers and
 //! body, plus its original sequence, subject and the reason it was parked.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use async_nats::HeaderMap;
@@ -140,10 +141,10 @@ impl ParkingLot {
     }
 
     /// Holds an event, behind the aggregate's earlier held events; returns once the server stored it.
-    pub async fn park(&self, delivery: &Delivery, reason: &str) -> Result<(), String> {
-        let mut headers = delivery.headers.clone();
+    pub async fn park(&self, delivery: &Delivery<'_>, reason: &str) -> Result<(), String> {
+        let mut headers = delivery.headers.clone().into_owned();
         headers.insert(SEQUENCE, delivery.sequence.to_string().as_str());
-        headers.insert(AGGREGATE, delivery.aggregate.as_str());
+        headers.insert(AGGREGATE, delivery.aggregate.as_ref());
         headers.insert(REASON, reason.replace(['\r', '\n'], " ").as_str());
         // A redelivered event parked before is a duplicate the server drops.
         headers.insert(
@@ -197,7 +198,7 @@ impl ParkingLot {
 }
 
 /// A held event as it is delivered again.
-pub fn delivery_of(held: &StreamMessage) -> Delivery {
+pub fn delivery_of(held: &StreamMessage) -> Delivery<'static> {
     let sequence = header(&held.headers, SEQUENCE)
         .and_then(|s| s.parse().ok())
         .unwrap_or(0);
@@ -217,8 +218,8 @@ pub fn delivery_of(held: &StreamMessage) -> Delivery {
     }
     Delivery {
         sequence,
-        aggregate,
-        headers,
+        aggregate: Cow::Owned(aggregate),
+        headers: Cow::Owned(headers),
         payload: Bytes::clone(&held.payload),
     }
 }

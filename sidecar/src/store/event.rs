@@ -67,14 +67,16 @@ fn token(field: &str, value: &str) -> Result<(), Invalid> {
 }
 
 /// A header value: not empty where required, no control characters (they would break the NATS protocol).
-fn header_text(field: &str, value: &str, required: bool) -> Result<(), Invalid> {
-    if required && value.is_empty() {
-        return Err(invalid(field, "must not be empty"));
-    }
-    if value.chars().any(char::is_control) {
-        return Err(invalid(field, "must not contain control characters"));
-    }
-    Ok(())
+/// Checks the attribute `name` of the event `at` (the field is named only when it is refused).
+fn header_text(at: &str, name: &str, value: &str, required: bool) -> Result<(), Invalid> {
+    let problem = if required && value.is_empty() {
+        "must not be empty"
+    } else if value.chars().any(char::is_control) {
+        "must not contain control characters"
+    } else {
+        return Ok(());
+    };
+    Err(invalid(format!("{at}.{name}"), problem))
 }
 
 /// An event to append, with its CloudEvents attributes.
@@ -99,15 +101,11 @@ pub struct NewEvent {
 impl NewEvent {
     /// Checks the attributes that become headers; `at` names the event in errors (`events[3]`).
     pub fn validate(&self, at: &str) -> Result<(), Invalid> {
-        header_text(&format!("{at}.id"), &self.id, true)?;
-        header_text(&format!("{at}.type"), &self.type_, true)?;
-        header_text(&format!("{at}.source"), &self.source, true)?;
-        header_text(&format!("{at}.time"), &self.time, true)?;
-        header_text(
-            &format!("{at}.datacontenttype"),
-            &self.datacontenttype,
-            true,
-        )?;
+        header_text(at, "id", &self.id, true)?;
+        header_text(at, "type", &self.type_, true)?;
+        header_text(at, "source", &self.source, true)?;
+        header_text(at, "time", &self.time, true)?;
+        header_text(at, "datacontenttype", &self.datacontenttype, true)?;
         for (name, value) in &self.extensions {
             if name.is_empty()
                 || !name
@@ -119,7 +117,7 @@ impl NewEvent {
                     "extension attribute names are lower-case letters and digits",
                 ));
             }
-            header_text(&format!("{at}.{name}"), value, false)?;
+            header_text(at, name, value, false)?;
         }
         Ok(())
     }

@@ -246,15 +246,15 @@ impl Store {
             }
             messages.push((subject.clone(), headers, e.data.clone()));
         }
-        let ack = if let [(_, headers, data)] = messages.as_slice() {
-            let mut headers = headers.clone();
+        let ack = if messages.len() == 1 {
+            let (_, mut headers, data) = messages.remove(0);
             if let Expected::Version(v) = expected {
                 headers.insert(
                     "Nats-Expected-Last-Subject-Sequence",
                     v.to_string().as_str(),
                 );
             }
-            self.request(&subject, headers, data.clone()).await?
+            self.request(&subject, headers, data).await?
         } else {
             self.publish_batch(expected, messages).await?
         };
