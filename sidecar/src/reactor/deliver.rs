@@ -100,7 +100,7 @@ pub fn attributes(delivery: &Delivery) -> Result<Attributes, String> {
     // One pass over the stored headers: the `ce-*` ones become request headers as they are.
     let mut headers = Vec::with_capacity(12);
     let (mut id, mut typed, mut content_type) = (None, false, None);
-    let (mut seen, mut unsendable) = ([false; 3], None);
+    let mut unsendable = None;
     for (name, values) in delivery.headers.iter() {
         let name: &str = name.as_ref();
         let Some(value) = values.first().map(|v| v.as_str()) else {
@@ -121,11 +121,7 @@ pub fn attributes(delivery: &Delivery) -> Result<Attributes, String> {
         match lower.as_ref() {
             CE_ID => id = Some(value),
             CE_TYPE => typed = true,
-            other => {
-                for (i, wanted) in [CE_SPECVERSION, CE_SOURCE, CE_SUBJECT].iter().enumerate() {
-                    seen[i] |= other == *wanted;
-                }
-            }
+            _ => {}
         }
         match http_header(&lower, value) {
             Ok(header) => headers.push(header),
@@ -141,17 +137,15 @@ pub fn attributes(delivery: &Delivery) -> Result<Attributes, String> {
             (CE_SOURCE, "projectionist"),
             (CE_SUBJECT, delivery.aggregate.as_ref()),
         ];
-        for ((name, value), seen) in defaults.into_iter().zip(seen) {
-            if !seen {
+        for (name, value) in defaults {
+            if !headers.iter().any(|(present, _)| present == name) {
                 headers.push(http_header(name, value)?);
             }
         }
-        headers.push((
-            CONTENT_TYPE,
-            HeaderValue::from_str(content_type.unwrap_or("application/json")).map_err(|e| {
-                format!("the event cannot be sent over HTTP: header content-type: {e}")
-            })?,
-        ));
+        headers.push(http_header(
+            CONTENT_TYPE.as_str(),
+            content_type.unwrap_or("application/json"),
+        )?);
         return Ok(finish(headers, id.to_string(), delivery.payload.clone()));
     }
     let event = crate::event::decode(

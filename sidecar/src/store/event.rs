@@ -66,8 +66,8 @@ fn token(field: &str, value: &str) -> Result<(), Invalid> {
     Ok(())
 }
 
-/// A header value: not empty where required, no control characters (they would break the NATS protocol).
-/// Checks the attribute `name` of the event `at` (the field is named only when it is refused).
+/// The attribute `name` of the event `at` as a header value: not empty where required, no control characters (they
+/// would break the NATS protocol). The field is named only when it is refused.
 fn header_text(at: &str, name: &str, value: &str, required: bool) -> Result<(), Invalid> {
     let problem = if required && value.is_empty() {
         "must not be empty"
