@@ -93,20 +93,16 @@ impl Reactor {
                     (_, Some(parked)) => {
                         let parked = parked.clone();
                         info!(reactor = %self.key(), aggregate = %aggregate, events = parked.events, "retrying a parked aggregate");
-                        let (deliverer, lot, tx, mut shutdown) = (
-                            self.deliverer.clone(),
-                            d.lot.clone(),
-                            d.results.0.clone(),
-                            self.shutdown.clone(),
-                        );
+                        let (deliverer, lot, mut shutdown) =
+                            (self.deliverer.clone(), d.lot.clone(), self.shutdown.clone());
                         let name = aggregate.clone();
-                        d.tasks.spawn(async move {
+                        d.jobs.push(Box::pin(async move {
                             let outcome = deliverer.drain(&lot, &name, &mut shutdown).await;
-                            let _ = tx.send(Done::Drain {
+                            Done::Drain {
                                 aggregate: name,
                                 outcome,
-                            });
-                        });
+                            }
+                        }));
                         Ok(parked)
                     }
                 };

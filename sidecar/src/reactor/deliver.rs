@@ -3,6 +3,7 @@
 //! permanent failure.
 
 use std::borrow::Cow;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::HeaderMap;
@@ -10,9 +11,8 @@ use bytes::Bytes;
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::header::{CONTENT_TYPE, HeaderName, HeaderValue};
 use hyper::{Request, StatusCode, Uri};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
+
+use super::pool::Connections;
 
 /// The media type of an answer whose events are appended to the store.
 pub const EMIT_MEDIA_TYPE: &str = "application/cloudevents-batch+json";
@@ -209,11 +209,10 @@ pub fn classify(status: u16, retry_after: Option<&str>, content_type: Option<&st
     }
 }
 
-/// The reactor's endpoint, with a pooled HTTP/1.1 client.
+/// The reactor's endpoint, over keep-alive HTTP/1.1 connections.
 #[derive(Debug, Clone)]
 pub struct Endpoint {
-    client: Client<HttpConnector, Full<Bytes>>,
-    url: Uri,
+    connections: Arc<Connections>,
     timeout: Duration,
     reactor: HeaderValue,
 }
@@ -229,14 +228,8 @@ impl Endpoint {
         let url: Uri = url
             .parse()
             .map_err(|e| anyhow::anyhow!("endpoint URL {url:?}: {e}"))?;
-        let mut connector = HttpConnector::new();
-        connector.set_nodelay(true);
-        let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            .build(connector);
         Ok(Self {
-            client,
-            url,
+            connections: Arc::new(Connections::new(&url)?),
             timeout,
             reactor: HeaderValue::from_str(reactor)
                 .map_err(|e| anyhow::anyhow!("reactor name {reactor:?}: {e}"))?,
@@ -247,7 +240,6 @@ impl Endpoint {
     pub async fn call(&self, attributes: &Attributes, sequence: u64, attempt: u32) -> Answer {
         let mut request = Request::new(Full::new(attributes.body.clone()));
         *request.method_mut() = hyper::Method::POST;
-        *request.uri_mut() = self.url.clone();
         let headers = request.headers_mut();
         headers.reserve(attributes.headers.len() + 4);
         for (name, value) in &attributes.headers {
@@ -257,15 +249,7 @@ impl Endpoint {
         headers.insert(PROJECTIONIST_ATTEMPT, HeaderValue::from(attempt));
         headers.insert(PROJECTIONIST_REACTOR, self.reactor.clone());
         let call = async {
-            let response = self.client.request(request).await.map_err(|e| {
-                let mut text = e.to_string();
-                let mut source = std::error::Error::source(&e);
-                while let Some(s) = source {
-                    text = format!("{text}: {s}");
-                    source = s.source();
-                }
-                text
-            })?;
+            let (response, connection) = self.connections.send(request).await?;
             let status = response.status();
             let header = |name: &str| {
                 response
@@ -284,6 +268,9 @@ impl Endpoint {
                 .collect()
                 .await
                 .map(|b| b.to_bytes());
+            if body.is_ok() {
+                self.connections.keep(connection);
+            }
             Ok::<_, String>(match (answer, body) {
                 (Answer::Delivered { emitted: Some(_) }, Ok(body)) => Answer::Delivered {
                     emitted: Some(body),

@@ -4,7 +4,8 @@
 //!
 //! - [`acks`]: acknowledgements confirmed by the server, batched.
 //! - [`lanes`]: per-aggregate lanes (pure): one job per aggregate at a time, in stream order.
-//! - [`deliver`]: one call to the endpoint (CloudEvents HTTP binary mode) and its answer classified.
+//! - [`deliver`]: one call to the endpoint (CloudEvents HTTP binary mode) and its answer classified; `pool`: the
+//!   endpoint's keep-alive connections.
 //! - [`job`]: an event delivered until done (retries, emitted events appended); a parked aggregate drained.
 //! - [`emit`]: the events an answer emits.
 //! - `commands`: the parking-lot requests of the API, answered by the dispatcher; `fence`: the takeover fence.
@@ -13,8 +14,9 @@
 //! - [`parking`]: the parking lot in a JetStream stream.
 //! - [`metrics`]: Prometheus series.
 //!
-//! The dispatcher (this module) is the only owner of the lanes, the held messages and the parked set; jobs run on
-//! tasks of their own and report back. The event-store API reaches it through a [`ReactorHandle`].
+//! The dispatcher (this module) is the only owner of the lanes, the held messages and the parked set; its jobs are
+//! futures it polls itself (no task and no channel per delivery: the HTTP connections run on tasks of their own), each
+//! ending in what it came to. The event-store API reaches it through a [`ReactorHandle`].
 
 pub mod acks;
 mod commands;
@@ -25,6 +27,7 @@ pub mod job;
 pub mod lanes;
 pub mod metrics;
 pub mod parking;
+mod pool;
 mod pulling;
 pub mod share;
 
@@ -36,6 +39,8 @@ use std::time::{Duration, Instant};
 use async_nats::jetstream::consumer::PullConsumer;
 use async_nats::jetstream::{self, AckKind, Message};
 use futures::StreamExt;
+use futures::future::BoxFuture;
+use futures::stream::FuturesUnordered;
 use projectionist_crds::reactor::ReactorErrorPolicy;
 use projectionist_crds::reactor_config::ReactorConfig;
 use tokio::sync::{mpsc, watch};
@@ -54,17 +59,23 @@ use parking::{Parked, ParkingLot};
 use pulling::{Messages, reassigned};
 use share::{Share, Sharing};
 
-/// What a job reports back.
-#[derive(Debug)]
+/// A job of the dispatcher's, polled by it.
+type Job = BoxFuture<'static, Done>;
+
+/// What a job came to.
 enum Done {
-    /// A delivery's call succeeded; its acknowledgement is being confirmed.
-    Called {
-        aggregate: String,
-    },
+    /// An event's delivery is over. A delivered event's slot goes to another aggregate at once; its acknowledgement
+    /// is confirmed next, and only then does its aggregate go on.
     Live {
         aggregate: String,
         seq: u64,
         outcome: Outcome,
+        message: Arc<Message>,
+    },
+    /// A delivered event's acknowledgement is recorded by the server.
+    Confirmed {
+        aggregate: String,
+        seq: u64,
     },
     Drain {
         aggregate: String,
@@ -182,8 +193,7 @@ impl Reactor {
             lanes: Lanes::new(self.config.concurrency as usize),
             parked,
             lot,
-            results: mpsc::unbounded_channel(),
-            tasks: tokio::task::JoinSet::new(),
+            jobs: FuturesUnordered::new(),
             last_received: HashMap::new(),
             highest: 0,
             confirmer: Confirmer::start(self.nats.clone(), self.shutdown.clone()),
@@ -195,11 +205,27 @@ impl Reactor {
         let exit = self.dispatch(&mut dispatch, &consumers, messages).await;
         if exit == Exit::Lost {
             // Partitions move to another sidecar: the calls in progress end first (at most one call's timeout),
-            // so that the next holder's call to an aggregate never overlaps this one's.
-            let calls = async { while dispatch.tasks.join_next().await.is_some() {} };
-            let _ = tokio::time::timeout(self.config.timeout, calls).await;
+            // and what they delivered is recorded as done, so that the next holder's call to an aggregate never
+            // overlaps this one's and never repeats an event this one delivered.
+            let settled = async {
+                while let Some(done) = dispatch.jobs.next().await {
+                    match done {
+                        Done::Live {
+                            aggregate,
+                            seq,
+                            outcome: Outcome::Delivered,
+                            message,
+                        } => dispatch.confirm(aggregate, seq, message),
+                        Done::Confirmed { seq, .. } => {
+                            dispatch.held.remove(&seq);
+                        }
+                        _ => {}
+                    }
+                }
+            };
+            let _ = tokio::time::timeout(self.config.timeout, settled).await;
         }
-        dispatch.tasks.abort_all();
+        dispatch.jobs.clear();
         // What is still held goes back to the server at once (for this sidecar after a restart, or another replica).
         for held in dispatch.held.values() {
             let _ = held.ack_with(AckKind::Nak(None)).await;
@@ -222,7 +248,7 @@ impl Reactor {
             self.start_ready(d);
             let event = tokio::select! {
                 next = next_message(&mut messages) => Wake::Message(next.map(|r| r.map(Box::new))),
-                Some(done) = d.results.1.recv() => Wake::Done(done),
+                Some(done) = d.jobs.next() => Wake::Done(done),
                 Some(command) = self.commands.recv() => Wake::Command(command),
                 _ = tick.tick() => Wake::Tick,
                 Some(()) = reassigned(&mut assigned) => Wake::Reassigned,
@@ -291,33 +317,19 @@ impl Reactor {
                 continue;
             };
             let message = Arc::clone(held);
-            let (deliverer, tx, mut shutdown, confirmer) = (
-                self.deliverer.clone(),
-                d.results.0.clone(),
-                self.shutdown.clone(),
-                d.confirmer.clone(),
-            );
-            d.tasks.spawn(async move {
-                let delivery = delivery_of(&message, seq, &aggregate);
-                let outcome = deliverer.deliver(&delivery, &mut shutdown).await;
-                if outcome == Outcome::Delivered {
-                    // The call is over: its slot goes to another aggregate. This aggregate's next event starts
-                    // only once the server has recorded this one as done, so that a crash can never bring back an
-                    // event after a later one of its aggregate.
-                    let _ = tx.send(Done::Called {
-                        aggregate: aggregate.clone(),
-                    });
-                    confirmer.confirm(message).await;
-                }
-                let _ = tx.send(Done::Live {
+            let (deliverer, mut shutdown) = (self.deliverer.clone(), self.shutdown.clone());
+            d.jobs.push(Box::pin(async move {
+                let outcome = deliverer
+                    .deliver(&delivery_of(&message, seq, &aggregate), &mut shutdown)
+                    .await;
+                Done::Live {
                     aggregate,
                     seq,
                     outcome,
-                });
-            });
+                    message,
+                }
+            }));
         }
-        // Reap finished tasks so the set does not grow.
-        while d.tasks.try_join_next().is_some() {}
     }
 
     /// A message from the consumer.
@@ -464,11 +476,27 @@ impl Reactor {
     /// A job finished; `Some` when the reactor stops.
     async fn finished(&mut self, d: &mut Dispatch, done: Done) -> Option<Exit> {
         match done {
-            Done::Called { aggregate } => d.lanes.release(&aggregate),
+            Done::Live {
+                aggregate,
+                seq,
+                outcome: Outcome::Delivered,
+                message,
+            } => {
+                // The call is over: its slot goes to another aggregate. This aggregate's next event starts only
+                // once the server has recorded this one as done, so that a crash can never bring back an event
+                // after a later one of its aggregate.
+                d.lanes.release(&aggregate);
+                d.confirm(aggregate, seq, message);
+            }
+            Done::Confirmed { aggregate, seq } => {
+                d.held.remove(&seq)?;
+                d.lanes.done(&aggregate);
+            }
             Done::Live {
                 aggregate,
                 seq,
                 outcome,
+                ..
             } => {
                 let held = d.held.remove(&seq)?;
                 match outcome {
@@ -587,8 +615,8 @@ struct Dispatch {
     lanes: Lanes,
     parked: BTreeMap<String, Parked>,
     lot: ParkingLot,
-    results: (mpsc::UnboundedSender<Done>, mpsc::UnboundedReceiver<Done>),
-    tasks: tokio::task::JoinSet<()>,
+    /// Deliveries, confirmations and drains in progress.
+    jobs: FuturesUnordered<Job>,
     last_received: HashMap<String, Instant>,
     highest: u64,
     confirmer: Confirmer,
@@ -600,6 +628,17 @@ struct Dispatch {
     fence_everything: bool,
     /// Events not yet delivered, per consumer pulled.
     pending: HashMap<String, u64>,
+}
+
+impl Dispatch {
+    /// Confirms a delivered event's acknowledgement, as a job.
+    fn confirm(&mut self, aggregate: String, seq: u64, message: Arc<Message>) {
+        let confirmer = self.confirmer.clone();
+        self.jobs.push(Box::pin(async move {
+            confirmer.confirm(message).await;
+            Done::Confirmed { aggregate, seq }
+        }));
+    }
 }
 
 async fn next_message(messages: &mut Option<Messages>) -> Option<Result<Message, String>> {
