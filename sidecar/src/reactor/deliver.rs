@@ -74,18 +74,21 @@ const CE_SPECVERSION: &str = "ce-specversion";
 const CE_SUBJECT: &str = "ce-subject";
 const CE_TIME: &str = "ce-time";
 
+/// The header names every delivery carries, made once.
+const KNOWN: [HeaderName; 7] = [
+    HeaderName::from_static(CE_ID),
+    HeaderName::from_static(CE_TYPE),
+    HeaderName::from_static(CE_SOURCE),
+    HeaderName::from_static(CE_SPECVERSION),
+    HeaderName::from_static(CE_SUBJECT),
+    HeaderName::from_static(CE_TIME),
+    CONTENT_TYPE,
+];
+
 /// A header the endpoint gets, or why the event cannot be sent over HTTP.
 fn http_header(name: &str, value: &str) -> Result<(HeaderName, HeaderValue), String> {
-    let known = [
-        CE_ID,
-        CE_TYPE,
-        CE_SOURCE,
-        CE_SPECVERSION,
-        CE_SUBJECT,
-        CE_TIME,
-    ];
-    let name = match known.into_iter().find(|k| *k == name) {
-        Some(known) => HeaderName::from_static(known),
+    let name = match KNOWN.iter().find(|k| k.as_str() == name) {
+        Some(known) => known.clone(),
         None => HeaderName::from_bytes(name.as_bytes())
             .map_err(|e| format!("the event cannot be sent over HTTP: header {name:?}: {e}"))?,
     };
