@@ -239,6 +239,11 @@ impl Endpoint {
         })
     }
 
+    /// Closes the connections idle too long.
+    pub fn close_idle(&self) {
+        self.connections.close_idle();
+    }
+
     /// Delivers one event: attempt `attempt` (1-based).
     pub async fn call(&self, attributes: &Attributes, sequence: u64, attempt: u32) -> Answer {
         let mut request = Request::new(Full::new(attributes.body.clone()));

@@ -209,18 +209,7 @@ impl Reactor {
             // overlaps this one's and never repeats an event this one delivered.
             let settled = async {
                 while let Some(done) = dispatch.jobs.next().await {
-                    match done {
-                        Done::Live {
-                            aggregate,
-                            seq,
-                            outcome: Outcome::Delivered,
-                            message,
-                        } => dispatch.confirm(aggregate, seq, message),
-                        Done::Confirmed { seq, .. } => {
-                            dispatch.held.remove(&seq);
-                        }
-                        _ => {}
-                    }
+                    dispatch.settle(done);
                 }
             };
             let _ = tokio::time::timeout(self.config.timeout, settled).await;
@@ -282,6 +271,7 @@ impl Reactor {
                     for held in d.held.values() {
                         let _ = held.ack_with(AckKind::Progress).await;
                     }
+                    self.deliverer.endpoint.close_idle();
                     if messages.is_none() && !consumers.is_empty() {
                         match self.subscribe(consumers).await {
                             Ok(m) => {
@@ -475,23 +465,9 @@ impl Reactor {
 
     /// A job finished; `Some` when the reactor stops.
     async fn finished(&mut self, d: &mut Dispatch, done: Done) -> Option<Exit> {
-        match done {
-            Done::Live {
-                aggregate,
-                seq,
-                outcome: Outcome::Delivered,
-                message,
-            } => {
-                // The call is over: its slot goes to another aggregate. This aggregate's next event starts only
-                // once the server has recorded this one as done, so that a crash can never bring back an event
-                // after a later one of its aggregate.
-                d.lanes.release(&aggregate);
-                d.confirm(aggregate, seq, message);
-            }
-            Done::Confirmed { aggregate, seq } => {
-                d.held.remove(&seq)?;
-                d.lanes.done(&aggregate);
-            }
+        match d.settle(done)? {
+            // Settled above.
+            Done::Confirmed { .. } => {}
             Done::Live {
                 aggregate,
                 seq,
@@ -631,6 +607,32 @@ struct Dispatch {
 }
 
 impl Dispatch {
+    /// The common ends of jobs: a delivered event's call is over, so its slot goes to another aggregate, while this
+    /// aggregate's next event starts only once the server has recorded this one as done (a crash can then never
+    /// bring back an event after a later one of its aggregate); a confirmed one frees its aggregate. Any other end
+    /// is handed back.
+    fn settle(&mut self, done: Done) -> Option<Done> {
+        match done {
+            Done::Live {
+                aggregate,
+                seq,
+                outcome: Outcome::Delivered,
+                message,
+            } => {
+                self.lanes.release(&aggregate);
+                self.confirm(aggregate, seq, message);
+                None
+            }
+            Done::Confirmed { aggregate, seq } => {
+                if self.held.remove(&seq).is_some() {
+                    self.lanes.done(&aggregate);
+                }
+                None
+            }
+            other => Some(other),
+        }
+    }
+
     /// Confirms a delivered event's acknowledgement, as a job.
     fn confirm(&mut self, aggregate: String, seq: u64, message: Arc<Message>) {
         let confirmer = self.confirmer.clone();

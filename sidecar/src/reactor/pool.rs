@@ -16,7 +16,7 @@ use hyper_util::rt::TokioIo;
 
 type Sender = SendRequest<Full<Bytes>>;
 
-/// Connections idle longer than this are closed rather than reused.
+/// Connections idle longer than this are closed.
 const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The keep-alive connections to one endpoint.
@@ -30,6 +30,8 @@ pub struct Connections {
     target: Uri,
     /// Connections whose last answer has been read, the most recently used last.
     idle: Mutex<Vec<(Sender, Instant)>>,
+    /// How long a connection may stay idle.
+    idle_timeout: Duration,
 }
 
 /// A connection lent to one call; [`Connections::keep`] gives it back once the answer has been read.
@@ -59,6 +61,7 @@ impl Connections {
             host: HeaderValue::from_str(authority.as_str())?,
             target,
             idle: Mutex::new(Vec::new()),
+            idle_timeout: IDLE_TIMEOUT,
         })
     }
 
@@ -99,11 +102,19 @@ impl Connections {
         }
     }
 
+    /// Closes the connections idle too long (the least recently used first in the list).
+    pub fn close_idle(&self) {
+        if let Ok(mut idle) = self.idle.lock() {
+            let expired = idle.partition_point(|(_, since)| since.elapsed() >= self.idle_timeout);
+            idle.drain(..expired);
+        }
+    }
+
     /// The most recently used idle connection still open, dropping the ones closed or idle too long.
     fn reusable(&self) -> Option<Sender> {
         let mut idle = self.idle.lock().ok()?;
         while let Some((sender, since)) = idle.pop() {
-            if !sender.is_closed() && since.elapsed() < IDLE_TIMEOUT {
+            if !sender.is_closed() && since.elapsed() < self.idle_timeout {
                 return Some(sender);
             }
         }
@@ -152,6 +163,11 @@ mod tests {
         assert_eq!(c.target, "/");
         let https: Uri = "https://email/x".parse().expect("a URI");
         assert!(Connections::new(&https).is_err());
+    }
+
+    /// Connections kept for the next call.
+    fn kept(connections: &Connections) -> usize {
+        connections.idle.lock().map_or(0, |idle| idle.len())
     }
 
     fn connections(url: &str) -> Connections {
@@ -209,5 +225,39 @@ mod tests {
             connections.keep(lent);
         }
         assert_eq!(server.await.expect("the server"), 3);
+    }
+
+    #[tokio::test]
+    async fn connections_idle_too_long_are_closed() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("an address");
+        let server = tokio::spawn(async move {
+            let (socket, _) = listener.accept().await.expect("accept");
+            let service = hyper::service::service_fn(|_| async {
+                Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::new())))
+            });
+            // Serves the one connection until the client closes it.
+            hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(socket), service)
+                .await
+        });
+        let mut connections = connections(&format!("http://{addr}/events"));
+        connections.idle_timeout = Duration::from_millis(200);
+        let request = Request::post("/")
+            .body(Full::new(Bytes::new()))
+            .expect("a request");
+        let (_, lent) = connections.send(request).await.expect("the call");
+        connections.keep(lent);
+        connections.close_idle();
+        assert_eq!(kept(&connections), 1, "not idle long enough yet");
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        connections.close_idle();
+        assert_eq!(kept(&connections), 0);
+        let served = tokio::time::timeout(Duration::from_secs(5), server)
+            .await
+            .expect("the connection closed");
+        assert!(served.expect("the server").is_ok());
     }
 }
