@@ -135,12 +135,7 @@ async fn a_flaky_endpoint_gets_every_event_in_order_per_aggregate_one_call_at_a_
             "Retry-After honoured"
         );
     }
-    let (_, metrics) = sidecar.get("/metrics").await;
-    assert!(
-        common::metric(&metrics, "projectionist_sidecar_reactor_delivered_total").unwrap_or(0.0)
-            >= total as f64,
-        "{metrics}"
-    );
+    counted_at_least(&sidecar, total as f64).await;
     sidecar.stop().await;
 }
 
@@ -437,11 +432,7 @@ async fn one_replica_delivers_at_a_time_and_another_takes_over_when_it_stops() {
         })
         .await
     );
-    let (_, m2) = standby.get("/metrics").await;
-    assert!(
-        common::metric(&m2, "projectionist_sidecar_reactor_delivered_total").unwrap_or(0.0) >= 30.0,
-        "{m2}"
-    );
+    counted_at_least(&standby, 30.0).await;
     let expected = endpoint.shared.expected.lock().expect("lock").clone();
     for (aggregate, ids) in endpoint.shared.delivered() {
         assert_eq!(ids, expected[&aggregate], "order of {aggregate}");
@@ -516,4 +507,21 @@ async fn a_reactor_on_a_partitioned_store_parks_and_delivers_by_aggregate() {
         endpoint.violations()
     );
     sidecar.stop().await;
+}
+
+/// Waits until the sidecar's metrics count at least `events` deliveries: the endpoint records a call before it
+/// answers, the sidecar counts it once the answer is in.
+async fn counted_at_least(sidecar: &common::InProcess, events: f64) {
+    let counted = || async {
+        let (_, m) = sidecar.get("/metrics").await;
+        common::metric(&m, "projectionist_sidecar_reactor_delivered_total").unwrap_or(0.0)
+    };
+    assert!(
+        common::wait_until(Duration::from_secs(10), || async {
+            counted().await >= events
+        })
+        .await,
+        "the sidecar counted {} deliveries, not {events}",
+        counted().await
+    );
 }
