@@ -47,10 +47,16 @@ impl Connections {
         let authority = url
             .authority()
             .ok_or_else(|| anyhow::anyhow!("endpoint URL {url}: no host"))?;
-        let address = match authority.port_u16() {
-            Some(_) => authority.as_str().to_string(),
-            None => format!("{}:80", authority.host()),
+        // Host and port only: user information in the URL is not sent.
+        let host = match authority.port_u16() {
+            Some(port) => format!("{}:{port}", authority.host()),
+            None => authority.host().to_string(),
         };
+        let address = format!(
+            "{}:{}",
+            authority.host(),
+            authority.port_u16().unwrap_or(80)
+        );
         let target = url
             .path_and_query()
             .map_or("/", |p| p.as_str())
@@ -58,7 +64,7 @@ impl Connections {
             .map_err(|e| anyhow::anyhow!("endpoint URL {url}: {e}"))?;
         Ok(Self {
             address,
-            host: HeaderValue::from_str(authority.as_str())?,
+            host: HeaderValue::from_str(&host)?,
             target,
             idle: Mutex::new(Vec::new()),
             idle_timeout: IDLE_TIMEOUT,
@@ -160,7 +166,11 @@ mod tests {
         assert_eq!(c.target, "/events?x=1");
         let c = connections("http://email");
         assert_eq!(c.address, "email:80");
+        assert_eq!(c.host, "email");
         assert_eq!(c.target, "/");
+        let c = connections("http://user:secret@[::1]:8080");
+        assert_eq!(c.address, "[::1]:8080");
+        assert_eq!(c.host, "[::1]:8080");
         let https: Uri = "https://email/x".parse().expect("a URI");
         assert!(Connections::new(&https).is_err());
     }
