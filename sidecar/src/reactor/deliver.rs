@@ -61,10 +61,19 @@ pub enum Answer {
 pub struct Attributes {
     /// `ce-id`, …, `content-type` and `idempotency-key`, sorted by name.
     pub headers: Vec<(HeaderName, HeaderValue)>,
-    /// The event id (`Idempotency-Key`).
-    pub id: String,
     /// The body to send.
     pub body: Bytes,
+}
+
+impl Attributes {
+    /// The event id: the value of `Idempotency-Key`.
+    pub fn id(&self) -> &str {
+        self.headers
+            .iter()
+            .find(|(name, _)| *name == IDEMPOTENCY_KEY)
+            .and_then(|(_, value)| value.to_str().ok())
+            .unwrap_or_default()
+    }
 }
 
 const CE_ID: &str = "ce-id";
@@ -102,7 +111,7 @@ fn http_header(name: &str, value: &str) -> Result<(HeaderName, HeaderValue), Str
 pub fn attributes(delivery: &Delivery) -> Result<Attributes, String> {
     // One pass over the stored headers: the `ce-*` ones become request headers as they are.
     let mut headers = Vec::with_capacity(12);
-    let (mut id, mut typed, mut content_type) = (None, false, None);
+    let (mut identified, mut typed, mut content_type) = (false, false, None);
     let mut unsendable = None;
     for (name, values) in delivery.headers.iter() {
         let name: &str = name.as_ref();
@@ -122,7 +131,7 @@ pub fn attributes(delivery: &Delivery) -> Result<Attributes, String> {
             Cow::Borrowed(name)
         };
         match lower.as_ref() {
-            CE_ID => id = Some(value),
+            CE_ID => identified = true,
             CE_TYPE => typed = true,
             _ => {}
         }
@@ -131,7 +140,7 @@ pub fn attributes(delivery: &Delivery) -> Result<Attributes, String> {
             Err(e) => unsendable = Some(e),
         }
     }
-    if let (Some(id), true) = (id, typed) {
+    if identified && typed {
         if let Some(e) = unsendable {
             return Err(e);
         }
@@ -149,7 +158,7 @@ pub fn attributes(delivery: &Delivery) -> Result<Attributes, String> {
             CONTENT_TYPE.as_str(),
             content_type.unwrap_or("application/json"),
         )?);
-        return Ok(finish(headers, id.to_string(), delivery.payload.clone()));
+        return Ok(finish(headers, delivery.payload.clone()));
     }
     let event = crate::event::decode(
         delivery.sequence,
@@ -172,16 +181,16 @@ pub fn attributes(delivery: &Delivery) -> Result<Attributes, String> {
         headers.push(http_header(CE_TIME, time)?);
     }
     let body = Bytes::from(serde_json::to_vec(&event.data).unwrap_or_default());
-    Ok(finish(headers, event.id, body))
+    Ok(finish(headers, body))
 }
 
 /// The attributes with `Idempotency-Key` (the value of `ce-id`), sorted by header name.
-fn finish(mut headers: Vec<(HeaderName, HeaderValue)>, id: String, body: Bytes) -> Attributes {
+fn finish(mut headers: Vec<(HeaderName, HeaderValue)>, body: Bytes) -> Attributes {
     if let Some((_, value)) = headers.iter().find(|(name, _)| name.as_str() == CE_ID) {
         headers.push((IDEMPOTENCY_KEY, value.clone()));
     }
     headers.sort_by(|a, b| a.0.as_str().cmp(b.0.as_str()));
-    Attributes { headers, id, body }
+    Attributes { headers, body }
 }
 
 /// Classifies an answer by its status, its `Retry-After` header and its content type.
@@ -382,7 +391,7 @@ mod tests {
             payload: Bytes::from_static(b"{\"name\":\"Ada\"}"),
         };
         let a = attributes(&d).expect("deliverable");
-        assert_eq!(a.id, "e-1");
+        assert_eq!(a.id(), "e-1");
         let names: Vec<&str> = a.headers.iter().map(|(n, _)| n.as_str()).collect();
         assert_eq!(
             names,
@@ -416,7 +425,7 @@ mod tests {
             ..d.clone()
         };
         let a = attributes(&structured).expect("deliverable");
-        assert_eq!(a.id, "e-2");
+        assert_eq!(a.id(), "e-2");
         assert_eq!(&a.body[..], b"{\"x\":1}");
 
         let junk = Delivery {

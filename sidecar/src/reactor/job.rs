@@ -85,7 +85,7 @@ impl Deliverer {
                     let Some(body) = emitted else {
                         return Outcome::Delivered;
                     };
-                    match self.append_emitted(&body, &attributes.id, shutdown).await {
+                    match self.append_emitted(&body, attributes.id(), shutdown).await {
                         Ok(()) => return Outcome::Delivered,
                         Err(outcome) => return outcome,
                     }

@@ -467,44 +467,45 @@ impl Reactor {
     async fn finished(&mut self, d: &mut Dispatch, done: Done) -> Option<Exit> {
         match d.settle(done)? {
             // Settled above.
-            Done::Confirmed { .. } => {}
+            Done::Confirmed { .. }
+            | Done::Live {
+                outcome: Outcome::Delivered,
+                ..
+            } => {}
+            Done::Live {
+                seq,
+                outcome: Outcome::Interrupted,
+                ..
+            } => return d.held.contains_key(&seq).then_some(Exit::Shutdown),
             Done::Live {
                 aggregate,
                 seq,
-                outcome,
+                outcome: Outcome::Failed(reason),
                 ..
             } => {
                 let held = d.held.remove(&seq)?;
-                match outcome {
-                    Outcome::Delivered => {}
-                    Outcome::Interrupted => {
-                        d.held.insert(seq, held);
-                        return Some(Exit::Shutdown);
+                match self.config.on_error {
+                    ReactorErrorPolicy::Park => {
+                        warn!(reactor = %self.key(), sequence = seq, aggregate = %aggregate, reason = %reason, "parking the aggregate");
+                        let delivery = delivery_of(&held, seq, &aggregate);
+                        self.park(d, &aggregate, &delivery, &reason).await;
+                        confirm_one(&held, &mut self.shutdown.clone()).await;
+                        self.park_queue(d, &aggregate, seq).await;
                     }
-                    Outcome::Failed(reason) => match self.config.on_error {
-                        ReactorErrorPolicy::Park => {
-                            warn!(reactor = %self.key(), sequence = seq, aggregate = %aggregate, reason = %reason, "parking the aggregate");
-                            let delivery = delivery_of(&held, seq, &aggregate);
-                            self.park(d, &aggregate, &delivery, &reason).await;
-                            confirm_one(&held, &mut self.shutdown.clone()).await;
-                            self.park_queue(d, &aggregate, seq).await;
-                        }
-                        ReactorErrorPolicy::DeadLetter => {
-                            warn!(reactor = %self.key(), sequence = seq, reason = %reason, "dead-lettering the event");
-                            self.dead_letter(&delivery_of(&held, seq, &aggregate), &reason)
-                                .await;
-                            confirm_one(&held, &mut self.shutdown.clone()).await;
-                        }
-                        ReactorErrorPolicy::Halt => {
-                            let reason =
-                                format!("halted at sequence {seq} ({aggregate}): {reason}");
-                            error!(reactor = %self.key(), reason = %reason, "reactor halted");
-                            ReactorMetrics::set(&self.deliverer.metrics.halted, self.key(), 1);
-                            d.held.insert(seq, held);
-                            self.state.halt(reason.clone());
-                            return Some(Exit::Halted(reason));
-                        }
-                    },
+                    ReactorErrorPolicy::DeadLetter => {
+                        warn!(reactor = %self.key(), sequence = seq, reason = %reason, "dead-lettering the event");
+                        self.dead_letter(&delivery_of(&held, seq, &aggregate), &reason)
+                            .await;
+                        confirm_one(&held, &mut self.shutdown.clone()).await;
+                    }
+                    ReactorErrorPolicy::Halt => {
+                        let reason = format!("halted at sequence {seq} ({aggregate}): {reason}");
+                        error!(reactor = %self.key(), reason = %reason, "reactor halted");
+                        ReactorMetrics::set(&self.deliverer.metrics.halted, self.key(), 1);
+                        d.held.insert(seq, held);
+                        self.state.halt(reason.clone());
+                        return Some(Exit::Halted(reason));
+                    }
                 }
                 d.lanes.done(&aggregate);
             }
