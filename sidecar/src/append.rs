@@ -3,32 +3,10 @@
 //! ([`crate::store::Store::append`]): the NATS binding's `ce-*` headers, the data as the body, `Nats-Msg-Id` = the
 //! event id, on `<store prefix>.<type>.<id>`.
 
-use bytes::Bytes;
-use serde::Deserialize;
-use serde_json::Value;
-use time::OffsetDateTime;
-use time::format_description::well_known::Rfc3339;
+use serde_json::value::RawValue;
 
+use crate::api::body::{now, parse_event, structured};
 use crate::store::{Aggregate, Appended, Expected, NewEvent, Store};
-
-/// One event as read from NDJSON (CloudEvents structured mode).
-#[derive(Debug, Clone, Deserialize)]
-struct Line {
-    #[serde(default)]
-    specversion: Option<String>,
-    id: String,
-    #[serde(rename = "type")]
-    type_: String,
-    #[serde(default)]
-    source: Option<String>,
-    subject: String,
-    #[serde(default)]
-    time: Option<String>,
-    #[serde(default)]
-    datacontenttype: Option<String>,
-    #[serde(default)]
-    data: Value,
-}
 
 /// An event of the file with its aggregate.
 #[derive(Debug, Clone, PartialEq)]
@@ -58,11 +36,10 @@ pub enum AppendFileError {
     Append(#[from] crate::store::AppendError),
 }
 
-/// Parses NDJSON; blank lines are skipped. All lines are checked before anything is appended.
+/// Parses NDJSON; blank lines are skipped. All lines are checked before anything is appended. Each line is read
+/// as the event-store API reads an event (attributes, extensions, `data`), with `subject` naming its aggregate.
 pub fn parse_ndjson(text: &str) -> Result<Vec<FileEvent>, AppendFileError> {
-    let now = OffsetDateTime::now_utc()
-        .format(&Rfc3339)
-        .unwrap_or_default();
+    let now = now();
     let mut events = Vec::new();
     for (i, line) in text.lines().enumerate() {
         if line.trim().is_empty() {
@@ -72,34 +49,9 @@ pub fn parse_ndjson(text: &str) -> Result<Vec<FileEvent>, AppendFileError> {
             line: i + 1,
             message,
         };
-        let l: Line = serde_json::from_str(line).map_err(|e| err(e.to_string()))?;
-        if l.specversion.as_deref().is_some_and(|v| v != "1.0") {
-            return Err(err("only CloudEvents specversion 1.0 is supported".into()));
-        }
-        let (type_, id) = l.subject.split_once('.').unwrap_or((&l.subject, ""));
-        let aggregate = Aggregate::new(type_, id).map_err(|e| {
-            err(format!(
-                "subject {:?} is not <type>.<id> (one subject token each): {e}",
-                l.subject
-            ))
-        })?;
-        if let Some(t) = &l.time
-            && OffsetDateTime::parse(t, &Rfc3339).is_err()
-        {
-            return Err(err(format!("time {t:?} is not RFC 3339")));
-        }
-        let event = NewEvent {
-            id: l.id,
-            type_: l.type_,
-            source: l.source.unwrap_or_else(|| "projectionist-sidecar".into()),
-            time: l.time.unwrap_or_else(|| now.clone()),
-            datacontenttype: l
-                .datacontenttype
-                .unwrap_or_else(|| "application/json".into()),
-            extensions: Default::default(),
-            data: Bytes::from(serde_json::to_vec(&l.data).unwrap_or_default()),
-        };
-        event.validate("event").map_err(|e| err(e.to_string()))?;
+        let raw: &RawValue = serde_json::from_str(line).map_err(|e| err(e.to_string()))?;
+        let (aggregate, members) = structured(raw).map_err(|e| err(format!("the event {e}")))?;
+        let event = parse_event("event", members, &now, None).map_err(|p| err(p.detail))?;
         events.push(FileEvent { aggregate, event });
     }
     Ok(events)
@@ -169,5 +121,16 @@ mod tests {
         let e = parse_ndjson("{\"id\":\"1\",\"type\":\"X\",\"subject\":\"a.b\",\"time\":\"noon\"}")
             .expect_err("time");
         assert!(e.to_string().contains("RFC 3339"), "{e}");
+        let with_extension =
+            "{\"id\":\"1\",\"type\":\"X\",\"subject\":\"a.b\",\"traceparent\":\"00-1\"}";
+        let parsed = parse_ndjson(with_extension).expect("parses");
+        assert_eq!(
+            parsed[0]
+                .event
+                .extensions
+                .get("traceparent")
+                .map(String::as_str),
+            Some("00-1")
+        );
     }
 }

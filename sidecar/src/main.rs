@@ -121,7 +121,8 @@ enum Command {
     /// Creates or updates, on a NATS server, the stream of each EventStore and the durable consumer of each
     /// Projection in the given YAML, with the same mappings the operator uses. Refuses immutable changes.
     Provision(Local),
-    /// Appends CloudEvents (structured JSON, one per line) to an EventStore's stream with `Nats-Msg-Id`
+    /// Appends CloudEvents (structured JSON, one per line, `subject` = `<type>.<id>` of the aggregate; read as the
+    /// event-store API reads an event, extension attributes included) to an EventStore's stream with `Nats-Msg-Id`
     /// de-duplication, and prints the stream sequence of each.
     Append {
         #[command(flatten)]

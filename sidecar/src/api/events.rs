@@ -1,6 +1,5 @@
 //! `POST` and `GET /v1/stores/{store}/aggregates/{type}/{id}/events`: append with an expected version, read back.
 
-use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -11,16 +10,12 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
 use serde::Deserialize;
-use serde_json::{Map, Value, json};
-use time::OffsetDateTime;
-use time::format_description::well_known::Rfc3339;
+use serde_json::{Value, json};
 
 use super::ApiState;
+use super::body::{is_json_media_type, parse_append};
 use super::problem::Problem;
-use crate::store::{Aggregate, AppendError, Expected, NewEvent, ReadError, Store, Stored};
-
-/// The `source` of events that do not name one.
-pub const DEFAULT_SOURCE: &str = "projectionist-sidecar";
+use crate::store::{Aggregate, AppendError, ReadError, Store, Stored};
 
 /// Path parameters.
 #[derive(Debug, Deserialize)]
@@ -134,158 +129,6 @@ fn append_problem(e: AppendError) -> Problem {
     }
 }
 
-fn is_json_media_type(ct: &str) -> bool {
-    let essence = ct.split(';').next().unwrap_or_default().trim();
-    essence.eq_ignore_ascii_case("application/json")
-        || essence.to_ascii_lowercase().ends_with("+json")
-}
-
-/// Parses an append request: `{"expectedVersion": N?, "events": [...]}`.
-pub fn parse_append(body: &[u8]) -> Result<(Expected, Vec<NewEvent>), Problem> {
-    let value: Value = serde_json::from_slice(body)
-        .map_err(|e| Problem::bad_request(format!("the body is not JSON: {e}")))?;
-    let Value::Object(mut root) = value else {
-        return Err(Problem::bad_request(
-            "the body must be an object with `events`",
-        ));
-    };
-    let expected = match root.remove("expectedVersion") {
-        None | Some(Value::Null) => Expected::Any,
-        Some(Value::Number(n)) if n.as_u64().is_some() => {
-            Expected::Version(n.as_u64().unwrap_or_default())
-        }
-        Some(other) => {
-            return Err(Problem::bad_request(format!(
-                "expectedVersion must be a non-negative integer (the stream sequence of the aggregate's last \
-                 event, 0 for none), got {other}"
-            ))
-            .with("field", "expectedVersion"));
-        }
-    };
-    let events = match root.remove("events") {
-        Some(Value::Array(events)) => events,
-        _ => {
-            return Err(
-                Problem::bad_request("events must be an array of events").with("field", "events")
-            );
-        }
-    };
-    if let Some(unknown) = root.keys().next() {
-        return Err(Problem::bad_request(format!(
-            "unknown member {unknown:?}: the body has expectedVersion and events"
-        )));
-    }
-    if events.is_empty() {
-        return Err(Problem::bad_request("events must not be empty").with("field", "events"));
-    }
-    if events.len() > crate::store::MAX_EVENTS {
-        return Err(Problem::bad_request(format!(
-            "at most {} events per request, got {}",
-            crate::store::MAX_EVENTS,
-            events.len()
-        ))
-        .with("field", "events"));
-    }
-    let now = OffsetDateTime::now_utc()
-        .format(&Rfc3339)
-        .unwrap_or_default();
-    let events = events
-        .into_iter()
-        .enumerate()
-        .map(|(i, e)| parse_event(i, e, &now))
-        .collect::<Result<Vec<_>, _>>()?;
-    Ok((expected, events))
-}
-
-pub(crate) fn parse_event(i: usize, value: Value, now: &str) -> Result<NewEvent, Problem> {
-    let at = format!("events[{i}]");
-    let bad = |field: &str, message: String| {
-        Problem::bad_request(format!("{at}.{field}: {message}"))
-            .with("field", format!("{at}.{field}"))
-    };
-    let Value::Object(mut map) = value else {
-        return Err(Problem::bad_request(format!("{at} must be an object")).with("field", at));
-    };
-    let mut text = |name: &str, required: bool| -> Result<Option<String>, Problem> {
-        match map.remove(name) {
-            None | Some(Value::Null) if !required => Ok(None),
-            None | Some(Value::Null) => Err(bad(name, "is required".into())),
-            Some(Value::String(s)) if required && s.is_empty() => {
-                Err(bad(name, "must not be empty".into()))
-            }
-            Some(Value::String(s)) => Ok(Some(s)),
-            Some(other) => Err(bad(name, format!("must be a string, got {other}"))),
-        }
-    };
-    let id = text("id", true)?.unwrap_or_default();
-    let type_ = text("type", true)?.unwrap_or_default();
-    let source = text("source", false)?.unwrap_or_else(|| DEFAULT_SOURCE.into());
-    let time = text("time", false)?.unwrap_or_else(|| now.to_string());
-    let datacontenttype =
-        text("datacontenttype", false)?.unwrap_or_else(|| "application/json".into());
-    let specversion = text("specversion", false)?;
-    let subject = text("subject", false)?;
-    if specversion.as_deref().is_some_and(|v| v != "1.0") {
-        return Err(bad(
-            "specversion",
-            "only CloudEvents 1.0 is supported".into(),
-        ));
-    }
-    if subject.is_some() {
-        return Err(bad(
-            "subject",
-            "is set by the API to <type>.<id> of the aggregate in the path; leave it out".into(),
-        ));
-    }
-    if OffsetDateTime::parse(&time, &Rfc3339).is_err() {
-        return Err(bad(
-            "time",
-            format!("{time:?} is not an RFC 3339 timestamp"),
-        ));
-    }
-    if !is_json_media_type(&datacontenttype) {
-        return Err(bad(
-            "datacontenttype",
-            "events carry JSON data: application/json or a +json media type".into(),
-        ));
-    }
-    if map.contains_key("data_base64") {
-        return Err(bad(
-            "data_base64",
-            "events carry JSON data in `data`".into(),
-        ));
-    }
-    let data = map.remove("data").unwrap_or(Value::Null);
-    let data = serde_json::to_vec(&data).unwrap_or_default();
-    let extensions = extensions(map).map_err(|(name, m)| bad(&name, m))?;
-    let event = NewEvent {
-        id,
-        type_,
-        source,
-        time,
-        datacontenttype,
-        extensions,
-        data: Bytes::from(data),
-    };
-    event
-        .validate(&at)
-        .map_err(|e| Problem::bad_request(e.to_string()).with("field", e.field))?;
-    Ok(event)
-}
-
-/// The remaining members: CloudEvents extension attributes (and `dataschema`), string values only.
-fn extensions(map: Map<String, Value>) -> Result<BTreeMap<String, String>, (String, String)> {
-    map.into_iter()
-        .map(|(name, value)| match value {
-            Value::String(s) => Ok((name, s)),
-            other => Err((
-                name,
-                format!("extension attributes are strings, got {other}"),
-            )),
-        })
-        .collect()
-}
-
 /// Query of a read.
 #[derive(Debug, Deserialize)]
 pub struct ReadQuery {
@@ -385,93 +228,5 @@ fn event_json(stored: &Stored) -> Value {
             "id": id,
             "undecodable": reason,
         }),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn detail(p: Problem) -> String {
-        p.detail
-    }
-
-    #[test]
-    fn an_append_request_parses_with_defaults_and_extensions() {
-        let body = br#"{"expectedVersion": 0, "events": [
-            {"id": "e1", "type": "UserCreated", "data": {"name": "Ada"}, "traceparent": "00-1"},
-            {"id": "e2", "type": "UserRenamed", "source": "svc", "time": "2026-01-01T00:00:00Z", "data": null}
-        ]}"#;
-        let (expected, events) = parse_append(body).expect("parses");
-        assert_eq!(expected, Expected::Version(0));
-        assert_eq!(events.len(), 2);
-        assert_eq!(events[0].source, DEFAULT_SOURCE);
-        assert_eq!(events[0].data.as_ref(), br#"{"name":"Ada"}"#);
-        assert_eq!(
-            events[0].extensions.get("traceparent").map(String::as_str),
-            Some("00-1")
-        );
-        assert_eq!(events[1].source, "svc");
-        assert_eq!(events[1].data.as_ref(), b"null");
-        let (any, _) = parse_append(br#"{"events":[{"id":"a","type":"T"}]}"#).expect("parses");
-        assert_eq!(any, Expected::Any);
-    }
-
-    #[test]
-    fn a_bad_append_request_names_what_to_change() {
-        for (body, says) in [
-            (&b"not json"[..], "not JSON"),
-            (br#"[]"#, "object"),
-            (br#"{"events": []}"#, "must not be empty"),
-            (br#"{"events": {}}"#, "array"),
-            (
-                br#"{"expectedVersion": -1, "events": [{"id":"a","type":"T"}]}"#,
-                "expectedVersion",
-            ),
-            (
-                br#"{"expectedVersion": "3", "events": [{"id":"a","type":"T"}]}"#,
-                "expectedVersion",
-            ),
-            (br#"{"events": [{"type":"T"}]}"#, "events[0].id"),
-            (br#"{"events": [{"id":"a","type":""}]}"#, "events[0].type"),
-            (
-                br#"{"events": [{"id":"a","type":"T","time":"noon"}]}"#,
-                "RFC 3339",
-            ),
-            (
-                br#"{"events": [{"id":"a","type":"T","subject":"x"}]}"#,
-                "subject",
-            ),
-            (br#"{"events": [{"id":"a","type":"T","ext":1}]}"#, "strings"),
-            (
-                br#"{"events": [{"id":"a","type":"T","data_base64":"AA=="}]}"#,
-                "data_base64",
-            ),
-            (
-                br#"{"events": [{"id":"a","type":"T","datacontenttype":"text/plain"}]}"#,
-                "JSON data",
-            ),
-            (br#"{"events": [{"id":"a\nb","type":"T"}]}"#, "control"),
-            (
-                br#"{"events": [{"id":"a","type":"T"}], "extra": 1}"#,
-                "unknown member",
-            ),
-        ] {
-            let d = detail(parse_append(body).expect_err("refused"));
-            assert!(d.contains(says), "{} → {d}", String::from_utf8_lossy(body));
-        }
-        let many = format!(
-            "{{\"events\": [{}]}}",
-            vec![r#"{"id":"a","type":"T"}"#; 1001].join(",")
-        );
-        assert!(detail(parse_append(many.as_bytes()).expect_err("too many")).contains("at most"));
-    }
-
-    #[test]
-    fn json_media_types_are_recognised() {
-        assert!(is_json_media_type("application/json"));
-        assert!(is_json_media_type("application/json; charset=utf-8"));
-        assert!(is_json_media_type("application/cloudevents+json"));
-        assert!(!is_json_media_type("text/plain"));
     }
 }

@@ -12,10 +12,10 @@ use prometheus_client::registry::Registry;
 /// Label of request series.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct RequestLabel {
-    /// HTTP method.
-    pub method: String,
-    /// Route template, e.g. `/v1/stores/{store}/aggregates/{type}/{id}/events`.
-    pub route: String,
+    /// HTTP method (`other` for one the API does not serve).
+    pub method: &'static str,
+    /// Route template, e.g. `/v1/stores/{store}/aggregates/{type}/{id}/events` (`unmatched` for none).
+    pub route: &'static str,
     /// HTTP status code.
     pub status: u16,
 }
@@ -80,11 +80,11 @@ impl ApiMetrics {
     }
 
     /// Counts a request.
-    pub fn request(&self, method: &str, route: &str, status: u16) {
+    pub fn request(&self, method: &'static str, route: &'static str, status: u16) {
         self.requests
             .get_or_create(&RequestLabel {
-                method: method.to_string(),
-                route: route.to_string(),
+                method,
+                route,
                 status,
             })
             .inc();

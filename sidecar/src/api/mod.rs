@@ -1,12 +1,14 @@
 //! The event-store API: the sidecar's HTTP API for the pod's own containers, on a loopback address by default.
 //! JSON in and out, errors as problem details, the OpenAPI document at `GET /v1/openapi.json`.
 //!
+//! - [`body`]: events as clients send them (the append body, structured CloudEvents), parsed once.
 //! - [`events`]: append to an aggregate with an expected version (several events atomically) and read it back.
 //! - [`wait`]: read-your-writes — wait until a projection has applied every event of its filter up to a sequence.
 //! - [`reactors`]: a reactor's parking lot — list, retry, skip.
 //! - [`problem`]: errors as `application/problem+json`.
 //! - [`metrics`]: requests by route and status, append latency, conflicts, duplicates.
 
+pub mod body;
 pub mod events;
 pub mod metrics;
 pub mod problem;
@@ -18,7 +20,7 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
-use axum::http::{StatusCode, header};
+use axum::http::{Method, StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -59,24 +61,31 @@ pub struct ApiState {
     pub metrics: Option<Arc<ApiMetrics>>,
 }
 
+/// The API's route templates (also the `route` label of its request metrics).
+const OPENAPI_ROUTE: &str = "/v1/openapi.json";
+const EVENTS_ROUTE: &str = "/v1/stores/{store}/aggregates/{type}/{id}/events";
+const WAIT_ROUTE: &str = "/v1/projections/{name}/wait";
+const PARKED_ROUTE: &str = "/v1/reactors/{name}/parked";
+const RETRY_ROUTE: &str = "/v1/reactors/{name}/parked/{aggregate}/retry";
+const SKIP_ROUTE: &str = "/v1/reactors/{name}/parked/{aggregate}/skip";
+const ROUTES: [&str; 6] = [
+    OPENAPI_ROUTE,
+    EVENTS_ROUTE,
+    WAIT_ROUTE,
+    PARKED_ROUTE,
+    RETRY_ROUTE,
+    SKIP_ROUTE,
+];
+
 /// The API's routes.
 pub fn router(state: Arc<ApiState>) -> Router {
     Router::new()
-        .route("/v1/openapi.json", get(openapi))
-        .route(
-            "/v1/stores/{store}/aggregates/{type}/{id}/events",
-            post(events::append).get(events::read),
-        )
-        .route("/v1/projections/{name}/wait", get(wait::wait))
-        .route("/v1/reactors/{name}/parked", get(reactors::list))
-        .route(
-            "/v1/reactors/{name}/parked/{aggregate}/retry",
-            post(reactors::retry),
-        )
-        .route(
-            "/v1/reactors/{name}/parked/{aggregate}/skip",
-            post(reactors::skip),
-        )
+        .route(OPENAPI_ROUTE, get(openapi))
+        .route(EVENTS_ROUTE, post(events::append).get(events::read))
+        .route(WAIT_ROUTE, get(wait::wait))
+        .route(PARKED_ROUTE, get(reactors::list))
+        .route(RETRY_ROUTE, post(reactors::retry))
+        .route(SKIP_ROUTE, post(reactors::skip))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(middleware::from_fn_with_state(state.clone(), count))
@@ -120,11 +129,21 @@ async fn count(State(state): State<Arc<ApiState>>, request: Request, next: Next)
     let route = request
         .extensions()
         .get::<MatchedPath>()
-        .map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
-    let method = request.method().to_string();
+        .and_then(|p| ROUTES.into_iter().find(|r| *r == p.as_str()))
+        .unwrap_or("unmatched");
+    let method = match *request.method() {
+        Method::GET => "GET",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::HEAD => "HEAD",
+        Method::OPTIONS => "OPTIONS",
+        Method::PATCH => "PATCH",
+        _ => "other",
+    };
     let response = next.run(request).await;
     if let Some(m) = &state.metrics {
-        m.request(&method, &route, response.status().as_u16());
+        m.request(method, route, response.status().as_u16());
     }
     response
 }

@@ -4,11 +4,9 @@
 //! and the position in the answer, so that appending the answer to a redelivered event again is a duplicate the
 //! server drops.
 
-use serde_json::Value;
-use time::OffsetDateTime;
-use time::format_description::well_known::Rfc3339;
+use serde_json::value::RawValue;
 
-use crate::api::events::parse_event;
+use crate::api::body::{now, parse_event, structured};
 use crate::store::{Aggregate, MAX_EVENTS, NewEvent};
 
 /// The id of the `position`-th event emitted for `delivered` by `reactor`.
@@ -22,10 +20,11 @@ pub fn parse(
     reactor: &str,
     delivered: &str,
 ) -> Result<Vec<(Aggregate, NewEvent)>, String> {
-    let value: Value = serde_json::from_slice(body)
+    let raw: &RawValue = serde_json::from_slice(body)
         .map_err(|e| format!("the answer's events are not JSON: {e}"))?;
-    let Value::Array(events) = value else {
-        return Err("the answer's events must be a JSON array of CloudEvents".into());
+    let events: Vec<&RawValue> = match raw.get().starts_with('[') {
+        true => serde_json::from_str(raw.get()).map_err(|e| e.to_string())?,
+        false => return Err("the answer's events must be a JSON array of CloudEvents".into()),
     };
     if events.len() > MAX_EVENTS {
         return Err(format!(
@@ -33,32 +32,15 @@ pub fn parse(
             events.len()
         ));
     }
-    let now = OffsetDateTime::now_utc()
-        .format(&Rfc3339)
-        .unwrap_or_default();
+    let now = now();
     events
         .into_iter()
         .enumerate()
-        .map(|(i, event)| {
-            let Value::Object(mut map) = event else {
-                return Err(format!("emitted event {i} is not a JSON object"));
-            };
-            let subject = match map.remove("subject") {
-                Some(Value::String(s)) => s,
-                _ => {
-                    return Err(format!(
-                        "emitted event {i} has no subject: set it to <type>.<id> of the aggregate it belongs to"
-                    ));
-                }
-            };
-            let (type_, id) = subject.split_once('.').unwrap_or((subject.as_str(), ""));
-            let aggregate = Aggregate::new(type_, id)
-                .map_err(|e| format!("emitted event {i}: subject {subject:?}: {e}"))?;
-            map.insert(
-                "id".into(),
-                Value::String(emitted_id(reactor, delivered, i)),
-            );
-            let event = parse_event(i, Value::Object(map), &now)
+        .map(|(i, raw)| {
+            let (aggregate, members) =
+                structured(raw).map_err(|e| format!("emitted event {i} {e}"))?;
+            let id = emitted_id(reactor, delivered, i);
+            let event = parse_event(&format!("events[{i}]"), members, &now, Some(id))
                 .map_err(|p| format!("emitted event {i}: {}", p.detail))?;
             Ok((aggregate, event))
         })

@@ -2,8 +2,10 @@
 //! its new events (CloudEvents attributes that fit NATS headers), and the headers each event is published with.
 
 use std::collections::BTreeMap;
+use std::fmt::Display;
 
 use async_nats::HeaderMap;
+use async_nats::header::HeaderName;
 use bytes::Bytes;
 
 /// An aggregate: its type and id, each one subject token.
@@ -68,7 +70,7 @@ fn token(field: &str, value: &str) -> Result<(), Invalid> {
 
 /// The attribute `name` of the event `at` as a header value: not empty where required, no control characters (they
 /// would break the NATS protocol). The field is named only when it is refused.
-fn header_text(at: &str, name: &str, value: &str, required: bool) -> Result<(), Invalid> {
+fn header_text(at: &dyn Display, name: &str, value: &str, required: bool) -> Result<(), Invalid> {
     let problem = if required && value.is_empty() {
         "must not be empty"
     } else if value.chars().any(char::is_control) {
@@ -100,7 +102,8 @@ pub struct NewEvent {
 
 impl NewEvent {
     /// Checks the attributes that become headers; `at` names the event in errors (`events[3]`).
-    pub fn validate(&self, at: &str) -> Result<(), Invalid> {
+    pub fn validate(&self, at: impl Display) -> Result<(), Invalid> {
+        let at: &dyn Display = &at;
         header_text(at, "id", &self.id, true)?;
         header_text(at, "type", &self.type_, true)?;
         header_text(at, "source", &self.source, true)?;
@@ -125,20 +128,30 @@ impl NewEvent {
     /// The headers of the CloudEvents NATS binding, with `Nats-Msg-Id` = the event id.
     pub(super) fn headers(&self, aggregate: &Aggregate) -> HeaderMap {
         let mut h = HeaderMap::new();
-        h.insert("Nats-Msg-Id", self.id.as_str());
-        h.insert("ce-specversion", "1.0");
-        h.insert("ce-id", self.id.as_str());
-        h.insert("ce-type", self.type_.as_str());
-        h.insert("ce-source", self.source.as_str());
-        h.insert("ce-subject", aggregate.key().as_str());
-        h.insert("ce-time", self.time.as_str());
+        h.insert(MSG_ID, self.id.as_str());
+        h.insert(CE_SPECVERSION, "1.0");
+        h.insert(CE_ID, self.id.as_str());
+        h.insert(CE_TYPE, self.type_.as_str());
+        h.insert(CE_SOURCE, self.source.as_str());
+        h.insert(CE_SUBJECT, aggregate.key());
+        h.insert(CE_TIME, self.time.as_str());
         for (name, value) in &self.extensions {
-            h.insert(format!("ce-{name}").as_str(), value.as_str());
+            h.insert(format!("ce-{name}"), value.as_str());
         }
-        h.insert("content-type", self.datacontenttype.as_str());
+        h.insert(CONTENT_TYPE, self.datacontenttype.as_str());
         h
     }
 }
+
+// Header names, built once (a name from a `&str` is parsed and copied on every insert).
+const MSG_ID: HeaderName = HeaderName::from_static("Nats-Msg-Id");
+const CE_SPECVERSION: HeaderName = HeaderName::from_static("ce-specversion");
+const CE_ID: HeaderName = HeaderName::from_static("ce-id");
+const CE_TYPE: HeaderName = HeaderName::from_static("ce-type");
+const CE_SOURCE: HeaderName = HeaderName::from_static("ce-source");
+const CE_SUBJECT: HeaderName = HeaderName::from_static("ce-subject");
+const CE_TIME: HeaderName = HeaderName::from_static("ce-time");
+const CONTENT_TYPE: HeaderName = HeaderName::from_static("content-type");
 
 #[cfg(test)]
 mod tests {

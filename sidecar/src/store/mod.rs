@@ -218,7 +218,7 @@ impl Store {
             .into());
         }
         for (i, e) in events.iter().enumerate() {
-            e.validate(&format!("events[{i}]"))?;
+            e.validate(format_args!("events[{i}]"))?;
             if let Some(j) = events[..i].iter().position(|o| o.id == e.id) {
                 return Err(invalid(
                     format!("events[{i}].id"),
@@ -234,7 +234,7 @@ impl Store {
             )));
         }
         let subject = self.subject(aggregate);
-        let max_payload = self.client.server_info().max_payload;
+        let max_payload = self.client.max_payload();
         let mut messages = Vec::with_capacity(events.len());
         for (i, e) in events.iter().enumerate() {
             let headers = e.headers(aggregate);
@@ -296,10 +296,10 @@ impl Store {
                 self.client.connection_state()
             )));
         }
-        let max_payload = self.client.server_info().max_payload;
+        let max_payload = self.client.max_payload();
         let mut messages = Vec::with_capacity(events.len());
         for (i, (aggregate, e)) in events.iter().enumerate() {
-            e.validate(&format!("events[{i}]"))?;
+            e.validate(format_args!("events[{i}]"))?;
             let headers = e.headers(aggregate);
             let size = e.data.len() + header_size(&headers) + 64;
             if max_payload > 0 && size > max_payload {
@@ -375,19 +375,23 @@ impl Store {
         headers: HeaderMap,
         data: Bytes,
     ) -> Result<PubAck, AppendError> {
-        let reply = tokio::time::timeout(
-            ACK_TIMEOUT,
-            self.client
-                .request_with_headers(subject.to_string(), headers, data),
-        )
-        .await
-        .map_err(|_| AppendError::Unavailable("no acknowledgement in time".into()))?
-        .map_err(|e| match e.kind() {
-            RequestErrorKind::NoResponders => AppendError::Unavailable(format!(
-                "no stream answers on {subject} (is the EventStore provisioned?)"
-            )),
-            _ => AppendError::Unavailable(e.to_string()),
-        })?;
+        let request = async_nats::Request::new()
+            .headers(headers)
+            .payload(data)
+            .timeout(Some(ACK_TIMEOUT));
+        let reply = self
+            .client
+            .send_request(subject.to_string(), request)
+            .await
+            .map_err(|e| match e.kind() {
+                RequestErrorKind::NoResponders => AppendError::Unavailable(format!(
+                    "no stream answers on {subject} (is the EventStore provisioned?)"
+                )),
+                RequestErrorKind::TimedOut => {
+                    AppendError::Unavailable("no acknowledgement in time".into())
+                }
+                _ => AppendError::Unavailable(e.to_string()),
+            })?;
         serde_json::from_slice(&reply.payload)
             .map_err(|e| AppendError::Refused(format!("unreadable acknowledgement: {e}")))
     }
