@@ -6,6 +6,7 @@
 //!   (one transaction with the checkpoint) → policy (retry, dead letter, skip, halt) → report (metrics, readiness).
 //! - [`reactor`]: one reactor — events delivered to the service's own HTTP endpoint in order per aggregate, with
 //!   retries and a parking lot in NATS.
+//! - [`allocator`]: mimalloc's run-time settings (how soon freed memory goes back to the OS).
 //! - [`event`]: CloudEvents decoding from JetStream messages.
 //! - [`handler`]: parsed SQL handlers and the values they bind from an event.
 //! - [`database`]: the pool, the sidecar's own tables, error classification.
@@ -21,6 +22,7 @@
 //! - [`dev`]: the local developer loop.
 
 pub mod admin;
+pub mod allocator;
 pub mod api;
 pub mod append;
 pub mod checkpoint;

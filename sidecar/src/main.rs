@@ -186,6 +186,7 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    projectionist_sidecar::allocator::tune();
     let cli = Cli::parse();
     init_logging(cli.log_format);
     let result = match cli.command {
