@@ -9,7 +9,7 @@ const PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 /// per batch far faster than that, and its peak RSS grew with the machine's speed (34 MiB in a 200k-event run on a
 /// fast day, the target being 32). A tenth of a second kept it at 23.5 MiB with no measurable cost in that run or in
 /// the reactor benchmark (bench/README.md).
-pub const PURGE_DELAY_MS: i64 = 100;
+pub const PURGE_DELAY_MS: std::ffi::c_long = 100;
 
 /// Applies the sidecar's defaults to mimalloc's run-time options; an option set in the environment is left alone.
 #[allow(unsafe_code)]
@@ -17,7 +17,7 @@ pub fn tune() {
     if std::env::var_os("MIMALLOC_PURGE_DELAY").is_none() {
         // SAFETY: `mi_option_set` stores an integer option that mimalloc reads whenever it considers purging; it may
         // be called from any thread at any time, and `PURGE_DELAY` is a valid option of the linked version.
-        unsafe { libmimalloc_sys::mi_option_set(PURGE_DELAY, PURGE_DELAY_MS as _) };
+        unsafe { libmimalloc_sys::mi_option_set(PURGE_DELAY, PURGE_DELAY_MS) };
     }
 }
 
@@ -30,15 +30,11 @@ mod tests {
     fn the_purge_delay_option_is_the_one_set() {
         let from_env = std::env::var("MIMALLOC_PURGE_DELAY")
             .ok()
-            .and_then(|v| v.parse::<i64>().ok());
+            .and_then(|v| v.parse::<std::ffi::c_long>().ok());
         // SAFETY: reads an integer option.
         let get = || unsafe { libmimalloc_sys::mi_option_get(PURGE_DELAY) };
-        assert_eq!(
-            i64::from(get()),
-            from_env.unwrap_or(1000),
-            "mimalloc v3's purge delay"
-        );
+        assert_eq!(get(), from_env.unwrap_or(1000), "mimalloc v3's purge delay");
         tune();
-        assert_eq!(i64::from(get()), from_env.unwrap_or(PURGE_DELAY_MS));
+        assert_eq!(get(), from_env.unwrap_or(PURGE_DELAY_MS));
     }
 }
