@@ -462,14 +462,30 @@ pub struct Decoded {
     pub events: Vec<Result<Event, DecodeError>>,
 }
 
-/// The durable consumer read ahead by a task of its own: the next batch is pulled and decoded while the current one
-/// is applied and committed. At most one decoded batch waits; dropping this stops the task and the subscription
-/// (what it held unacknowledged is redelivered, and skipped where the checkpoint already covers it).
+/// The durable consumer read ahead by a task of its own: messages are pulled and decoded as they arrive, while the
+/// current batch is applied and committed, and a batch is cut only when the loop asks for the next one — so it holds
+/// everything that arrived meanwhile, up to `batch.maxEvents`, instead of what had arrived when the one before was
+/// cut (which made batches smaller than the backlog allowed, and commits more frequent). At most `batch.maxEvents`
+/// messages wait; dropping this stops the task and the subscription (what it held unacknowledged is redelivered,
+/// and skipped where the checkpoint already covers it).
 #[derive(Debug)]
 pub struct ReadAhead {
     acks: Acks,
-    batches: tokio::sync::mpsc::Receiver<Result<Option<Decoded>, Transient>>,
+    items: tokio::sync::mpsc::Receiver<Item>,
+    max_events: usize,
+    max_wait: Duration,
+    shutdown: watch::Receiver<bool>,
     task: tokio::task::JoinHandle<()>,
+}
+
+/// What the read-ahead task hands over: a message with its event (`None` for a message without a stream sequence),
+/// or why the subscription ended. (Held in the channel's slots as is: boxing the message would cost an allocation
+/// per message.)
+#[derive(Debug)]
+#[allow(clippy::large_enum_variant)]
+enum Item {
+    Message(Message, Option<Result<Event, DecodeError>>),
+    Ended(String),
 }
 
 impl ReadAhead {
@@ -478,12 +494,55 @@ impl ReadAhead {
         self.acks
     }
 
-    /// The next decoded batch; `None` on shutdown.
+    /// The next decoded batch: waits for a first message, then takes what else has arrived, waiting up to
+    /// `batch.maxWait` for the batch to fill; `None` on shutdown.
     pub async fn next_batch(&mut self) -> Result<Option<Decoded>, Transient> {
-        match self.batches.recv().await {
-            Some(next) => next,
-            None => Err(Transient("the pull subscription ended".into())),
+        let first = loop {
+            if *self.shutdown.borrow() {
+                return Ok(None);
+            }
+            tokio::select! {
+                item = self.items.recv() => break item,
+                changed = self.shutdown.changed() => if changed.is_err() {
+                    return Ok(None);
+                },
+            }
+        };
+        let mut batch = Batch {
+            messages: Vec::with_capacity(self.max_events),
+            interrupted: None,
+        };
+        let mut events = Vec::with_capacity(self.max_events);
+        let mut add = |item: Option<Item>, batch: &mut Batch| match item {
+            Some(Item::Message(m, event)) => {
+                batch.messages.push(m);
+                events.extend(event);
+                Ok(())
+            }
+            Some(Item::Ended(reason)) => Err(reason),
+            None => Err("the pull subscription ended".to_string()),
+        };
+        add(first, &mut batch).map_err(Transient)?;
+        let deadline = tokio::time::Instant::now() + self.max_wait;
+        while batch.messages.len() < self.max_events {
+            let item = if self.max_wait.is_zero() {
+                match self.items.try_recv() {
+                    Ok(item) => Some(item),
+                    Err(tokio::sync::mpsc::error::TryRecvError::Empty) => break,
+                    Err(tokio::sync::mpsc::error::TryRecvError::Disconnected) => None,
+                }
+            } else {
+                match tokio::time::timeout_at(deadline, self.items.recv()).await {
+                    Ok(item) => item,
+                    Err(_) => break,
+                }
+            };
+            if let Err(reason) = add(item, &mut batch) {
+                batch.interrupted = Some(reason);
+                break;
+            }
         }
+        Ok(Some(Decoded { batch, events }))
     }
 }
 
@@ -512,68 +571,41 @@ impl std::fmt::Debug for Live {
 }
 
 impl Live {
-    /// Reads ahead on a task of its own.
+    /// Reads ahead on a task of its own ([`ReadAhead`]), beating the heartbeat once a second meanwhile.
     pub fn read_ahead(mut self) -> ReadAhead {
-        let acks = self.acks;
-        let (tx, batches) = tokio::sync::mpsc::channel(1);
-        let task = tokio::spawn(async move {
-            loop {
-                let next = self.next_batch().await.map(|batch| {
-                    batch.map(|batch| Decoded {
-                        events: decode(&batch.messages),
-                        batch,
-                    })
-                });
-                let last = !matches!(&next, Ok(Some(d)) if d.batch.interrupted.is_none());
-                if tx.send(next).await.is_err() || last {
-                    return;
-                }
-            }
-        });
+        let (tx, items) = tokio::sync::mpsc::channel(self.max_events.max(1));
         ReadAhead {
-            acks,
-            batches,
-            task,
-        }
-    }
-
-    /// Waits for the next batch, beating the heartbeat while idle; `None` on shutdown.
-    pub async fn next_batch(&mut self) -> Result<Option<Batch>, Transient> {
-        let mut messages = Vec::new();
-        loop {
-            if *self.shutdown.borrow() {
-                return Ok(None);
-            }
-            self.report.beat();
-            tokio::select! {
-                next = self.messages.next() => match next {
-                    Some(Ok(m)) => { messages.push(m); break; }
-                    Some(Err(e)) => return Err(Transient(format!("pull: {e}"))),
-                    None => return Err(Transient("pull subscription ended".into())),
-                },
-                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                _ = self.shutdown.changed() => {}
-            }
-        }
-        let deadline = tokio::time::Instant::now() + self.max_wait;
-        let mut interrupted = None;
-        while messages.len() < self.max_events {
-            match tokio::time::timeout_at(deadline, self.messages.next()).await {
-                Err(_) => break,
-                Ok(Some(Ok(m))) => messages.push(m),
-                Ok(Some(Err(e))) => {
-                    interrupted = Some(format!("pull: {e}"));
-                    break;
+            acks: self.acks,
+            items,
+            max_events: self.max_events.max(1),
+            max_wait: self.max_wait,
+            shutdown: self.shutdown.clone(),
+            task: tokio::spawn(async move {
+                let mut heartbeat = tokio::time::interval(Duration::from_secs(1));
+                heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+                loop {
+                    let item = tokio::select! {
+                        next = self.messages.next() => match next {
+                            Some(Ok(m)) => {
+                                let event = m.info().ok().map(|i| {
+                                    event::decode(i.stream_sequence, m.subject.as_str(), m.headers.as_ref(), &m.payload)
+                                });
+                                Item::Message(m, event)
+                            }
+                            Some(Err(e)) => Item::Ended(format!("pull: {e}")),
+                            None => Item::Ended("pull subscription ended".into()),
+                        },
+                        _ = heartbeat.tick() => {
+                            self.report.beat();
+                            continue;
+                        }
+                    };
+                    let ended = matches!(item, Item::Ended(_));
+                    if tx.send(item).await.is_err() || ended {
+                        return;
+                    }
                 }
-                Ok(None) => {
-                    interrupted = Some("pull subscription ended".into());
-                    break;
-                }
-            }
+            }),
         }
-        Ok(Some(Batch {
-            messages,
-            interrupted,
-        }))
     }
 }
