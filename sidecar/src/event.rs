@@ -57,6 +57,14 @@ fn header(headers: Option<&HeaderMap>, name: &str) -> Option<String> {
         .map(|v| v.as_str().to_string())
 }
 
+/// Whether a message holds a structured-mode CloudEvent (the whole event as its JSON body) rather than a binary-mode
+/// one (attributes in `ce-*` headers, the data as the body).
+pub fn is_structured(headers: Option<&HeaderMap>) -> bool {
+    let get = |name: &str| headers.and_then(|h| h.get(name)).map(|v| v.as_str());
+    get("content-type").is_some_and(|ct| ct.starts_with("application/cloudevents+json"))
+        || get("ce-type").is_none()
+}
+
 /// Decodes one message.
 pub fn decode(
     sequence: u64,
@@ -64,10 +72,8 @@ pub fn decode(
     headers: Option<&HeaderMap>,
     payload: &[u8],
 ) -> Result<Event, DecodeError> {
-    let content_type = header(headers, "content-type").unwrap_or_default();
     let ce_type = header(headers, "ce-type");
-    let structured = content_type.starts_with("application/cloudevents+json") || ce_type.is_none();
-    if structured {
+    if is_structured(headers) {
         let body: Value =
             serde_json::from_slice(payload).map_err(|e| DecodeError::Body(e.to_string()))?;
         let Value::Object(map) = &body else {

@@ -12,7 +12,7 @@ use std::time::Duration;
 use common::{InProcess, config_of, ledger, provision};
 use projectionist_crds::projection::{Driver, ErrorPolicy};
 use projectionist_sidecar::runtime::{Launch, Workload};
-use projectionist_tests::http::{Response, request};
+use projectionist_tests::http::{Response, request, request_text};
 use projectionist_tests::nats::NatsServer;
 use projectionist_tests::sqlite::Sqlite;
 use serde_json::{Value, json};
@@ -406,6 +406,21 @@ async fn an_aggregate_reads_back_in_order_with_paging_and_an_unknown_one_is_vers
 
     let unknown = read(api, "account/nobody", "").await;
     assert_eq!(unknown, json!({"version": 0, "events": []}));
+
+    // Data reads back as it was sent: member order and number precision kept, whitespace between tokens dropped.
+    let sent = r#"{"events": [{"id": "exact-1", "type": "Exact",
+        "data": {"z": 1, "a": [1.50, 12345678901234567890123], "s": "x  y"}}]}"#;
+    let exact = format!("{EVENTS}/account/exact/events");
+    let r = request_text(api, "POST", &exact, sent, Duration::from_secs(30))
+        .await
+        .expect("answered");
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let back = call(api, "GET", &exact, None).await;
+    let text = String::from_utf8_lossy(&back.body);
+    assert!(
+        text.contains(r#""data":{"z":1,"a":[1.50,12345678901234567890123],"s":"x  y"}"#),
+        "{text}"
+    );
     for query in ["?limit=0", "?after=-1", "?limit=x"] {
         assert_problem(
             &call(api, "GET", &format!("{path}{query}"), None).await,

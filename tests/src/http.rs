@@ -45,7 +45,22 @@ pub async fn request(
     json_body: Option<&serde_json::Value>,
     timeout: Duration,
 ) -> crate::Result<Response> {
-    tokio::time::timeout(timeout, send(addr, method, path, json_body))
+    let body = json_body.map(|b| Bytes::from(b.to_string()));
+    tokio::time::timeout(timeout, send(addr, method, path, body))
+        .await
+        .with_context(|| format!("{method} {path}: no answer within {timeout:?}"))?
+}
+
+/// Like [`request`], with the JSON body sent exactly as written.
+pub async fn request_text(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    json_text: &str,
+    timeout: Duration,
+) -> crate::Result<Response> {
+    let body = Some(Bytes::from(json_text.to_string()));
+    tokio::time::timeout(timeout, send(addr, method, path, body))
         .await
         .with_context(|| format!("{method} {path}: no answer within {timeout:?}"))?
 }
@@ -54,7 +69,7 @@ async fn send(
     addr: SocketAddr,
     method: &str,
     path: &str,
-    json_body: Option<&serde_json::Value>,
+    json_body: Option<Bytes>,
 ) -> crate::Result<Response> {
     let stream = tokio::net::TcpStream::connect(addr)
         .await
@@ -63,14 +78,13 @@ async fn send(
         .await
         .context("HTTP handshake")?;
     let driver = tokio::spawn(connection);
-    let body = json_body
-        .map(|b| Bytes::from(b.to_string()))
-        .unwrap_or_default();
+    let has_body = json_body.is_some();
+    let body = json_body.unwrap_or_default();
     let mut builder = Request::builder()
         .method(method)
         .uri(path)
         .header(hyper::header::HOST, addr.to_string());
-    if json_body.is_some() {
+    if has_body {
         builder = builder.header(hyper::header::CONTENT_TYPE, "application/json");
     }
     let request = builder

@@ -10,7 +10,8 @@ use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use futures::StreamExt;
 use serde::Deserialize;
-use serde_json::{Value, json};
+use serde_json::json;
+use serde_json::value::RawValue;
 
 use super::ApiState;
 use super::body::{is_json_media_type, parse_append};
@@ -190,7 +191,7 @@ pub async fn read(
         item.map(|stored| {
             let mut chunk = if first { Vec::new() } else { vec![b','] };
             first = false;
-            chunk.extend(serde_json::to_vec(&event_json(&stored)).unwrap_or_default());
+            chunk.extend(event_json(&stored));
             Bytes::from(chunk)
         })
     });
@@ -206,27 +207,40 @@ pub async fn read(
         .into_response()
 }
 
-/// An event as the API shows it: its CloudEvents attributes, `data`, and its stream `sequence`.
-fn event_json(stored: &Stored) -> Value {
-    match stored {
-        Stored::Event(e) => json!({
-            "sequence": e.sequence,
-            "specversion": "1.0",
-            "id": e.id,
-            "type": e.type_,
-            "source": e.source,
-            "subject": e.subject,
-            "time": e.time,
-            "data": e.data,
+/// An event as the API shows it: its CloudEvents attributes, `data` as stored, and its stream `sequence`.
+fn event_json(stored: &Stored) -> Vec<u8> {
+    #[derive(serde::Serialize)]
+    struct Shown<'a> {
+        sequence: u64,
+        specversion: &'static str,
+        id: &'a str,
+        #[serde(rename = "type")]
+        type_: &'a str,
+        source: Option<&'a str>,
+        subject: Option<&'a str>,
+        time: Option<&'a str>,
+        data: &'a RawValue,
+    }
+    let shown = match stored {
+        Stored::Event { event: e, data } => serde_json::to_vec(&Shown {
+            sequence: e.sequence,
+            specversion: "1.0",
+            id: &e.id,
+            type_: &e.type_,
+            source: e.source.as_deref(),
+            subject: e.subject.as_deref(),
+            time: e.time.as_deref(),
+            data,
         }),
         Stored::Undecodable {
             sequence,
             id,
             reason,
-        } => json!({
+        } => serde_json::to_vec(&json!({
             "sequence": sequence,
             "id": id,
             "undecodable": reason,
-        }),
-    }
+        })),
+    };
+    shown.unwrap_or_default()
 }

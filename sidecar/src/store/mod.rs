@@ -499,7 +499,7 @@ impl Store {
         let mut messages = std::pin::pin!(read.messages);
         while let Some(item) = messages.next().await {
             let (sequence, id) = match item.map_err(unavailable)? {
-                Stored::Event(e) => (e.sequence, e.id),
+                Stored::Event { event, .. } => (event.sequence, event.id),
                 Stored::Undecodable { sequence, id, .. } => (sequence, id.unwrap_or_default()),
             };
             if let Some(&i) = wanted.get(id.as_str())

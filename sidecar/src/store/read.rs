@@ -3,8 +3,11 @@
 
 use std::time::Duration;
 
+use async_nats::HeaderMap;
 use async_nats::jetstream::{self, consumer};
 use futures::StreamExt;
+use serde::Deserialize;
+use serde_json::value::RawValue;
 
 use super::{Aggregate, Store};
 use crate::event::{self, Event};
@@ -137,10 +140,15 @@ impl std::fmt::Debug for Read {
 }
 
 /// One stored message of an aggregate.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub enum Stored {
-    /// A CloudEvent.
-    Event(Event),
+    /// A CloudEvent, and its data as stored (verbatim, unlike the decoded event's).
+    Event {
+        /// The event.
+        event: Event,
+        /// Its data: a binary-mode event's body, a structured one's `data` member; `null` when it has none.
+        data: Box<RawValue>,
+    },
     /// A message that is not a usable event (written by another client); shown with the reason, never dropped.
     Undecodable {
         /// Its stream sequence.
@@ -156,7 +164,7 @@ impl Stored {
     /// The stream sequence.
     pub fn sequence(&self) -> u64 {
         match self {
-            Self::Event(e) => e.sequence,
+            Self::Event { event, .. } => event.sequence,
             Self::Undecodable { sequence, .. } => *sequence,
         }
     }
@@ -165,7 +173,12 @@ impl Stored {
 fn stored(m: &jetstream::Message) -> Stored {
     let sequence = m.info().map(|i| i.stream_sequence).unwrap_or(0);
     match event::decode(sequence, m.subject.as_str(), m.headers.as_ref(), &m.payload) {
-        Ok(e) => Stored::Event(e),
+        Ok(event) => {
+            let data = stored_data(m.headers.as_ref(), &m.payload)
+                .or_else(|| serde_json::value::to_raw_value(&event.data).ok())
+                .unwrap_or_default();
+            Stored::Event { event, data }
+        }
         Err(e) => Stored::Undecodable {
             sequence,
             id: m
@@ -175,5 +188,48 @@ fn stored(m: &jetstream::Message) -> Stored {
                 .map(|v| v.as_str().to_string()),
             reason: e.to_string(),
         },
+    }
+}
+
+/// The data of an event as stored, verbatim: a binary-mode event's body, a structured one's `data` member.
+fn stored_data(headers: Option<&HeaderMap>, payload: &[u8]) -> Option<Box<RawValue>> {
+    #[derive(Deserialize)]
+    struct Structured<'a> {
+        #[serde(borrow, default)]
+        data: Option<&'a RawValue>,
+    }
+    if event::is_structured(headers) {
+        let body: Structured = serde_json::from_slice(payload).ok()?;
+        return Some(body.data.map(RawValue::to_owned).unwrap_or_default());
+    }
+    if payload.is_empty() {
+        return Some(Box::default());
+    }
+    serde_json::from_slice::<&RawValue>(payload)
+        .ok()
+        .map(RawValue::to_owned)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn data_is_read_as_stored_in_either_mode() {
+        let mut binary = HeaderMap::new();
+        binary.insert("ce-type", "Tick");
+        let raw = |h: Option<&HeaderMap>, p: &[u8]| stored_data(h, p).map(|d| d.get().to_string());
+        assert_eq!(
+            raw(Some(&binary), br#"{"z":1,"a":12345678901234567890123}"#).as_deref(),
+            Some(r#"{"z":1,"a":12345678901234567890123}"#)
+        );
+        assert_eq!(raw(Some(&binary), b"").as_deref(), Some("null"));
+        let structured = br#"{"type":"Tick","id":"e1","data":{"z":[1.50]}}"#;
+        assert_eq!(raw(None, structured).as_deref(), Some(r#"{"z":[1.50]}"#));
+        assert_eq!(
+            raw(None, br#"{"type":"Tick","id":"e1"}"#).as_deref(),
+            Some("null")
+        );
+        assert_eq!(raw(Some(&binary), b"not json"), None);
     }
 }
