@@ -46,9 +46,7 @@ pub async fn request(
     timeout: Duration,
 ) -> crate::Result<Response> {
     let body = json_body.map(|b| Bytes::from(b.to_string()));
-    tokio::time::timeout(timeout, send(addr, method, path, body))
-        .await
-        .with_context(|| format!("{method} {path}: no answer within {timeout:?}"))?
+    send_within(addr, method, path, body, timeout).await
 }
 
 /// Like [`request`], with the JSON body sent exactly as written.
@@ -60,6 +58,16 @@ pub async fn request_text(
     timeout: Duration,
 ) -> crate::Result<Response> {
     let body = Some(Bytes::from(json_text.to_string()));
+    send_within(addr, method, path, body, timeout).await
+}
+
+async fn send_within(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<Bytes>,
+    timeout: Duration,
+) -> crate::Result<Response> {
     tokio::time::timeout(timeout, send(addr, method, path, body))
         .await
         .with_context(|| format!("{method} {path}: no answer within {timeout:?}"))?

@@ -91,7 +91,7 @@ pub fn parse_append(body: &[u8]) -> Result<(Expected, Vec<NewEvent>), Problem> {
     let mut root: Members = serde_json::from_slice(body).map_err(not_json)?;
     let expected = match root.remove("expectedVersion").map(RawValue::get) {
         None | Some("null") => Expected::Any,
-        Some(n) if n.parse::<u64>().is_ok() => Expected::Version(n.parse().unwrap_or_default()),
+        Some(n) if let Ok(v) = n.parse::<u64>() => Expected::Version(v),
         Some(other) => {
             return Err(Problem::bad_request(format!(
                 "expectedVersion must be a non-negative integer (the stream sequence of the aggregate's last \

@@ -56,10 +56,18 @@ pub fn sequenced(batch: &[Message]) -> Vec<(u64, &Message)> {
 
 /// The messages of a batch that carry a stream sequence, decoded, in the order of [`sequenced`].
 pub fn decode(batch: &[Message]) -> Vec<Result<Event, DecodeError>> {
-    sequenced(batch)
-        .iter()
-        .map(|(seq, m)| event::decode(*seq, m.subject.as_str(), m.headers.as_ref(), &m.payload))
-        .collect()
+    batch.iter().filter_map(decode_one).collect()
+}
+
+/// A message decoded, if it carries a stream sequence (as [`sequenced`] keeps it).
+pub fn decode_one(m: &Message) -> Option<Result<Event, DecodeError>> {
+    let seq = m.info().ok()?.stream_sequence;
+    Some(event::decode(
+        seq,
+        m.subject.as_str(),
+        m.headers.as_ref(),
+        &m.payload,
+    ))
 }
 
 /// The view of a message the later stages use.

@@ -10,7 +10,7 @@ use tokio::sync::watch;
 use super::Acks;
 use super::Transient;
 use crate::engine::report::Report;
-use crate::event::{self, DecodeError, Event};
+use crate::event::{DecodeError, Event};
 
 /// A batch from the durable consumer.
 #[derive(Debug)]
@@ -156,9 +156,7 @@ impl Live {
                     let item = tokio::select! {
                         next = self.messages.next() => match next {
                             Some(Ok(m)) => {
-                                let event = m.info().ok().map(|i| {
-                                    event::decode(i.stream_sequence, m.subject.as_str(), m.headers.as_ref(), &m.payload)
-                                });
+                                let event = super::decode_one(&m);
                                 Item::Message(m, event)
                             }
                             Some(Err(e)) => Item::Ended(format!("pull: {e}")),
