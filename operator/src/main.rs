@@ -163,6 +163,10 @@ struct WebhookArgs {
     /// Port of the sidecar's admin endpoints (probes, metrics).
     #[arg(long, env = "PROJECTIONIST_SIDECAR_ADMIN_PORT", default_value_t = 9464)]
     sidecar_admin_port: u16,
+    /// Worker threads of the sidecar's async runtime (its `--worker-threads`).
+    #[arg(long, env = "PROJECTIONIST_SIDECAR_WORKER_THREADS", default_value_t = 1,
+        value_parser = clap::value_parser!(u16).range(1..=256))]
+    sidecar_worker_threads: u16,
     /// CPU request of the sidecar.
     #[arg(long, env = "PROJECTIONIST_SIDECAR_CPU_REQUEST", default_value = "50m")]
     sidecar_cpu_request: String,
@@ -222,6 +226,7 @@ impl WebhookArgs {
                 pull_policy: self.sidecar_pull_policy,
                 native: self.sidecar_mode == "native",
                 admin_port: self.sidecar_admin_port,
+                worker_threads: self.sidecar_worker_threads,
                 resources: k8s_openapi::api::core::v1::ResourceRequirements {
                     limits: Some(limits),
                     requests: Some(requests),

@@ -62,6 +62,8 @@ pub struct Injection {
     pub native: bool,
     /// Port of the sidecar's admin endpoints (probes, metrics).
     pub admin_port: u16,
+    /// Worker threads of the sidecar's async runtime.
+    pub worker_threads: u16,
     pub resources: ResourceRequirements,
 }
 
@@ -287,7 +289,8 @@ pub fn inject_candidates(pod: &Pod, namespace: &Candidates, settings: &Injection
         "name": CONTAINER,
         "image": settings.image,
         "imagePullPolicy": settings.pull_policy,
-        "args": ["run", "--config-dir", CONFIG_DIR, "--admin-addr", format!("0.0.0.0:{}", settings.admin_port)],
+        "args": ["run", "--config-dir", CONFIG_DIR, "--admin-addr", format!("0.0.0.0:{}", settings.admin_port),
+            "--worker-threads", settings.worker_threads.to_string()],
         "ports": [{"name": "proj-admin", "containerPort": settings.admin_port, "protocol": "TCP"}],
         "env": env_list,
         "volumeMounts": mounts,

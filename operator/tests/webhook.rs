@@ -12,6 +12,7 @@ fn settings(native: bool) -> Injection {
         pull_policy: "IfNotPresent".into(),
         native,
         admin_port: 9464,
+        worker_threads: 1,
         resources: ResourceRequirements::default(),
     }
 }
@@ -71,7 +72,9 @@ fn a_matching_pod_gets_a_native_sidecar_with_config_secrets_and_hardening() {
             "--config-dir",
             "/etc/projectionist",
             "--admin-addr",
-            "0.0.0.0:9464"
+            "0.0.0.0:9464",
+            "--worker-threads",
+            "1"
         ])
     );
     let sc = &c["securityContext"];

@@ -24,6 +24,17 @@ struct Cli {
         default_value = "plain"
     )]
     log_format: LogFormat,
+    /// Worker threads of the async runtime. One by default: a sidecar asks for little CPU, and on one thread it
+    /// spends none of it handing work between threads (bench/README.md). Raise it for a sidecar whose projections,
+    /// reactors and API clients together keep more than one core busy.
+    #[arg(
+        long,
+        global = true,
+        env = "PROJECTIONIST_WORKER_THREADS",
+        default_value_t = 1,
+        value_parser = clap::value_parser!(u16).range(1..=256)
+    )]
+    worker_threads: u16,
     #[command(subcommand)]
     command: Command,
 }
@@ -184,11 +195,24 @@ impl Local {
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-#[tokio::main]
-async fn main() -> ExitCode {
+fn main() -> ExitCode {
     projectionist_sidecar::allocator::tune();
     let cli = Cli::parse();
     init_logging(cli.log_format);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(usize::from(cli.worker_threads))
+        .enable_all()
+        .build();
+    match runtime {
+        Ok(runtime) => runtime.block_on(command(cli)),
+        Err(e) => {
+            eprintln!("error: starting the async runtime: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn command(cli: Cli) -> ExitCode {
     let result = match cli.command {
         Command::Run { config_dir, serve } => run_cmd(&config_dir, &serve).await,
         Command::Dev {

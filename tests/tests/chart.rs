@@ -136,6 +136,7 @@ fn the_default_render_has_what_a_platform_team_expects() {
         args.contains(&"--webhook-config=projectionist-sidecar-injector"),
         "{args:?}"
     );
+    assert!(args.contains(&"--sidecar-worker-threads=1"), "{args:?}");
 
     let hook = find(
         &manifests,

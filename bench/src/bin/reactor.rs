@@ -36,6 +36,9 @@ struct Args {
     /// How long the load generator runs.
     #[arg(long, default_value = "3s", value_parser = duration)]
     window: Duration,
+    /// The reactor concurrencies measured, in order (the ratio is taken at the last).
+    #[arg(long, value_delimiter = ',', default_value = "1,16,64")]
+    concurrency: Vec<u32>,
     /// The sidecar binary.
     #[arg(long, default_value = "target/release/projectionist-sidecar")]
     sidecar: PathBuf,
@@ -321,7 +324,7 @@ async fn main() -> anyhow::Result<()> {
     println!("| measurement | value |");
     println!("|---|---|");
     let mut at64 = 0.0;
-    for concurrency in [1, 16, 64] {
+    for &concurrency in &args.concurrency {
         let rate = deliveries(&args, &nats, &seen, &url, concurrency).await?;
         println!("| reactor deliveries/s, concurrency {concurrency} | {rate:.0} |");
         at64 = rate;
