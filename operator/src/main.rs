@@ -163,10 +163,10 @@ struct WebhookArgs {
     /// Port of the sidecar's admin endpoints (probes, metrics).
     #[arg(long, env = "PROJECTIONIST_SIDECAR_ADMIN_PORT", default_value_t = 9464)]
     sidecar_admin_port: u16,
-    /// Worker threads of the sidecar's async runtime (its `--worker-threads`).
-    #[arg(long, env = "PROJECTIONIST_SIDECAR_WORKER_THREADS", default_value_t = 1,
+    /// Worker threads of the sidecar's async runtime (its `--worker-threads`); unset: the sidecar's default.
+    #[arg(long, env = "PROJECTIONIST_SIDECAR_WORKER_THREADS",
         value_parser = clap::value_parser!(u16).range(1..=256))]
-    sidecar_worker_threads: u16,
+    sidecar_worker_threads: Option<u16>,
     /// CPU request of the sidecar.
     #[arg(long, env = "PROJECTIONIST_SIDECAR_CPU_REQUEST", default_value = "50m")]
     sidecar_cpu_request: String,

@@ -62,9 +62,21 @@ pub struct Injection {
     pub native: bool,
     /// Port of the sidecar's admin endpoints (probes, metrics).
     pub admin_port: u16,
-    /// Worker threads of the sidecar's async runtime.
-    pub worker_threads: u16,
+    /// Worker threads of the sidecar's async runtime; `None`: the sidecar's default.
+    pub worker_threads: Option<u16>,
     pub resources: ResourceRequirements,
+}
+
+/// The injected sidecar's arguments.
+fn sidecar_args(settings: &Injection) -> Vec<String> {
+    let mut args: Vec<String> = ["run", "--config-dir", CONFIG_DIR, "--admin-addr"]
+        .map(str::to_string)
+        .into();
+    args.push(format!("0.0.0.0:{}", settings.admin_port));
+    if let Some(threads) = settings.worker_threads {
+        args.extend(["--worker-threads".to_string(), threads.to_string()]);
+    }
+    args
 }
 
 /// Whether `selector` matches `labels` (an empty selector matches everything).
@@ -289,8 +301,7 @@ pub fn inject_candidates(pod: &Pod, namespace: &Candidates, settings: &Injection
         "name": CONTAINER,
         "image": settings.image,
         "imagePullPolicy": settings.pull_policy,
-        "args": ["run", "--config-dir", CONFIG_DIR, "--admin-addr", format!("0.0.0.0:{}", settings.admin_port),
-            "--worker-threads", settings.worker_threads.to_string()],
+        "args": sidecar_args(settings),
         "ports": [{"name": "proj-admin", "containerPort": settings.admin_port, "protocol": "TCP"}],
         "env": env_list,
         "volumeMounts": mounts,

@@ -95,7 +95,7 @@ async fn setup_with(labels: &'static [(&'static str, &'static str)]) -> Setup {
         pull_policy: "IfNotPresent".into(),
         native: true,
         admin_port: 9464,
-        worker_threads: 1,
+        worker_threads: None,
         resources: ResourceRequirements::default(),
     };
     tokio::spawn(webhook::serve(

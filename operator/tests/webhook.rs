@@ -12,7 +12,7 @@ fn settings(native: bool) -> Injection {
         pull_policy: "IfNotPresent".into(),
         native,
         admin_port: 9464,
-        worker_threads: 1,
+        worker_threads: None,
         resources: ResourceRequirements::default(),
     }
 }
@@ -72,9 +72,7 @@ fn a_matching_pod_gets_a_native_sidecar_with_config_secrets_and_hardening() {
             "--config-dir",
             "/etc/projectionist",
             "--admin-addr",
-            "0.0.0.0:9464",
-            "--worker-threads",
-            "1"
+            "0.0.0.0:9464"
         ])
     );
     let sc = &c["securityContext"];
@@ -406,4 +404,16 @@ fn a_pod_selected_by_a_reactor_gets_the_sidecar_with_the_reactors_config_next_to
         "{:?}",
         decision.warnings
     );
+}
+
+#[test]
+fn the_sidecar_gets_the_worker_threads_it_is_configured_with() {
+    let (store, projection) = examples();
+    let mut threads = settings(true);
+    threads.worker_threads = Some(3);
+    let decision = inject(&app_pod(), &[(projection, Some(store))], &[], &threads);
+    let after = patched(&app_pod(), &decision.patch);
+    let args = sidecar(&after, "initContainers")["args"].clone();
+    let args = args.as_array().expect("args");
+    assert_eq!(args[5..], [json!("--worker-threads"), json!("3")]);
 }

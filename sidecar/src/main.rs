@@ -24,17 +24,17 @@ struct Cli {
         default_value = "plain"
     )]
     log_format: LogFormat,
-    /// Worker threads of the async runtime. One by default: a sidecar asks for little CPU, and on one thread it
-    /// spends none of it handing work between threads (bench/README.md). Raise it for a sidecar whose projections,
-    /// reactors and API clients together keep more than one core busy.
+    /// Worker threads of the async runtime. By default two, or one where the process may use only one core (a
+    /// container's CPU limit counts), however many cores the node has. One suits reactors delivering one event at a
+    /// time; more suit a sidecar whose projections, reactors and API clients keep more than two cores busy
+    /// (bench/README.md).
     #[arg(
         long,
         global = true,
         env = "PROJECTIONIST_WORKER_THREADS",
-        default_value_t = 1,
         value_parser = clap::value_parser!(u16).range(1..=256)
     )]
-    worker_threads: u16,
+    worker_threads: Option<u16>,
     #[command(subcommand)]
     command: Command,
 }
@@ -199,8 +199,12 @@ fn main() -> ExitCode {
     projectionist_sidecar::allocator::tune();
     let cli = Cli::parse();
     init_logging(cli.log_format);
+    let workers = cli.worker_threads.map_or_else(
+        || std::thread::available_parallelism().map_or(1, |n| n.get().min(2)),
+        usize::from,
+    );
     let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(usize::from(cli.worker_threads))
+        .worker_threads(workers)
         .enable_all()
         .build();
     match runtime {

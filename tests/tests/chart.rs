@@ -24,7 +24,7 @@ fn variants() -> Vec<(&'static str, Value)> {
         ),
         (
             "regular container",
-            json!({"sidecar": {"mode": "container"}}),
+            json!({"sidecar": {"mode": "container", "workerThreads": 3}}),
         ),
         (
             "no monitoring",
@@ -136,7 +136,12 @@ fn the_default_render_has_what_a_platform_team_expects() {
         args.contains(&"--webhook-config=projectionist-sidecar-injector"),
         "{args:?}"
     );
-    assert!(args.contains(&"--sidecar-worker-threads=1"), "{args:?}");
+    assert!(
+        !args
+            .iter()
+            .any(|a| a.starts_with("--sidecar-worker-threads")),
+        "the sidecar chooses its threads unless told: {args:?}"
+    );
 
     let hook = find(
         &manifests,
@@ -170,7 +175,7 @@ fn the_default_render_has_what_a_platform_team_expects() {
 
     // Variants: configurable failure policy and timeout; container mode; cert-manager wiring.
     let custom = helm::render(
-        &json!({"webhook": {"failurePolicy": "Ignore", "timeoutSeconds": 2}, "sidecar": {"mode": "container"}}),
+        &json!({"webhook": {"failurePolicy": "Ignore", "timeoutSeconds": 2}, "sidecar": {"mode": "container", "workerThreads": 3}}),
         RELEASE,
         NAMESPACE,
     )
@@ -188,6 +193,12 @@ fn the_default_render_has_what_a_platform_team_expects() {
         args.as_array()
             .expect("args")
             .contains(&json!("--sidecar-mode=container"))
+    );
+    assert!(
+        args.as_array()
+            .expect("args")
+            .contains(&json!("--sidecar-worker-threads=3")),
+        "{args}"
     );
     let cm = helm::render(
         &json!({"webhook": {"certManager": {"enabled": true}}}),
