@@ -432,7 +432,7 @@ pub async fn run(
                         .to_string(),
                     handle,
                 );
-                tasks.spawn(async move { (key, reactor.run().await) });
+                tasks.spawn(async move { (key, reactor.run_on_own_thread().await) });
             }
             Err(e) => error!(reactor = %key, error = %format!("{e:#}"), "cannot start the reactor"),
         }

@@ -30,6 +30,7 @@ pub mod parking;
 mod pool;
 mod pulling;
 pub mod share;
+mod thread;
 
 use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
