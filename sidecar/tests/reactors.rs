@@ -1,7 +1,7 @@
 //! Reactors against a real nats-server and a real HTTP endpoint written for the test: a flaky endpoint still gets
 //! every event, in order per aggregate, one call per aggregate at a time; a poison event parks its aggregate while
 //! others go on, and the parking lot's retry and skip work through the API; an emitting reactor's events exist once
-//! despite forced redeliveries.
+//! despite forced redeliveries; a consumer that refuses every pull is retried with back-off, not in a tight loop.
 
 mod common;
 mod reactor_support;
@@ -524,4 +524,52 @@ async fn counted_at_least(sidecar: &common::InProcess, events: f64) {
         "the sidecar counted {} deliveries, not {events}",
         counted().await
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_that_refuses_every_pull_is_retried_with_back_off_and_reported() {
+    use futures::StreamExt;
+    let nats = NatsServer::start().await.expect("nats");
+    let js = nats.jetstream().await.expect("js");
+    let endpoint = Endpoint::start(|_| Reply::ok()).await;
+    let (store, _) = common::ledger(&nats.url(), Driver::Sqlite, ErrorPolicy::Halt, "1s");
+    let reactor = reactor(&endpoint.url(), json!({}));
+    provision(&js, &store, &reactor).await;
+    // The consumer is changed behind the sidecar's back: it now refuses the sidecar's pull requests.
+    let stream = js.get_stream(store.stream_name()).await.expect("stream");
+    let mut config = stream
+        .get_consumer::<async_nats::jetstream::consumer::pull::Config>(&reactor.consumer_name())
+        .await
+        .expect("consumer")
+        .cached_info()
+        .config
+        .clone();
+    config.max_batch = 10;
+    stream.update_consumer(config).await.expect("updated");
+    let client = async_nats::connect(nats.url()).await.expect("client");
+    let mut pulls = client
+        .subscribe(format!(
+            "$JS.API.CONSUMER.MSG.NEXT.{}.{}",
+            store.stream_name(),
+            reactor.consumer_name()
+        ))
+        .await
+        .expect("subscribe");
+
+    let sidecar = reactor_support::start_sidecar(&nats, &store, &reactor).await;
+    let mut seen = 0;
+    let window = tokio::time::sleep(Duration::from_secs(3));
+    tokio::pin!(window);
+    loop {
+        tokio::select! {
+            Some(_) = pulls.next() => seen += 1,
+            () = &mut window => break,
+        }
+    }
+    // At once, then after 0.1, 0.2, 0.4, 0.8 and 1.6 s: a handful, not a tight loop.
+    assert!((2..=12).contains(&seen), "{seen} pull requests in 3 s");
+    let (status, body) = sidecar.get("/readyz").await;
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("MaxRequestBatch"), "{body}");
+    sidecar.stop().await;
 }

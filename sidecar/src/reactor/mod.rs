@@ -8,9 +8,12 @@
 //!   endpoint's keep-alive connections.
 //! - [`job`]: an event delivered until done (retries, emitted events appended); a parked aggregate drained.
 //! - [`emit`]: the events an answer emits.
-//! - `commands`: the parking-lot requests of the API, answered by the dispatcher; `fence`: the takeover fence.
+//! - `commands`: the parking-lot requests of the API, answered by the dispatcher; `fence`: the takeover fence;
+//!   `intake`: a message from the consumer held in its aggregate's lane (or acknowledged, or parked).
 //! - [`share`]: on a partitioned store, the partitions shared among the sidecars running the reactor; `pulling`:
-//!   the consumers this sidecar pulls (its share), merged, and what it gives up when the share changes.
+//!   the consumers this sidecar pulls (its share), merged, what it gives up when the share changes, and when it
+//!   pulls again after a failure (at once, then backing off: never a tight loop).
+//! - `thread`: each reactor runs on a thread of its own (a current-thread runtime).
 //! - [`parking`]: the parking lot in a JetStream stream.
 //! - [`metrics`]: Prometheus series.
 //!
@@ -23,6 +26,7 @@ mod commands;
 pub mod deliver;
 pub mod emit;
 mod fence;
+mod intake;
 pub mod job;
 pub mod lanes;
 pub mod metrics;
@@ -57,7 +61,7 @@ use job::{Deliverer, Drained, Outcome, retrying, sleep_or_stop};
 use lanes::Lanes;
 use metrics::ReactorMetrics;
 use parking::{Parked, ParkingLot};
-use pulling::{Messages, reassigned};
+use pulling::{Messages, Repull, reassigned};
 use share::{Share, Sharing};
 
 /// A job of the dispatcher's, polled by it.
@@ -234,10 +238,12 @@ impl Reactor {
         let mut tick = tokio::time::interval(progress);
         let mut assigned = self.sharing.as_ref().map(|s| s.assigned.clone());
         let mut shutdown = self.shutdown.clone();
+        let mut repull = Repull::default();
         loop {
             self.start_ready(d);
             let event = tokio::select! {
                 next = next_message(&mut messages) => Wake::Message(next.map(|r| r.map(Box::new))),
+                () = repull.due() => Wake::Repull,
                 Some(done) = d.jobs.next() => Wake::Done(done),
                 Some(command) = self.commands.recv() => Wake::Command(command),
                 _ = tick.tick() => Wake::Tick,
@@ -248,13 +254,35 @@ impl Reactor {
                 return Exit::Shutdown;
             }
             match event {
-                Wake::Message(Some(Ok(m))) => self.received(d, *m).await,
-                Wake::Message(Some(Err(e))) => {
-                    warn!(reactor = %self.key(), error = %e, "pull failed; subscribing again");
-                    messages = self.subscribe(consumers).await.ok().flatten();
+                Wake::Message(Some(Ok(m))) => {
+                    if repull.succeeded() {
+                        self.state.set_waiting(None);
+                    }
+                    self.received(d, *m).await;
                 }
-                Wake::Message(None) => {
-                    messages = self.subscribe(consumers).await.ok().flatten();
+                Wake::Message(ended) => {
+                    let reason = match ended {
+                        Some(Err(e)) => e,
+                        _ => "the subscription ended".to_string(),
+                    };
+                    let delay = repull.failed();
+                    warn!(reactor = %self.key(), error = %reason, retry_in = ?delay, "pull failed; subscribing again");
+                    if !delay.is_zero() {
+                        self.state
+                            .set_waiting(Some(format!("pull failed: {reason}")));
+                    }
+                    messages = None;
+                }
+                Wake::Repull => {
+                    repull.take();
+                    match self.subscribe(consumers).await {
+                        Ok(m) => messages = m,
+                        Err(e) => {
+                            let delay = repull.failed();
+                            warn!(reactor = %self.key(), error = %e, retry_in = ?delay, "cannot subscribe");
+                            self.state.set_waiting(Some(e));
+                        }
+                    }
                 }
                 Wake::Done(done) => {
                     if let Some(exit) = self.finished(d, done).await {
@@ -273,7 +301,7 @@ impl Reactor {
                         let _ = held.ack_with(AckKind::Progress).await;
                     }
                     self.deliverer.endpoint.close_idle();
-                    if messages.is_none() && !consumers.is_empty() {
+                    if messages.is_none() && !consumers.is_empty() && !repull.scheduled() {
                         match self.subscribe(consumers).await {
                             Ok(m) => {
                                 messages = m;
@@ -321,110 +349,6 @@ impl Reactor {
                 }
             }));
         }
-    }
-
-    /// A message from the consumer.
-    async fn received(&mut self, d: &mut Dispatch, m: Message) {
-        let Ok(info) = m.info() else {
-            return;
-        };
-        let (seq, delivered) = (info.stream_sequence, info.delivered);
-        match d.pending.get_mut(info.consumer) {
-            Some(pending) => *pending = info.pending,
-            None => {
-                d.pending.insert(info.consumer.to_string(), info.pending);
-            }
-        }
-        let lag: u64 = d.pending.values().sum();
-        self.state
-            .lag
-            .store(lag as i64, std::sync::atomic::Ordering::Relaxed);
-        if delivered > 1 {
-            ReactorMetrics::count(&self.deliverer.metrics.redelivered, self.key(), 1);
-        }
-        d.highest = d.highest.max(seq);
-        // The first event of a consumer, or one after a quiet spell: another replica (or, on a partitioned store,
-        // the partition's previous holder) may have been delivering and parking: read the lot again, and fence what
-        // it left pending.
-        let now = Instant::now();
-        let quiet = match d.last_received.get_mut(info.consumer) {
-            Some(last) => {
-                now.duration_since(std::mem::replace(last, now)) > self.config.ack_wait / 2
-            }
-            None => {
-                d.last_received.insert(info.consumer.to_string(), now);
-                true
-            }
-        };
-        if quiet {
-            let consumer = info.consumer.to_string();
-            let mut shutdown = self.shutdown.clone();
-            if let Some(parked) = retrying(&mut shutdown, || d.lot.load()).await {
-                d.parked = parked;
-            }
-            self.fence_foreign_pending(d, &consumer).await;
-        }
-        if let Some(held) = d.held.get_mut(&seq) {
-            // Redelivered while held: keep the newest delivery, whose acknowledgement the server expects.
-            *held = Arc::new(m);
-            return;
-        }
-        let aggregate = self.aggregate_of(m.subject.as_str());
-        self.seen_behind_fence(d, &aggregate, seq);
-        if !self.wanted(&m) {
-            // Not delivered, so not ordered: a lost acknowledgement only brings it back to be skipped again.
-            let _ = m.ack().await;
-            return;
-        }
-        if let Some(parked) = d.parked.get(&aggregate)
-            && !d.lanes.is_busy(&aggregate)
-        {
-            if seq > parked.last_sequence {
-                let reason = format!("held behind sequence {}", parked.first_sequence);
-                self.park(d, &aggregate, &delivery_of(&m, seq, &aggregate), &reason)
-                    .await;
-            }
-            confirm_one(&m, &mut self.shutdown.clone()).await;
-            return;
-        }
-        d.held.insert(seq, Arc::new(m));
-        d.lanes.push(&aggregate, seq);
-    }
-
-    /// The aggregate of a subject: what follows the store's prefix (and, on a partitioned store, the partition).
-    fn aggregate_of(&self, subject: &str) -> String {
-        if let Some(partitions) = self.config.store_partitions
-            && let Some(aggregate) =
-                projectionist_crds::partition::Layout::new(&self.prefix, partitions)
-                    .aggregate_of(subject)
-        {
-            return aggregate.to_string();
-        }
-        subject
-            .strip_prefix(&self.prefix)
-            .and_then(|s| s.strip_prefix('.'))
-            .unwrap_or(subject)
-            .to_string()
-    }
-
-    /// Whether the event's type is one the reactor wants.
-    fn wanted(&self, m: &Message) -> bool {
-        if self.config.types.is_empty() {
-            return true;
-        }
-        let type_ = match m.headers.as_ref().and_then(|h| h.get("ce-type")) {
-            Some(t) => t.as_str().to_string(),
-            None => match serde_json::from_slice::<serde_json::Value>(&m.payload) {
-                Ok(v) => v
-                    .get("type")
-                    .and_then(|t| t.as_str())
-                    .unwrap_or_default()
-                    .to_string(),
-                // Not an event at all: delivered, so that it fails and is handled by the policy, never dropped.
-                Err(_) => return true,
-            },
-        };
-        self.config.types.contains(&type_)
     }
 
     /// Moves one event to the parking lot (retrying until NATS takes it).
@@ -582,6 +506,8 @@ enum Wake {
     Done(Done),
     Command(Command),
     Tick,
+    /// Time to subscribe again after a failed pull.
+    Repull,
     /// The partitions this sidecar is assigned may have changed.
     Reassigned,
 }

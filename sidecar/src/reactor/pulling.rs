@@ -144,3 +144,67 @@ pub(super) async fn reassigned(
         None => std::future::pending().await,
     }
 }
+
+/// When to pull again after the subscription failed: at once the first time (a dropped connection, a missed
+/// heartbeat), then after a delay doubling from 100 ms to 5 s while every new subscription fails too (a consumer
+/// that refuses the pull) — never in a tight loop. A message received resets it.
+#[derive(Debug, Default)]
+pub(super) struct Repull {
+    failures: u32,
+    due: Option<tokio::time::Instant>,
+}
+
+impl Repull {
+    /// The subscription failed: when to subscribe again.
+    pub(super) fn failed(&mut self) -> Duration {
+        let delay = match self.failures {
+            0 => Duration::ZERO,
+            n => (Duration::from_millis(100) * 2u32.saturating_pow(n - 1))
+                .min(Duration::from_secs(5)),
+        };
+        self.failures = self.failures.saturating_add(1);
+        self.due = Some(tokio::time::Instant::now() + delay);
+        delay
+    }
+
+    /// A message came through: the subscription works. Whether it had failed before.
+    pub(super) fn succeeded(&mut self) -> bool {
+        std::mem::take(&mut self.failures) > 0
+    }
+
+    /// Whether a new subscription is due (made by [`Repull::due`], not elsewhere).
+    pub(super) fn scheduled(&self) -> bool {
+        self.due.is_some()
+    }
+
+    /// Resolves when a new subscription is due; never while none is.
+    pub(super) async fn due(&self) {
+        match self.due {
+            Some(at) => tokio::time::sleep_until(at).await,
+            None => std::future::pending().await,
+        }
+    }
+
+    /// The subscription is being made again.
+    pub(super) fn take(&mut self) {
+        self.due = None;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pulls_again_at_once_then_backs_off_until_a_message_comes() {
+        let mut r = Repull::default();
+        let delays: Vec<u128> = (0..9).map(|_| r.failed().as_millis()).collect();
+        assert_eq!(delays, [0, 100, 200, 400, 800, 1600, 3200, 5000, 5000]);
+        assert!(r.scheduled());
+        r.take();
+        assert!(!r.scheduled());
+        assert!(r.succeeded());
+        assert!(!r.succeeded());
+        assert_eq!(r.failed(), Duration::ZERO);
+    }
+}
