@@ -15,6 +15,31 @@ use projectionist_tests::nats::NatsServer;
 use reactor_support::{Endpoint, Reply, append, provision, reactor};
 use serde_json::json;
 
+/// A nats-server, an endpoint that takes every event, and a reactor of the ledger store delivering to it, provisioned.
+struct Provisioned {
+    nats: NatsServer,
+    js: async_nats::jetstream::Context,
+    endpoint: Endpoint,
+    store: projectionist_crds::EventStore,
+    reactor: projectionist_crds::Reactor,
+}
+
+async fn provisioned() -> Provisioned {
+    let nats = NatsServer::start().await.expect("nats");
+    let js = nats.jetstream().await.expect("js");
+    let endpoint = Endpoint::start(|_| Reply::ok()).await;
+    let (store, _) = common::ledger(&nats.url(), Driver::Sqlite, ErrorPolicy::Halt, "1s");
+    let reactor = reactor(&endpoint.url(), json!({}));
+    provision(&js, &store, &reactor).await;
+    Provisioned {
+        nats,
+        js,
+        endpoint,
+        store,
+        reactor,
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flaky_endpoint_gets_every_event_in_order_per_aggregate_one_call_at_a_time() {
     let nats = NatsServer::start().await.expect("nats");
@@ -371,12 +396,13 @@ async fn an_emitting_reactor_appends_its_events_once_despite_redeliveries() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_replica_delivers_at_a_time_and_another_takes_over_when_it_stops() {
-    let nats = NatsServer::start().await.expect("nats");
-    let js = nats.jetstream().await.expect("js");
-    let endpoint = Endpoint::start(|_| Reply::ok()).await;
-    let (store, _) = common::ledger(&nats.url(), Driver::Sqlite, ErrorPolicy::Halt, "1s");
-    let reactor = reactor(&endpoint.url(), json!({}));
-    provision(&js, &store, &reactor).await;
+    let Provisioned {
+        nats,
+        js,
+        endpoint,
+        store,
+        reactor,
+    } = provisioned().await;
     let first = reactor_support::start_sidecar(&nats, &store, &reactor).await;
     let second = reactor_support::start_sidecar(&nats, &store, &reactor).await;
     for i in 0..60 {
@@ -529,12 +555,13 @@ async fn counted_at_least(sidecar: &common::InProcess, events: f64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_consumer_that_refuses_every_pull_is_retried_with_back_off_and_reported() {
     use futures::StreamExt;
-    let nats = NatsServer::start().await.expect("nats");
-    let js = nats.jetstream().await.expect("js");
-    let endpoint = Endpoint::start(|_| Reply::ok()).await;
-    let (store, _) = common::ledger(&nats.url(), Driver::Sqlite, ErrorPolicy::Halt, "1s");
-    let reactor = reactor(&endpoint.url(), json!({}));
-    provision(&js, &store, &reactor).await;
+    let Provisioned {
+        nats,
+        js,
+        endpoint: _endpoint,
+        store,
+        reactor,
+    } = provisioned().await;
     // The consumer is changed behind the sidecar's back: it now refuses the sidecar's pull requests.
     let stream = js.get_stream(store.stream_name()).await.expect("stream");
     let mut config = stream
