@@ -571,8 +571,12 @@ async fn a_consumer_that_refuses_every_pull_is_retried_with_back_off_and_reporte
         .cached_info()
         .config
         .clone();
+    let max_batch = config.max_batch;
     config.max_batch = 10;
-    stream.update_consumer(config).await.expect("updated");
+    stream
+        .update_consumer(config.clone())
+        .await
+        .expect("updated");
     let client = async_nats::connect(nats.url()).await.expect("client");
     let mut pulls = client
         .subscribe(format!(
@@ -595,8 +599,20 @@ async fn a_consumer_that_refuses_every_pull_is_retried_with_back_off_and_reporte
     }
     // At once, then after 0.1, 0.2, 0.4, 0.8 and 1.6 s: a handful, not a tight loop.
     assert!((2..=12).contains(&seen), "{seen} pull requests in 3 s");
-    let (status, body) = sidecar.get("/readyz").await;
-    assert_eq!(status, 503, "{body}");
-    assert!(body.contains("MaxRequestBatch"), "{body}");
+    // The reason is on /readyz while it waits to pull again (a new subscription clears it until the pull fails).
+    let reported = common::wait_until(Duration::from_secs(5), || async {
+        let (status, body) = sidecar.get("/readyz").await;
+        status == 503 && body.contains("MaxRequestBatch")
+    })
+    .await;
+    assert!(reported, "{:?}", sidecar.get("/readyz").await);
+    // The consumer repaired: the reactor pulls again and is ready, with no event to deliver.
+    config.max_batch = max_batch;
+    stream.update_consumer(config).await.expect("repaired");
+    let ready = common::wait_until(Duration::from_secs(15), || async {
+        sidecar.get("/readyz").await.0 == 200
+    })
+    .await;
+    assert!(ready, "{:?}", sidecar.get("/readyz").await);
     sidecar.stop().await;
 }

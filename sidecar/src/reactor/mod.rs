@@ -255,9 +255,7 @@ impl Reactor {
             }
             match event {
                 Wake::Message(Some(Ok(m))) => {
-                    if repull.succeeded() {
-                        self.state.set_waiting(None);
-                    }
+                    repull.succeeded();
                     self.received(d, *m).await;
                 }
                 Wake::Message(ended) => {
@@ -276,7 +274,10 @@ impl Reactor {
                 Wake::Repull => {
                     repull.take();
                     match self.subscribe(consumers).await {
-                        Ok(m) => messages = m,
+                        Ok(m) => {
+                            messages = m;
+                            self.state.set_waiting(None);
+                        }
                         Err(e) => {
                             let delay = repull.failed();
                             warn!(reactor = %self.key(), error = %e, retry_in = ?delay, "cannot subscribe");
@@ -301,15 +302,6 @@ impl Reactor {
                         let _ = held.ack_with(AckKind::Progress).await;
                     }
                     self.deliverer.endpoint.close_idle();
-                    if messages.is_none() && !consumers.is_empty() && !repull.scheduled() {
-                        match self.subscribe(consumers).await {
-                            Ok(m) => {
-                                messages = m;
-                                self.state.set_waiting(None);
-                            }
-                            Err(e) => self.state.set_waiting(Some(e)),
-                        }
-                    }
                     self.report(d);
                 }
             }

@@ -167,14 +167,9 @@ impl Repull {
         delay
     }
 
-    /// A message came through: the subscription works. Whether it had failed before.
-    pub(super) fn succeeded(&mut self) -> bool {
-        std::mem::take(&mut self.failures) > 0
-    }
-
-    /// Whether a new subscription is due (made by [`Repull::due`], not elsewhere).
-    pub(super) fn scheduled(&self) -> bool {
-        self.due.is_some()
+    /// A message came through: the subscription works.
+    pub(super) fn succeeded(&mut self) {
+        self.failures = 0;
     }
 
     /// Resolves when a new subscription is due; never while none is.
@@ -200,11 +195,10 @@ mod tests {
         let mut r = Repull::default();
         let delays: Vec<u128> = (0..9).map(|_| r.failed().as_millis()).collect();
         assert_eq!(delays, [0, 100, 200, 400, 800, 1600, 3200, 5000, 5000]);
-        assert!(r.scheduled());
         r.take();
-        assert!(!r.scheduled());
-        assert!(r.succeeded());
-        assert!(!r.succeeded());
+        assert!(r.due.is_none());
+        r.succeeded();
         assert_eq!(r.failed(), Duration::ZERO);
+        assert!(r.due.is_some());
     }
 }
