@@ -19,22 +19,22 @@ impl Reactor {
         let started = std::thread::Builder::new()
             .name("reactor".to_string())
             .spawn(move || {
-                let exit = match tokio::runtime::Builder::new_current_thread()
+                let exit = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
                     .build()
-                {
-                    Ok(runtime) => runtime.block_on(self.run()),
-                    Err(e) => Exit::Halted(format!("the reactor's runtime cannot start: {e}")),
-                };
+                    .map(|runtime| runtime.block_on(self.run()))
+                    .map_err(|e| format!("the reactor's runtime cannot start: {e}"));
                 let _ = tx.send(exit);
             });
-        if let Err(e) = started {
-            error!(reactor = %key, error = %e, "the reactor's thread cannot start");
-            return Exit::Halted(format!("the reactor's thread cannot start: {e}"));
-        }
-        rx.await.unwrap_or_else(|_| {
-            error!(reactor = %key, "the reactor's thread ended without an exit (a panic)");
-            Exit::Halted("the reactor's thread ended without an exit (a panic)".to_string())
+        let ended = match started {
+            Ok(_) => rx.await.unwrap_or_else(|_| {
+                Err("the reactor's thread ended without an exit (a panic)".to_string())
+            }),
+            Err(e) => Err(format!("the reactor's thread cannot start: {e}")),
+        };
+        ended.unwrap_or_else(|reason| {
+            error!(reactor = %key, reason = %reason, "the reactor stopped");
+            Exit::Halted(reason)
         })
     }
 }
