@@ -26,17 +26,22 @@ pub struct NatsServer {
 impl NatsServer {
     /// Starts a server and waits until JetStream answers.
     pub async fn start() -> crate::Result<Self> {
-        Self::start_inner(None).await
+        Self::start_inner(free_port()?, None).await
     }
 
     /// A server that requires this user and password.
     pub async fn start_with_user(user: &str, password: &str) -> crate::Result<Self> {
-        Self::start_inner(Some((user.to_string(), password.to_string()))).await
+        Self::start_inner(free_port()?, Some((user.to_string(), password.to_string()))).await
     }
 
-    async fn start_inner(auth: Option<(String, String)>) -> crate::Result<Self> {
+    /// Starts a server on `port`, or on a free port if that one is taken.
+    pub async fn start_preferring(port: u16) -> crate::Result<Self> {
+        Self::start_inner(port, None).await
+    }
+
+    async fn start_inner(port: u16, auth: Option<(String, String)>) -> crate::Result<Self> {
         let server = Self {
-            port: free_port()?,
+            port,
             dir: tempfile::Builder::new()
                 .prefix("projectionist-nats-")
                 .tempdir()?,
@@ -63,6 +68,13 @@ impl NatsServer {
     /// The client port.
     pub fn port(&self) -> u16 {
         self.port
+    }
+
+    /// The server's name: unique (its directory's), so that readiness is checked against this server and not
+    /// another one answering on the port.
+    fn name(&self) -> String {
+        let dir = self.dir.path().file_name().unwrap_or_default();
+        format!("test-{}", dir.to_string_lossy())
     }
 
     /// The JetStream store directory.
@@ -117,7 +129,7 @@ impl NatsServer {
             .arg("--store_dir")
             .arg(self.store_dir())
             .arg("--server_name")
-            .arg(format!("test-{}", self.port));
+            .arg(self.name());
         if let Some((user, password)) = &self.auth {
             cmd.arg("--user").arg(user).arg("--pass").arg(password);
         }
@@ -125,9 +137,14 @@ impl NatsServer {
         let mut process = ServerProcess::spawn("nats-server", cmd, &log)?;
         let url = self.url();
         let options = || self.options();
+        let name = self.name();
         process
             .wait_ready(self.port, Duration::from_secs(15), || async {
                 let client = options().connect(&url).await.map_err(|e| e.to_string())?;
+                let answering = client.server_info().server_name;
+                if answering != name {
+                    return Err(format!("{answering} answers on the port, not {name}"));
+                }
                 let js = async_nats::jetstream::new(client);
                 js.query_account()
                     .await

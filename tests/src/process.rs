@@ -1,20 +1,35 @@
 //! A spawned server process: stopped by PID when the handle drops, and watched by a small shell loop that stops it
 //! if the test process itself dies first (a test killed by a timeout must not leave servers behind).
 
+use std::collections::BTreeSet;
 use std::fs::File;
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::{Context, anyhow, bail};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
-/// A free TCP port on 127.0.0.1 (bound and released; the caller binds it right away).
+/// A free TCP port on 127.0.0.1 (bound and released; the caller binds it right away), never one this process handed
+/// out before: the kernel may give a just-released port to the next caller, and two tests running at once would
+/// then start their servers on the same port, one of them failing to bind while its readiness check is answered by
+/// the other's server.
 pub fn free_port() -> crate::Result<u16> {
-    let listener = TcpListener::bind("127.0.0.1:0").context("binding 127.0.0.1:0")?;
-    Ok(listener.local_addr()?.port())
+    static HANDED_OUT: Mutex<BTreeSet<u16>> = Mutex::new(BTreeSet::new());
+    for _ in 0..1000 {
+        let listener = TcpListener::bind("127.0.0.1:0").context("binding 127.0.0.1:0")?;
+        let port = listener.local_addr()?.port();
+        let mut handed_out = HANDED_OUT
+            .lock()
+            .map_err(|_| anyhow!("the port registry is poisoned"))?;
+        if handed_out.insert(port) {
+            return Ok(port);
+        }
+    }
+    bail!("no port left on 127.0.0.1 that this process has not handed out already")
 }
 
 /// Waits until something accepts connections on `127.0.0.1:port`, at most `timeout`.
@@ -116,7 +131,8 @@ impl ServerProcess {
     }
 
     /// Waits until the server listens on `port`, then until `ready` succeeds (each for at most `timeout`); fails
-    /// with the log's tail otherwise.
+    /// with the log's tail otherwise, and as soon as the process exits (a server that could not bind its port must
+    /// not be taken as ready because something else answers there).
     pub async fn wait_ready<F, Fut, E>(
         &mut self,
         port: u16,
@@ -128,18 +144,27 @@ impl ServerProcess {
         Fut: std::future::Future<Output = Result<(), E>>,
         E: std::fmt::Display,
     {
-        let up = tokio::task::spawn_blocking(move || wait_for_port(port, timeout)).await?;
-        if !up {
+        let deadline = Instant::now() + timeout;
+        loop {
             self.ensure_running()?;
-            bail!(
-                "{} did not listen on {port}; log tail:\n{}",
-                self.name,
-                self.log_tail()
-            );
+            let attempt = tokio::net::TcpStream::connect(("127.0.0.1", port));
+            if let Ok(Ok(_)) = tokio::time::timeout(Duration::from_millis(200), attempt).await {
+                break;
+            }
+            if Instant::now() >= deadline {
+                bail!(
+                    "{} did not listen on {port}; log tail:\n{}",
+                    self.name,
+                    self.log_tail()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
         }
         let deadline = Instant::now() + timeout;
         loop {
-            match ready().await {
+            let outcome = ready().await;
+            self.ensure_running()?;
+            match outcome {
                 Ok(()) => return Ok(()),
                 Err(e) if Instant::now() >= deadline => {
                     bail!(

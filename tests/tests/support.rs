@@ -6,7 +6,7 @@ use std::time::Duration;
 use projectionist_tests::mariadb::MariaDb;
 use projectionist_tests::nats::NatsServer;
 use projectionist_tests::postgres::Postgres;
-use projectionist_tests::process::wait_for_port;
+use projectionist_tests::process::{free_port, wait_for_port};
 use projectionist_tests::sqlite::Sqlite;
 use sqlx::{Connection, Row};
 
@@ -53,6 +53,36 @@ async fn nats_keeps_its_port_and_store_across_an_outage() {
     assert!(
         !wait_for_port(port, Duration::from_millis(300)),
         "dropped server still listens"
+    );
+}
+
+#[test]
+fn free_ports_are_never_handed_out_twice() {
+    let ports: Vec<u16> = (0..500).map(|_| free_port().expect("port")).collect();
+    let distinct: std::collections::BTreeSet<u16> = ports.iter().copied().collect();
+    assert_eq!(distinct.len(), ports.len(), "a port was handed out twice");
+}
+
+#[tokio::test]
+async fn a_server_whose_port_is_taken_moves_instead_of_mistaking_the_other_server_for_itself() {
+    let first = NatsServer::start().await.expect("first nats-server");
+    let second = NatsServer::start_preferring(first.port())
+        .await
+        .expect("second nats-server");
+    assert_ne!(second.port(), first.port(), "moved to another port");
+    let js = second.jetstream().await.expect("jetstream");
+    js.create_stream(async_nats::jetstream::stream::Config {
+        name: "MINE".into(),
+        subjects: vec!["mine.>".into()],
+        ..Default::default()
+    })
+    .await
+    .expect("stream");
+    drop(js);
+    let other = first.jetstream().await.expect("jetstream of the first");
+    assert!(
+        other.get_stream("MINE").await.is_err(),
+        "the second server's stream went to the first"
     );
 }
 
