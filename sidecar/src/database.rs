@@ -26,6 +26,9 @@ pub struct Database {
     pub driver: Driver,
 }
 
+/// The PostgreSQL advisory lock key the sidecars' schema changes take (`projsche` in ASCII).
+const SCHEMA_LOCK: i64 = 0x7072_6f6a_7363_6865;
+
 /// A transaction on it.
 pub type Tx = Transaction<'static, Any>;
 
@@ -124,6 +127,17 @@ impl Database {
                  )"
             ),
         ]
+    }
+
+    /// Serialises schema changes across the sidecars sharing the database, until `tx` ends. PostgreSQL runs two
+    /// concurrent `CREATE TABLE IF NOT EXISTS` of one table into a unique violation in its catalog (both see no table,
+    /// both insert its type), so replicas starting together take a transaction-scoped advisory lock first; MySQL and
+    /// MariaDB serialise DDL with metadata locks, SQLite with its database lock.
+    pub async fn lock_schema(&self, tx: &mut Tx) -> Result<(), sqlx::Error> {
+        if self.driver == Driver::Postgres {
+            execute_plain(tx, &format!("SELECT pg_advisory_xact_lock({SCHEMA_LOCK})")).await?;
+        }
+        Ok(())
     }
 
     /// Brings the sidecar's tables from an earlier release up to date: the dead letters' `payload_encoding`.

@@ -239,3 +239,39 @@ async fn two_sidecars_one_applies_and_the_other_takes_over_when_it_dies() {
         let _ = child.wait();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_creating_the_schema_at_once_on_postgres_do_not_collide() {
+    use projectionist_sidecar::database::Database;
+    use projectionist_sidecar::engine::prepare;
+
+    let pg = Postgres::start().await.expect("postgres");
+    let (store, projection) = ledger(
+        "nats://127.0.0.1:4222",
+        Driver::Postgres,
+        ErrorPolicy::Halt,
+        "2s",
+    );
+    let config = config_of(&store, &projection);
+    // Each round a new database, eight replicas preparing it at once (one pool each, as in eight pods).
+    for round in 0..5 {
+        let url = pg.fresh_database().await.expect("db");
+        let replicas = (0..8).map(|_| {
+            let db = Database::connect_lazy(&url, Driver::Postgres, 1).expect("pool");
+            let config = config.clone();
+            tokio::spawn(async move { prepare::prepare(&db, &config, "test/ledger", false).await })
+        });
+        for (replica, outcome) in futures::future::join_all(replicas)
+            .await
+            .into_iter()
+            .enumerate()
+        {
+            let outcome = outcome.expect("task");
+            assert!(
+                outcome.is_ok(),
+                "round {round}, replica {replica}: {:?}",
+                outcome.err()
+            );
+        }
+    }
+}

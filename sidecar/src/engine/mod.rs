@@ -256,7 +256,8 @@ impl Projector {
                         ErrorClass::Transient => "database_transient",
                         ErrorClass::Permanent => "database_permanent",
                     });
-                    // Concurrent `CREATE TABLE IF NOT EXISTS` can collide once; a real schema error repeats.
+                    // Three tries before halting: a race that can still lose once (two replicas upgrading the sidecar's
+                    // tables; creating them is serialised) passes; a real schema error repeats.
                     if class == ErrorClass::Permanent {
                         permanent_failures += 1;
                         if permanent_failures >= 3 {

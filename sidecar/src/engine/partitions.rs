@@ -275,8 +275,9 @@ impl Coordinator {
             match prepared {
                 Ok(()) => return None,
                 Err(e) => {
-                    // Concurrent `CREATE TABLE IF NOT EXISTS` of several replicas can collide once; a real schema
-                    // error repeats, and halts the projection with the reason.
+                    // Three tries before halting: a race that can still lose once (two replicas upgrading the
+                    // sidecar's tables; creating them is serialised) passes; a real schema error repeats, and halts
+                    // the projection with the reason.
                     if classify(&e) == ErrorClass::Permanent {
                         permanent += 1;
                         if permanent >= 3 {

@@ -32,6 +32,7 @@ pub fn rebuild_token(config: &SidecarConfig) -> String {
 
 async fn run_schema(db: &Database, config: &SidecarConfig) -> Result<(), sqlx::Error> {
     let mut tx = db.begin().await?;
+    db.lock_schema(&mut tx).await?;
     for ddl in db.own_tables().iter().chain(config.schema.iter()) {
         database::execute_plain(&mut tx, ddl).await?;
     }
