@@ -52,8 +52,9 @@ pub struct ProjectionSpec {
     pub start_at: Option<StartAt>,
     /// The service's database that holds the read model.
     pub database: Database,
-    /// DDL statements that create the read model. Run at every sidecar start, so they must be idempotent
-    /// (`CREATE TABLE IF NOT EXISTS ...`).
+    /// DDL statements that create the read model. Run at every sidecar start, in one transaction with the
+    /// sidecar's own tables (on PostgreSQL under an advisory lock, so replicas starting together take turns), so
+    /// they must be idempotent (`CREATE TABLE IF NOT EXISTS ...`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(length(max = 256), inner(length(min = 1, max = 65536)))]
     pub schema: Vec<String>,
