@@ -184,7 +184,7 @@ fn server_list(urls: &str) -> Vec<String> {
         .collect()
 }
 
-async fn connect_nats(
+pub(crate) async fn connect_nats(
     nats: &projectionist_crds::sidecar_config::NatsConfig,
     local: Option<&str>,
 ) -> anyhow::Result<async_nats::Client> {
@@ -359,7 +359,9 @@ fn start_reactor(
         metrics,
     };
     let nats = store.client().clone();
-    Ok(Reactor::new(config, nats, deliverer, state, shutdown))
+    let (mut reactor, handle) = Reactor::new(config, nats, deliverer, state, shutdown);
+    reactor.local_nats = launch.nats_url;
+    Ok((reactor, handle))
 }
 
 /// Runs `workload` until `shutdown` resolves, then waits up to `grace` for the projections to stop.

@@ -105,6 +105,8 @@ pub struct Reactor {
     sharing: Option<Sharing>,
     /// The partitions it pulls (on a partitioned store).
     owned: Vec<u32>,
+    /// NATS URL to use instead of the config's servers and credentials (the `dev` mode).
+    pub(crate) local_nats: Option<String>,
 }
 
 impl Reactor {
@@ -144,6 +146,7 @@ impl Reactor {
             share,
             sharing: None,
             owned: Vec::new(),
+            local_nats: None,
         };
         (reactor, handle)
     }
