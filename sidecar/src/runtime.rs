@@ -359,9 +359,14 @@ fn start_reactor(
         metrics,
     };
     let nats = store.client().clone();
-    let (mut reactor, handle) = Reactor::new(config, nats, deliverer, state, shutdown);
-    reactor.local_nats = launch.nats_url;
-    Ok((reactor, handle))
+    Ok(Reactor::new(
+        config,
+        nats,
+        launch.nats_url,
+        deliverer,
+        state,
+        shutdown,
+    ))
 }
 
 /// Runs `workload` until `shutdown` resolves, then waits up to `grace` for the projections to stop.

@@ -106,14 +106,16 @@ pub struct Reactor {
     /// The partitions it pulls (on a partitioned store).
     owned: Vec<u32>,
     /// NATS URL to use instead of the config's servers and credentials (the `dev` mode).
-    pub(crate) local_nats: Option<String>,
+    local_nats: Option<String>,
 }
 
 impl Reactor {
-    /// A reactor and the handle the API uses to reach it.
+    /// A reactor and the handle the API uses to reach it. `nats` is the store's shared connection; `local_nats`
+    /// the URL that replaces the config's servers and credentials (the `dev` mode) when the reactor opens its own.
     pub fn new(
         config: ReactorConfig,
         nats: async_nats::Client,
+        local_nats: Option<String>,
         deliverer: Deliverer,
         state: Arc<ProjectionState>,
         shutdown: watch::Receiver<bool>,
@@ -146,7 +148,7 @@ impl Reactor {
             share,
             sharing: None,
             owned: Vec::new(),
-            local_nats: None,
+            local_nats,
         };
         (reactor, handle)
     }
